@@ -1,0 +1,87 @@
+"""The flags, grouped by the stage that reads them.
+
+Flag names are those of TRL's SFTConfig / ScriptArguments / ModelConfig and transformers'
+TrainingArguments wherever the concept is the same, so a TRL user can switch without
+relearning. transformers' HfArgumentParser turns these dataclasses into a command line:
+every field is a `--flag`, its `help` is what `--help` prints, and booleans take
+`--flag` / `--flag false`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    model_name_or_path: str = field(
+        default="smollm2-135m-instruct",
+        metadata={
+            "help": "A local HF-format folder, a hub id, or 'smollm2-135m-instruct': the embedded default "
+            "(SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32, cached after the first conversion)."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run Python code shipped with a hub model or tokenizer. Off unless you trust it."}
+    )
+
+
+@dataclass
+class DataConfig:
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A local .jsonl/.json/.parquet/.csv file, a folder of them, or a hub dataset name. "
+            "Empty: the demo dataset that ships with minisft."
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "The hub dataset's configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "The split to train on."})
+    dataset_test_split: str = field(
+        default="test", metadata={"help": "The dataset's own evaluation split, used when it exists."}
+    )
+    eval_split_size: float = field(
+        default=0.0,
+        metadata={
+            "help": "Hold out this fraction of the train split for evaluation (seeded by --seed), "
+            "instead of the dataset's own test split."
+        },
+    )
+    seed: int = field(default=42, metadata={"help": "Seed for the held-out split (and, in training, shuffling)."})
+    dataset_text_field: str = field(default="text", metadata={"help": "The column that holds plain text."})
+    max_length: int | None = field(
+        default=1024,
+        metadata={"help": "Truncate every tokenized example to this many tokens, keeping the start. Counted."},
+    )
+    completion_only_loss: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Train only on the completion of prompt/completion data. Default: on for prompt/completion data."
+        },
+    )
+    assistant_only_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "Train only on the assistant turns of conversations: from the template's {% generation %} tags, "
+            "else from the response/instruction templates of a known template family (ChatML, Llama 3, Gemma)."
+        },
+    )
+    response_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train only on the tokens after this string (or JSON list of token ids), up to the next "
+            "--instruction_template: TRL's former DataCollatorForCompletionOnlyLM."
+        },
+    )
+    instruction_template: str | None = field(
+        default=None,
+        metadata={"help": "With --response_template: where each trained response ends (string or JSON list of ids)."},
+    )
+    chat_template_path: str | None = field(
+        default=None,
+        metadata={"help": "A Jinja file, or a tokenizer folder whose chat template replaces the tokenizer's own."},
+    )
+    eos_token: str | None = field(
+        default=None,
+        metadata={"help": "The end-of-sequence token appended to text and completions. Default: the tokenizer's."},
+    )

@@ -1,0 +1,161 @@
+"""Chat-template formatting: a canonical example becomes token ids.
+
+A chat model was trained on conversations rendered in one exact text layout, its chat
+template (a Jinja program shipped with the tokenizer). Fine-tuning must render in the same
+layout, or the model learns a format it will never see at inference. For SmolLM2 (ChatML):
+
+    [{"role": "user", "content": "微调测试"},          <|im_start|>user
+     {"role": "assistant", "content": "我学会了"}]  →   微调测试<|im_end|>
+                                                       <|im_start|>assistant
+                                                       我学会了<|im_end|>
+
+Per format, as TRL does it:
+- messages             the template renders the whole conversation; its end-of-turn token
+                       closes it, so no EOS is appended.
+- prompt/completion    the prompt is tokenized alone (with the generation prompt when it is a
+                       conversation) and then prompt+completion. The completion starts where the
+                       two token lists first differ, which is usually len(prompt) but not always:
+                       tokens can merge across the boundary ("Fr" + "ance" → "France").
+- text                 plain text; EOS is appended when missing, so the model learns to stop.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from jinja2 import TemplateError
+
+from .data import dataset_format
+
+# The layout of SmolLM2, Qwen and many others; used for a tokenizer that has no template.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class FormattingError(ValueError):
+    """An example cannot be rendered or tokenized; the message names the example."""
+
+
+@dataclass
+class Formatted:
+    """Token ids of one example, and what masking needs to know about where its parts are."""
+
+    input_ids: list[int]
+    completion_start: int | None = None  # prompt/completion: index of the first completion token
+    assistant_mask: list[int] | None = None  # 1 on tokens inside the template's {% generation %} blocks
+
+
+def has_generation_tags(chat_template: str | None) -> bool:
+    return bool(chat_template) and "{% generation %}" in chat_template.replace("{%-", "{%").replace("-%}", "%}")
+
+
+def setup_chat_template(tokenizer, chat_template_path: str | None = None, trust_remote_code: bool = False) -> list[str]:
+    """Give the tokenizer the chat template to train with. Returns the special tokens it had to add.
+
+    - `chat_template_path` a .jinja/.j2 file: its text becomes the template.
+    - `chat_template_path` a tokenizer folder (or hub id): that tokenizer's template is used.
+    - no template at all: ChatML, with <|im_start|>/<|im_end|> added as special tokens. The
+      model's embeddings must then grow to the new vocabulary size
+      (models.fit_embeddings_to_tokenizer).
+    """
+    if chat_template_path is not None:
+        if os.path.isfile(chat_template_path):
+            with open(chat_template_path, encoding="utf-8") as template_file:
+                tokenizer.chat_template = template_file.read()
+        else:
+            from transformers import AutoTokenizer
+
+            try:
+                donor = AutoTokenizer.from_pretrained(chat_template_path, trust_remote_code=trust_remote_code)
+            except (OSError, ValueError) as error:
+                raise FormattingError(
+                    f"--chat_template_path {chat_template_path!r} is neither a template file nor a loadable "
+                    f"tokenizer: {error}"
+                ) from error
+            if not donor.chat_template:
+                raise FormattingError(f"The tokenizer at --chat_template_path {chat_template_path!r} has no chat template.")
+            tokenizer.chat_template = donor.chat_template
+        return []
+    if tokenizer.chat_template:
+        return []
+    missing = [token for token in ("<|im_start|>", "<|im_end|>") if token not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    tokenizer.chat_template = CHATML_TEMPLATE
+    # The end of a turn is where generation must stop.
+    tokenizer.eos_token = "<|im_end|>"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = "<|im_end|>"
+    return missing
+
+
+def resolve_eos_token(tokenizer, eos_token: str | None) -> str | None:
+    """The EOS string appended to text and completions: --eos_token, else the tokenizer's own."""
+    if eos_token is None:
+        return tokenizer.eos_token
+    if eos_token not in tokenizer.get_vocab():
+        raise FormattingError(f"--eos_token {eos_token!r} is not a token of this tokenizer's vocabulary.")
+    return eos_token
+
+
+def common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
+    length = 0
+    for token, other_token in zip(ids, other_ids):
+        if token != other_token:
+            break
+        length += 1
+    return length
+
+
+def format_example(example: dict, tokenizer, eos_token: str | None, assistant_mask: bool = False) -> Formatted:
+    """Render and tokenize one canonical example (see the module docstring)."""
+    kind = dataset_format(example)
+    try:
+        if kind == "text":
+            text = _with_eos(example["text"], eos_token, example)
+            return Formatted(input_ids=tokenizer(text)["input_ids"])
+        if kind == "conversational":
+            ids, mask = _render(tokenizer, example["messages"], assistant_mask=assistant_mask)
+            return Formatted(input_ids=ids, assistant_mask=mask)
+        if kind == "prompt_completion":
+            completion = _with_eos(example["completion"], eos_token, example)
+            prompt_ids = tokenizer(example["prompt"])["input_ids"]
+            ids = tokenizer(example["prompt"] + completion)["input_ids"]
+            return Formatted(input_ids=ids, completion_start=common_prefix_length(prompt_ids, ids))
+        # conversational prompt/completion: the prompt is rendered as the model sees it at
+        # inference, ending with the generation prompt (e.g. "<|im_start|>assistant\n").
+        prompt_ids, _ = _render(tokenizer, example["prompt"], add_generation_prompt=True)
+        ids, mask = _render(tokenizer, example["prompt"] + example["completion"], assistant_mask=assistant_mask)
+        return Formatted(input_ids=ids, completion_start=common_prefix_length(prompt_ids, ids), assistant_mask=mask)
+    except TemplateError as error:
+        raise FormattingError(f"{_origin(example)}: the chat template rejected this conversation: {error}") from error
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, assistant_mask: bool = False):
+    if not tokenizer.chat_template:
+        raise FormattingError("The tokenizer has no chat template; call setup_chat_template first.")
+    encoded = tokenizer.apply_chat_template(
+        messages,
+        tokenize=True,
+        return_dict=True,
+        add_generation_prompt=add_generation_prompt,
+        return_assistant_tokens_mask=assistant_mask,
+    )
+    return list(encoded["input_ids"]), (list(encoded["assistant_masks"]) if assistant_mask else None)
+
+
+def _with_eos(text: str, eos_token: str | None, example: dict) -> str:
+    if eos_token is None:
+        raise FormattingError(
+            f"{_origin(example)}: the tokenizer has no EOS token to end this text with; pass --eos_token."
+        )
+    return text if text.endswith(eos_token) else text + eos_token
+
+
+def _origin(example: dict) -> str:
+    return example.get("origin", "an example")

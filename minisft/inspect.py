@@ -1,0 +1,122 @@
+"""`python -m minisft.inspect`: look at exactly what training will consume.
+
+It runs the data side of a training run (load → format → mask → truncate → drop) with the
+same flags as `python -m minisft.train`, and shows the result:
+
+- by default, the first examples as tokens, trained tokens highlighted, masked ones dim,
+  and the figures of the whole split: examples, tokens, trained tokens, truncated, dropped;
+- with --json, one {"input_ids": [...], "labels": [...]} object per line on stdout: the
+  very rows the loop is fed (figures go to stderr, so the output pipes cleanly).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from .cli import demo_dataset_path, parse_flags, run, stderr_console
+from .config import DataConfig, ModelConfig
+from .masking import IGNORE_INDEX
+from .models import load_tokenizer
+from .prepare import PreparedDataset, load_and_prepare
+
+
+@dataclass
+class InspectConfig:
+    num_examples: int | None = field(
+        default=None, metadata={"help": "How many examples to show. Default: 3, or all of them with --json."}
+    )
+    json: bool = field(default=False, metadata={"help": "Print one JSON object per example: input_ids and labels."})
+    split: str = field(default="train", metadata={"help": "Which split to inspect: train or eval.", "choices": ["train", "eval"]})
+
+
+def main(argv: list[str] | None = None) -> None:
+    model_config, data_config, inspect_config = parse_flags(
+        (ModelConfig, DataConfig, InspectConfig), argv, description=__doc__.splitlines()[0]
+    )
+    tokenizer = load_tokenizer(model_config.model_name_or_path, trust_remote_code=model_config.trust_remote_code)
+    source = data_config.dataset_name or demo_dataset_path()
+    splits = load_and_prepare(source, tokenizer, data_config)
+    prepared = splits.train if inspect_config.split == "train" else splits.eval
+    if prepared is None:
+        stderr_console.print("This dataset has no eval split; ask for one with --eval_split_size 0.1.")
+        return
+    if inspect_config.json:
+        limit = inspect_config.num_examples
+        for example in prepared.examples[:limit]:
+            sys.stdout.write(json.dumps(example) + "\n")
+        stderr_console.print(figures_table(prepared, splits, str(source), inspect_config.split))
+        return
+    console = Console()
+    if splits.added_tokens:
+        console.print(f"The tokenizer had no chat template: using ChatML, with new special tokens {splits.added_tokens}.")
+    shown = 3 if inspect_config.num_examples is None else inspect_config.num_examples
+    for input_ids, labels, origin in zip(
+        (example["input_ids"] for example in prepared.examples[:shown]),
+        (example["labels"] for example in prepared.examples[:shown]),
+        prepared.origins,
+    ):
+        trained = sum(label != IGNORE_INDEX for label in labels)
+        console.rule(f"{origin}: {len(input_ids)} tokens, {trained} trained", style="dim")
+        console.print(render_tokens(tokenizer, input_ids, labels))
+    console.print(
+        Text.assemble("legend: ", ("trained", "bold green"), " / ", ("masked (-100)", "grey50"), " — shading changes at each token boundary")
+    )
+    console.print(figures_table(prepared, splits, str(source), inspect_config.split))
+
+
+def render_tokens(tokenizer, input_ids: list[int], labels: list[int]) -> Text:
+    """The tokens as text, trained ones bright and masked ones dim, shading alternating per token."""
+    text = Text()
+    pieces = token_pieces(tokenizer, input_ids)
+    for number, (start, end, piece) in enumerate(pieces):
+        trained = labels[end - 1] != IGNORE_INDEX
+        shade = "on grey15" if number % 2 == 0 else "on grey27"
+        style = f"bold green {shade}" if trained else f"grey50 {shade}"
+        text.append(piece.replace("\n", "↵\n"), style=style)
+    return text
+
+
+def token_pieces(tokenizer, input_ids: list[int]) -> list[tuple[int, int, str]]:
+    """(start, end, text) per token. A character split across byte-level tokens (common in
+    Chinese) is shown once, on the group of tokens that completes it."""
+    pieces, start = [], 0
+    for end in range(1, len(input_ids) + 1):
+        piece = tokenizer.decode(input_ids[start:end])
+        if not piece.endswith("\ufffd") or end == len(input_ids):
+            pieces.append((start, end, piece))
+            start = end
+    return pieces
+
+
+def figures_table(prepared: PreparedDataset, splits, source: str, split: str) -> Table:
+    stats = prepared.stats
+    table = Table(title=f"{source} [{split}]", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("examples", f"{stats.examples:,}")
+    table.add_row("tokens", f"{stats.tokens:,}")
+    share = stats.trained_tokens / stats.tokens if stats.tokens else 0.0
+    table.add_row("trained tokens", f"{stats.trained_tokens:,} ({share:.1%})")
+    if stats.examples:
+        lengths = [len(example["input_ids"]) for example in prepared.examples]
+        table.add_row("length mean / max", f"{sum(lengths) / len(lengths):.0f} / {max(lengths)}")
+    table.add_row("truncated to max_length", f"{stats.truncated:,} examples, {stats.truncated_tokens:,} tokens cut")
+    dropped = ", ".join(f"{count} {reason}" for reason, count in stats.drop_reasons.items())
+    table.add_row("dropped (nothing to train)", f"{stats.dropped:,}" + (f" ({dropped})" if dropped else ""))
+    if stats.response_template_missing:
+        table.add_row("response template not found", f"{stats.response_template_missing:,}")
+    if splits.skipped_blank_lines:
+        table.add_row("blank lines skipped", f"{splits.skipped_blank_lines:,}")
+    if split == "train" and splits.eval is not None:
+        table.add_row("eval examples", f"{splits.eval.stats.examples:,}")
+    return table
+
+
+if __name__ == "__main__":
+    run(main)

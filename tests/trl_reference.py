@@ -1,0 +1,94 @@
+"""TRL's own prepared training data, as the reference minisft's data preparation is checked against.
+
+`trl_prepared` builds a real `trl.SFTTrainer` (on a tiny random model, so it costs a few seconds on a CPU)
+and reads back `trainer.train_dataset`: the rows SFTTrainer would train on after its `_prepare_dataset`
+(ChatML conversion, EOS appending, tokenization, completion / assistant masks turned into labels,
+truncation to `max_length`, dropping rows left with no trained token). Nothing is trained.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import warnings
+from contextlib import contextmanager
+
+# The only columns that describe an example's format. Anything else a caller's example carries
+# (minisft's "origin", say) would become a dataset column TRL does not know about.
+FORMAT_KEYS = ("messages", "text", "prompt", "completion")
+
+
+@contextmanager
+def _quiet():
+    """Silence the progress bars and the chatter of datasets / transformers / TRL while the trainer is built."""
+    import datasets
+    import transformers
+
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bar()
+    loggers = [logging.getLogger(name) for name in ("trl", "transformers", "datasets", "accelerate")]
+    levels = [logger.level for logger in loggers]
+    transformers_verbosity = transformers.logging.get_verbosity()
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    transformers.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        transformers.logging.set_verbosity(transformers_verbosity)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        if bars_were_on:
+            datasets.enable_progress_bar()
+
+
+def trl_trainer(examples: list[dict], tokenizer, **sft_config_kwargs):
+    """A constructed (never trained) SFTTrainer over `examples`; its `train_dataset` is the prepared data.
+
+    The tokenizer is deep-copied first: SFTTrainer sets pad_token / eos_token (and, with
+    `chat_template_path`, the chat template) on the object it is given, which would leak into the
+    caller's tokenizer and from there into whatever minisft is compared with.
+    """
+    import datasets
+    import trl
+
+    from minisft.models import tiny_model
+
+    if not examples:
+        raise ValueError("trl_prepared needs at least one example: SFTTrainer reads the first one to detect the format")
+    rows = [{key: example[key] for key in FORMAT_KEYS if key in example} for example in examples]
+    tokenizer = copy.deepcopy(tokenizer)
+    with _quiet(), tempfile.TemporaryDirectory(prefix="trl-reference-") as output_dir:
+        args = trl.SFTConfig(
+            output_dir=output_dir,
+            report_to="none",
+            # One process: forking workers costs more than it saves on a handful of rows,
+            # and a subprocess's failure would be harder to read.
+            dataset_num_proc=None,
+            use_cpu=True,
+            # TRL's default is not to shuffle; pinned so the rows keep the input order even if that changes.
+            shuffle_dataset=False,
+            **sft_config_kwargs,
+        )
+        trainer = trl.SFTTrainer(
+            model=tiny_model(tokenizer),
+            args=args,
+            train_dataset=datasets.Dataset.from_list(rows),
+            processing_class=tokenizer,
+        )
+    return trainer
+
+
+def trl_prepared(examples: list[dict], tokenizer, **sft_config_kwargs) -> list[dict]:
+    """TRL 1.16's prepared rows for `examples`: [{"input_ids": [...], "labels": [...]}, ...].
+
+    `sft_config_kwargs` go to `trl.SFTConfig` (max_length, completion_only_loss, assistant_only_loss,
+    eos_token, chat_template_path, ...). Rows TRL drops (fully masked after truncation) are absent, the
+    rest keep the input order.
+    """
+    trainer = trl_trainer(examples, tokenizer, **sft_config_kwargs)
+    dataset = trainer.train_dataset
+    return [{"input_ids": list(ids), "labels": list(labels)} for ids, labels in zip(dataset["input_ids"], dataset["labels"])]
