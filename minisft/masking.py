@@ -21,7 +21,8 @@ token id where every active mask is True:
 Templates are matched on token ids, not text. A string can tokenize differently in context
 than alone ("\\n### Assistant:" vs "### Assistant:"), so several tokenizations are tried:
 the template alone, and the template after a few typical contexts with the context's tokens
-stripped. What matters is where a match *ends*, which all of them agree on.
+stripped (a token that straddles the boundary is kept whole). What matters most is where a
+match *ends*, which all of them agree on.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ import json
 
 IGNORE_INDEX = -100
 
-# Contexts a template commonly follows; encoding after them finds in-context tokenizations.
-_CONTEXTS = ("\n", " ", "\n\n", ".", ":", "a")
+# Text a template commonly stands between; encoding it there finds in-context tokenizations.
+_BEFORE = ("", "\n", " ", "\n\n", ".", ":", "a")
+_AFTER = ("", "x", "X", " x", "1", "\n", "我")
 
 # Response / instruction templates of common chat-template families, found by a marker in the
 # template text. The instruction template is the start of any next turn, whatever its role,
@@ -63,16 +65,26 @@ def template_variants(tokenizer, template: str | list[int]) -> list[list[int]]:
     """Token-id sequences that the template can appear as, longest first."""
     if isinstance(template, list):
         return [list(template)]
-    variants = [tokenizer.encode(template, add_special_tokens=False)]
-    for context in _CONTEXTS:
-        encoded = tokenizer(context + template, add_special_tokens=False, return_offsets_mapping=True)
-        # Keep the tokens that start inside the template; a token straddling the boundary
-        # is dropped, which shortens the match at its start but keeps its end right.
-        kept = [token for token, (start, _) in zip(encoded["input_ids"], encoded["offset_mapping"]) if start >= len(context)]
-        if kept:
-            variants.append(kept)
-    unique = {tuple(variant) for variant in variants if variant}
-    return [list(variant) for variant in sorted(unique, key=len, reverse=True)]
+    variants = {tuple(tokenizer.encode(template, add_special_tokens=False))}
+    for before in _BEFORE:
+        for after in _AFTER:
+            encoded = tokenizer(before + template + after, add_special_tokens=False, return_offsets_mapping=True)
+            template_end = len(before) + len(template)
+            tokens = [
+                (token, start, end)
+                for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"])
+                # A token straddling the template's end also holds the first trained token: left out.
+                if len(before) < end <= template_end
+            ]
+            # A token straddling its start (" Answer" after a space) is how the template reads
+            # there: keep it whole. Also try without it, if what is left still covers most of
+            # the template (a lone ":" would match anywhere).
+            variants.add(tuple(token for token, _, _ in tokens))
+            inside = [(token, start, end) for token, start, end in tokens if start >= len(before)]
+            if inside and (inside[-1][2] - inside[0][1]) * 2 > len(template):
+                variants.add(tuple(token for token, _, _ in inside))
+    variants.discard(())
+    return [list(variant) for variant in sorted(variants, key=len, reverse=True)]
 
 
 def find_template(input_ids: list[int], variants: list[list[int]]) -> list[tuple[int, int]]:

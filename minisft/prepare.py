@@ -152,8 +152,8 @@ def _template_not_found_message(plan: _MaskPlan, examples, tokenizer, eos_token,
         f"{len(examples)} examples, so they have nothing to train on.\n"
         f"It tokenizes as {variants}.\n"
         f"The first example ({examples[0].get('origin', 'example 0')}) tokenizes as:\n  {shown}\n"
-        "Pick a template whose token ids appear in the examples, or pass the ids directly as a JSON list, "
-        "e.g. --response_template '[1, 520, 9531, 198]'."
+        "Pick a template whose token ids appear in the examples, or pass the ids as they appear there, "
+        "as a JSON list: --response_template '[id, id, ...]'."
     )
 
 
