@@ -176,7 +176,7 @@ def load_and_prepare(source, tokenizer, config: DataConfig) -> PreparedSplits:
         seed=config.seed,
         text_field=config.dataset_text_field,
     )
-    needs_template = config.chat_template_path is not None or "conversational" in dataset_format(splits.train[0])
+    needs_template = config.chat_template_path is not None or "conversational" in splits.format
     added_tokens = setup_chat_template(tokenizer, config.chat_template_path) if needs_template else []
     train = prepare_dataset(splits.train, tokenizer, config)
     evaluation = prepare_dataset(splits.eval, tokenizer, config) if splits.eval else None

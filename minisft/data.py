@@ -1,0 +1,362 @@
+"""Stage 1: load raw rows from any source and normalise them to one canonical example form.
+
+Chat datasets come in several dialects. They all say the same thing, so each row is
+translated once, here, and nothing downstream ever sees a raw format:
+
+    raw row (detected by its keys)                         canonical example
+    ---------------------------------------------------    -----------------------------------------
+    {"messages": [{"role", "content"}]}          (TRL)  -> {"messages": [{"role", "content"}]}
+    {"conversation": [{"role", "message"}]}  human=user -> {"messages": ...}
+    {"conversations": [{"from", "value"}]}     ShareGPT -> {"messages": ...}   human=user, gpt=assistant
+    {"prompt": str, "completion": str}                  -> {"prompt": str, "completion": str}
+    {"prompt": [msgs], "completion": [msgs]}            -> {"prompt": [msgs], "completion": [msgs]}
+    {"text": str}          (or --dataset_text_field)    -> {"text": str}
+
+Roles are system, user, assistant, tool. Every example also carries an "origin" such as
+"train.jsonl line 17", so a later stage can say which row a problem came from. Lines count
+from 1 like an editor; rows, items and examples count from 0 like Python indexing.
+
+Sources: a local .jsonl/.json/.parquet/.csv file or a folder of them, a hub dataset name,
+a datasets.Dataset or DatasetDict, or a Python list of dicts. Bad input raises DataError
+with a message a user can act on; nothing is dropped without being counted.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import datasets
+import pyarrow
+import pyarrow.parquet
+
+ROLES = ("system", "user", "assistant", "tool")
+# The seed's `conversation` and ShareGPT's `conversations` name two of the roles differently.
+ROLE_ALIASES = {"human": "user", "gpt": "assistant"}
+# raw key -> (key holding the role, keys that may hold the content, extra role names)
+CONVERSATION_FORMATS = {
+    "messages": ("role", ("content",), {}),
+    "conversation": ("role", ("message", "content"), ROLE_ALIASES),
+    "conversations": ("from", ("value",), ROLE_ALIASES),
+}
+SPLIT_KEYWORDS = {  # as the `datasets` library assigns a folder's files to splits
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "dev", "val"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
+
+
+class DataError(ValueError):
+    """A problem with the user's data, worded for the user: where it is, and what is wrong."""
+
+
+@dataclass
+class Splits:
+    train: list[dict]
+    eval: list[dict] | None
+    skipped_blank_lines: int  # blank lines in the files read; skipped, but counted
+    format: str  # dataset_format() of every example, train and eval alike
+
+
+def dataset_format(example: dict) -> str:
+    """Which canonical form a normalised example has; downstream stages branch on this."""
+    if "messages" in example:
+        return "conversational"
+    if "text" in example:
+        return "text"
+    return "conversational_prompt_completion" if isinstance(example["prompt"], list) else "prompt_completion"
+
+
+# ----------------------------------------------------------------------------- normalising
+
+
+def kind_of(value) -> str:
+    """A value's type as someone who wrote the data (often as JSON) would name it."""
+    if value is None:
+        return "null"
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list"}
+    return names.get(type(value), "an object" if isinstance(value, dict) else type(value).__name__)
+
+
+def detect_format(row: dict, origin: str, text_field: str = "text") -> str:
+    """The raw format of one row, decided by its keys (and, for prompt/completion, the prompt's type)."""
+    if not isinstance(row, dict):
+        raise DataError(f"{origin}: expected an object with the example's fields, got {kind_of(row)}")
+    for key in CONVERSATION_FORMATS:
+        if key in row:
+            return key
+    if "prompt" in row and "completion" in row:
+        return "prompt/completion messages" if isinstance(row["prompt"], list) else "prompt/completion strings"
+    if text_field in row:
+        return "text"
+    raise DataError(
+        f"{origin}: unknown dataset format; the row has keys {sorted(row)}. Known formats: "
+        f"'messages', 'conversation', 'conversations' (ShareGPT), 'prompt' + 'completion', "
+        f"or plain text in the field {text_field!r} (choose another with --dataset_text_field)"
+    )
+
+
+def normalize_messages(messages, where: str, role_key: str, content_keys: tuple, aliases: dict) -> list[dict]:
+    """Check a list of chat messages and rename its keys and roles to role/content and ROLES."""
+    if not isinstance(messages, list):
+        raise DataError(f"{where} must be a list of messages, got {kind_of(messages)}")
+    if not messages:
+        raise DataError(f"{where} is empty; a conversation needs at least one message")
+    accepted = ", ".join([*ROLES, *aliases])
+    normalized = []
+    for index, message in enumerate(messages):
+        at = f"{where}[{index}]"
+        if not isinstance(message, dict):
+            raise DataError(f"{at} must be an object with {role_key!r} and content, got {kind_of(message)}")
+        if role_key not in message:
+            raise DataError(f"{at} has no {role_key!r} (the role); its keys are {sorted(message)}")
+        raw_role = message[role_key]
+        role = aliases.get(raw_role, raw_role) if isinstance(raw_role, str) else None
+        if role not in ROLES:
+            raise DataError(f"{at} has unknown role {raw_role!r}; accepted roles: {accepted}")
+        content_key = next((key for key in content_keys if key in message), None)
+        if content_key is None:
+            raise DataError(f"{at} has no {' or '.join(map(repr, content_keys))} (the content)")
+        if not isinstance(message[content_key], str):
+            raise DataError(f"{at} content must be a string, got {kind_of(message[content_key])}")
+        extras = {key: value for key, value in message.items() if key != role_key and key not in content_keys}
+        normalized.append({"role": role, "content": message[content_key], **extras})
+    return normalized
+
+
+def normalize_prompt_completion(row: dict, origin: str) -> dict:
+    prompt, completion = row["prompt"], row["completion"]
+    for name, value in (("prompt", prompt), ("completion", completion)):
+        if not isinstance(value, (str, list)):
+            raise DataError(f"{origin}: {name!r} must be a string or a list of messages, got {kind_of(value)}")
+    if type(prompt) is not type(completion):
+        raise DataError(
+            f"{origin}: 'prompt' is {kind_of(prompt)} but 'completion' is {kind_of(completion)}; "
+            "both must be strings or both lists of messages"
+        )
+    if isinstance(prompt, str):
+        return {"prompt": prompt, "completion": completion}
+    return {
+        "prompt": normalize_messages(prompt, f"{origin}: prompt", *CONVERSATION_FORMATS["messages"]),
+        "completion": normalize_messages(completion, f"{origin}: completion", *CONVERSATION_FORMATS["messages"]),
+    }
+
+
+def normalize_example(row: dict, origin: str, text_field: str = "text") -> dict:
+    """One raw row -> one canonical example (plus its origin). Keys outside the format are dropped."""
+    raw_format = detect_format(row, origin, text_field)
+    if raw_format in CONVERSATION_FORMATS:
+        role_key, content_keys, aliases = CONVERSATION_FORMATS[raw_format]
+        messages = normalize_messages(row[raw_format], f"{origin}: {raw_format}", role_key, content_keys, aliases)
+        example = {"messages": messages}
+    elif raw_format == "text":
+        text = row[text_field]
+        if not isinstance(text, str):
+            raise DataError(f"{origin}: the text field {text_field!r} must be a string, got {kind_of(text)}")
+        example = {"text": text}
+    else:
+        example = normalize_prompt_completion(row, origin)
+    return {**example, "origin": origin}
+
+
+def normalize_rows(rows: Iterable[tuple[str, dict]], text_field: str = "text") -> list[dict]:
+    """Normalise (origin, raw row) pairs, insisting that all rows share the first row's format."""
+    examples, first = [], None
+    for origin, row in rows:
+        row_format = detect_format(row, origin, text_field)
+        if first is None:
+            first = (row_format, origin)
+        elif row_format != first[0]:
+            raise DataError(
+                f"{origin}: this row is in the {row_format!r} format, but the first row ({first[1]}) is in the "
+                f"{first[0]!r} format; all rows of a dataset must share one format"
+            )
+        examples.append(normalize_example(row, origin, text_field))
+    return examples
+
+
+# ----------------------------------------------------------------------------- reading files
+# Each reader returns [(origin, raw row)] and the number of blank lines it skipped.
+
+
+def read_json_lines(path: Path) -> tuple[list[tuple[str, dict]], int]:
+    rows, blank_lines = [], 0
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                blank_lines += 1
+                continue
+            origin = f"{path} line {number}"
+            try:
+                rows.append((origin, json.loads(line.rstrip())))
+            except json.JSONDecodeError as error:
+                problem = f"not valid JSON ({error.msg} at column {error.colno})"
+                raise DataError(f"{origin}: {problem}; each line must hold one JSON object") from None
+    return rows, blank_lines
+
+
+def read_json(path: Path) -> tuple[list[tuple[str, dict]], int]:
+    """A .json file is either one JSON array of objects or JSON lines; the first character tells."""
+    text = path.read_text(encoding="utf-8")
+    if not text.lstrip().startswith("["):
+        return read_json_lines(path)
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as error:
+        problem = f"not valid JSON ({error.msg} at column {error.colno})"
+        raise DataError(f"{path} line {error.lineno}: {problem}") from None
+    return [(f"{path} item {index}", item) for index, item in enumerate(items)], 0
+
+
+def read_parquet(path: Path) -> tuple[list[tuple[str, dict]], int]:
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except pyarrow.ArrowException as error:
+        raise DataError(f"{path}: not a readable parquet file ({error})") from None
+    return [(f"{path} row {index}", row) for index, row in enumerate(table.to_pylist())], 0
+
+
+def read_csv(path: Path) -> tuple[list[tuple[str, dict]], int]:
+    # The csv module keeps every cell a string (a text column of digits stays text) and lets
+    # us count blank lines and name lines; a quoted cell may span lines, so track the start.
+    rows, blank_lines = [], 0
+    with open(path, encoding="utf-8", newline="") as file:
+        reader = csv.reader(file)
+        header = next(reader, [])
+        start_line = reader.line_num + 1
+        for values in reader:
+            origin, start_line = f"{path} line {start_line}", reader.line_num + 1
+            if not values:
+                blank_lines += 1
+            elif len(values) != len(header):
+                raise DataError(f"{origin}: {len(values)} fields, but the header has {len(header)} columns")
+            else:
+                rows.append((origin, dict(zip(header, values))))
+    return rows, blank_lines
+
+
+READERS = {".jsonl": read_json_lines, ".json": read_json, ".parquet": read_parquet, ".csv": read_csv}
+
+
+def split_of(relative_path: Path) -> str:
+    """The split a folder's file belongs to: a split keyword as a whole word of its path, else train."""
+    words = re.split(r"[^a-z]+", str(relative_path.with_suffix("")).lower())
+    return next((split for split, keywords in SPLIT_KEYWORDS.items() if set(keywords) & set(words)), "train")
+
+
+def read_local(path: Path, train_split: str) -> tuple[dict[str, list], int]:
+    is_folder = path.is_dir()
+    if is_folder:
+        files = sorted(
+            file
+            for file in path.rglob("*")
+            if file.is_file() and file.suffix.lower() in READERS
+            and not any(part.startswith(".") for part in file.relative_to(path).parts)
+        )
+        if not files:
+            raise DataError(f"{path}: no {', '.join(READERS)} files in this folder")
+    elif path.suffix.lower() not in READERS:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(READERS)}")
+    else:
+        files = [path]
+    splits, blank_lines = {}, 0
+    for file in files:
+        rows, skipped = READERS[file.suffix.lower()](file)
+        split = split_of(file.relative_to(path)) if is_folder else train_split
+        splits.setdefault(split, []).extend(rows)
+        blank_lines += skipped
+    return splits, blank_lines
+
+
+# ----------------------------------------------------------------------------- sources and splits
+
+
+def numbered(prefix: str, rows: Iterable[dict]) -> Iterable[tuple[str, dict]]:
+    return ((f"{prefix} {index}", row) for index, row in enumerate(rows))
+
+
+def looks_like_hub_name(source: str) -> bool:
+    # "name" or "org/name"; a trailing letters-only extension means a file the user meant.
+    return bool(re.fullmatch(r"\w[\w.-]*(/[\w.-]+)?", source)) and not re.search(r"\.[A-Za-z]+$", source)
+
+
+def read_splits(source, dataset_config: str | None, train_split: str) -> tuple[dict[str, Iterable], int]:
+    """Any source -> {split name: (origin, raw row) pairs}, and the blank lines skipped reading it."""
+    if isinstance(source, datasets.DatasetDict):
+        return {split: numbered(f"{split} example", rows) for split, rows in source.items()}, 0
+    if isinstance(source, (datasets.Dataset, list)):
+        return {train_split: numbered("example", source)}, 0
+    path = Path(source)
+    if path.exists():
+        return read_local(path, train_split)
+    if isinstance(source, Path) or not looks_like_hub_name(source):
+        raise DataError(f"{source}: no such file or folder")
+    try:
+        dataset_dict = datasets.load_dataset(source, dataset_config)
+    except Exception as error:  # offline, not found, bad config: load_dataset raises many types
+        raise DataError(
+            f"{source}: could not load this hub dataset ({error}). The Hugging Face hub may be unreachable "
+            "from here; pass a local .jsonl, .json, .parquet or .csv file (or a folder of them) instead"
+        ) from error
+    return {split: numbered(f"{source}[{split}] example", rows) for split, rows in dataset_dict.items()}, 0
+
+
+def hold_out(train: list[dict], eval_split_size: float, seed: int, name: str) -> tuple[list[dict], list[dict]]:
+    """Move a seeded random fraction of train to eval; both keep the dataset's order."""
+    eval_count = math.ceil(len(train) * eval_split_size)  # rounds up, as datasets' train_test_split does
+    if eval_count >= len(train):
+        raise DataError(f"{name}: eval_split_size={eval_split_size} of {len(train)} examples leaves none to train on")
+    held_out = set(random.Random(seed).sample(range(len(train)), eval_count))
+    keep = [example for index, example in enumerate(train) if index not in held_out]
+    return keep, [example for index, example in enumerate(train) if index in held_out]
+
+
+def load_splits(
+    source,
+    *,
+    dataset_config: str | None = None,
+    train_split: str = "train",
+    test_split: str = "test",
+    eval_split_size: float = 0.0,
+    seed: int = 42,
+    text_field: str = "text",
+) -> Splits:
+    """Load `source` and return its canonical train examples and eval examples (or None).
+
+    Eval is a seeded `eval_split_size` fraction held out of train when that is > 0,
+    otherwise the dataset's own `test_split` if it has one.
+    """
+    if not 0 <= eval_split_size < 1:
+        raise DataError(f"eval_split_size must be a fraction in [0, 1), got {eval_split_size}")
+    name = str(source) if isinstance(source, (str, Path)) else f"the given {type(source).__name__}"
+    raw_splits, blank_lines = read_splits(source, dataset_config, train_split)
+
+    def normalized_split(split: str) -> list[dict]:
+        examples = normalize_rows(raw_splits[split], text_field)
+        if not examples:
+            skipped = f" ({blank_lines} blank lines skipped)" if blank_lines else ""
+            raise DataError(f"{name}: the {split!r} split has no examples{skipped}")
+        return examples
+
+    if train_split not in raw_splits:
+        raise DataError(
+            f"{name} has no split {train_split!r}; its splits are {sorted(raw_splits)}. "
+            "Choose one with --dataset_train_split"
+        )
+    train, held_out = normalized_split(train_split), None
+    if eval_split_size > 0:
+        train, held_out = hold_out(train, eval_split_size, seed, name)
+    elif test_split in raw_splits:
+        held_out = normalized_split(test_split)
+        if dataset_format(held_out[0]) != dataset_format(train[0]):
+            raise DataError(
+                f"{held_out[0]['origin']}: the {test_split!r} split is {dataset_format(held_out[0])} but the "
+                f"{train_split!r} split is {dataset_format(train[0])}; both must share one format"
+            )
+    return Splits(train=train, eval=held_out, skipped_blank_lines=blank_lines, format=dataset_format(train[0]))
