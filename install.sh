@@ -4,7 +4,7 @@
 #   ./install.sh --test   the same, plus the test-only references (TRL, peft) and pytest
 set -euo pipefail
 cd "$(dirname "$0")"
-PYTHON=${PYTHON:-python3}
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}
 
 # A torch already installed (a CUDA build, say) is kept. Otherwise take torch 2.13.0: on a
 # machine of the kind minisft is developed on, that is a CPU build already on disk; a plain
