@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         prepared.origins,
     ):
         trained = sum(label != IGNORE_INDEX for label in labels)
-        console.rule(f"{origin}: {len(input_ids)} tokens, {trained} trained", style="dim")
+        console.print(Text(f"── {origin}: {len(input_ids)} tokens, {trained} trained", style="bold"), soft_wrap=True)
         console.print(render_tokens(tokenizer, input_ids, labels))
     console.print(
         Text.assemble("legend: ", ("trained", "bold green"), " / ", ("masked (-100)", "grey50"), " — shading changes at each token boundary")

@@ -1,0 +1,72 @@
+"""`python -m minisft.inspect`: what it prints is what training consumes; user errors get no traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from minisft.cli import demo_dataset_path, run
+from minisft.config import DataConfig
+from minisft.data import load_splits
+from minisft.inspect import main
+from minisft.prepare import prepare_dataset
+
+
+def test_json_is_exactly_the_prepared_examples(capsys, tokenizer):
+    main(["--json", "--assistant_only_loss"])
+    lines = capsys.readouterr().out.splitlines()
+    printed = [json.loads(line) for line in lines]
+    train = load_splits(demo_dataset_path()).train
+    expected = prepare_dataset(train, tokenizer, DataConfig(assistant_only_loss=True)).examples
+    assert printed == expected
+    assert all(set(example) == {"input_ids", "labels"} for example in printed)
+
+
+def test_json_respects_num_examples_and_split(capsys):
+    main(["--json", "--num_examples", "2", "--split", "eval"])
+    assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+def test_default_view_shows_tokens_and_figures(capsys, tmp_path):
+    data = tmp_path / "seed.jsonl"
+    rows = [
+        {"conversation": [{"role": "human", "message": "微调测试"}, {"role": "assistant", "message": "我学会了"}]},
+        {"conversation": [{"role": "human", "message": "x " * 40}, {"role": "assistant", "message": "y"}]},
+    ]
+    data.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in rows), encoding="utf-8")
+    main(["--dataset_name", str(data), "--assistant_only_loss", "--max_length", "60"])
+    out = capsys.readouterr().out
+    assert "seed.jsonl line 1" in out and "我学会了" in out
+    assert "truncated to max_length" in out and "1 examples" in out
+    assert "every trained token was past max_length" in out  # the long one lost its answer: dropped, and said so
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [\n', "line 2: not valid JSON"),
+        ('{"messages": [{"role": "robot", "content": "hi"}]}\n', "unknown role 'robot'"),
+        ('{"messages": []}\n', "is empty"),
+        ('{"question": "hi"}\n', "unknown dataset format"),
+    ],
+)
+def test_bad_data_is_one_clear_line(tmp_path, capsys, content, message):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(content, encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        run(main, ["--dataset_name", str(data)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl" in err and message in err and "Traceback" not in err
+
+
+def test_missing_file_from_the_command_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "minisft.inspect", "--dataset_name", str(tmp_path / "nope.jsonl")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "nope.jsonl: no such file or folder" in result.stderr
+    assert "Traceback" not in result.stderr
