@@ -29,8 +29,8 @@ def demo_dataset_path() -> Path:
     return Path(str(resources.files("minisft") / "demo_data"))
 
 
-def parse_flags(config_types: tuple, argv: list[str] | None, description: str):
-    parser = HfArgumentParser(config_types, description=description)
+def parse_flags(config_types: tuple, argv: list[str] | None, program: str, description: str):
+    parser = HfArgumentParser(config_types, prog=f"python -m {program}", description=description)
     return parser.parse_args_into_dataclasses(args=argv)
 
 

@@ -3,8 +3,8 @@
 Flag names are those of TRL's SFTConfig / ScriptArguments / ModelConfig and transformers'
 TrainingArguments wherever the concept is the same, so a TRL user can switch without
 relearning. transformers' HfArgumentParser turns these dataclasses into a command line:
-every field is a `--flag`, its `help` is what `--help` prints, and booleans take
-`--flag` / `--flag false`.
+every field is a `--flag`, its `help` is what `--help` prints (argparse formats it, hence
+`%%` for a literal `%`), and booleans take `--flag` / `--flag false`.
 """
 
 from __future__ import annotations
@@ -56,13 +56,16 @@ class DataConfig:
     completion_only_loss: bool | None = field(
         default=None,
         metadata={
-            "help": "Train only on the completion of prompt/completion data. Default: on for prompt/completion data."
+            "help": "Train only on the completion of prompt/completion data. Default: on for prompt/completion data.",
+            # a bare --completion_only_loss means true, like the plain boolean flags
+            "nargs": "?",
+            "const": True,
         },
     )
     assistant_only_loss: bool = field(
         default=False,
         metadata={
-            "help": "Train only on the assistant turns of conversations: from the template's {% generation %} tags, "
+            "help": "Train only on the assistant turns of conversations: from the template's {%% generation %%} tags, "
             "else from the response/instruction templates of a known template family (ChatML, Llama 3, Gemma)."
         },
     )

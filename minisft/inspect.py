@@ -37,7 +37,7 @@ class InspectConfig:
 
 def main(argv: list[str] | None = None) -> None:
     model_config, data_config, inspect_config = parse_flags(
-        (ModelConfig, DataConfig, InspectConfig), argv, description=__doc__.splitlines()[0]
+        (ModelConfig, DataConfig, InspectConfig), argv, "minisft.inspect", description=__doc__.splitlines()[0]
     )
     tokenizer = load_tokenizer(model_config.model_name_or_path, trust_remote_code=model_config.trust_remote_code)
     source = data_config.dataset_name or demo_dataset_path()

@@ -70,3 +70,21 @@ def test_missing_file_from_the_command_line(tmp_path):
     assert result.returncode == 2
     assert "nope.jsonl: no such file or folder" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "python -m minisft.inspect" in out and "{% generation %}" in out and "--response_template" in out
+
+
+def test_bare_completion_only_loss_means_true(capsys, tmp_path):
+    data = tmp_path / "pc.jsonl"
+    data.write_text(json.dumps({"prompt": "Hi", "completion": " there"}) + "\n", encoding="utf-8")
+    main(["--dataset_name", str(data), "--json", "--completion_only_loss"])
+    masked = json.loads(capsys.readouterr().out)["labels"]
+    main(["--dataset_name", str(data), "--json", "--completion_only_loss", "false"])
+    unmasked = json.loads(capsys.readouterr().out)["labels"]
+    assert -100 in masked and -100 not in unmasked
