@@ -88,3 +88,29 @@ class DataConfig:
         default=None,
         metadata={"help": "The end-of-sequence token appended to text and completions. Default: the tokenizer's."},
     )
+
+
+@dataclass
+class PackingConfig:
+    packing: bool = field(
+        default=False, metadata={"help": "Pack several examples into each row of --max_length tokens."}
+    )
+    packing_strategy: str = field(
+        default="bfd",
+        metadata={
+            "help": "bfd: best-fit decreasing, overlong examples truncated; bfd_split: overlong examples split "
+            "into chunks; wrapped: concatenate and cut every max_length tokens, across examples.",
+            "choices": ["bfd", "bfd_split", "wrapped"],
+        },
+    )
+    padding_free: bool = field(
+        default=False,
+        metadata={"help": "Without packing: lay each batch's examples end to end in one row, with boundaries."},
+    )
+    pad_to_multiple_of: int | None = field(
+        default=None, metadata={"help": "Pad each batch's length up to a multiple of this (e.g. 8 or 64)."}
+    )
+    eval_packing: bool | None = field(
+        default=None,
+        metadata={"help": "Pack the eval split too. Default: as --packing.", "nargs": "?", "const": True},
+    )

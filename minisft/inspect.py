@@ -7,6 +7,10 @@ same flags as `python -m minisft.train`, and shows the result:
   and the figures of the whole split: examples, tokens, trained tokens, truncated, dropped;
 - with --json, one {"input_ids": [...], "labels": [...]} object per line on stdout: the
   very rows the loop is fed (figures go to stderr, so the output pipes cleanly).
+
+With --packing it shows packed rows instead: each row drawn as a bar of its examples, and the
+packing efficiency (tokens / row slots); with --json one {"input_ids", "labels",
+"position_ids", "seq_lengths"} object per row.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from rich.table import Table
 from rich.text import Text
 
 from .cli import demo_dataset_path, parse_flags, run, stderr_console
-from .config import DataConfig, ModelConfig
+from .config import DataConfig, ModelConfig, PackingConfig
 from .masking import IGNORE_INDEX
 from .models import load_tokenizer
+from .packing import PackedDataset, pack
 from .prepare import PreparedDataset, load_and_prepare
 
 
@@ -36,8 +41,8 @@ class InspectConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    model_config, data_config, inspect_config = parse_flags(
-        (ModelConfig, DataConfig, InspectConfig), argv, "minisft.inspect", description=__doc__.splitlines()[0]
+    model_config, data_config, packing_config, inspect_config = parse_flags(
+        (ModelConfig, DataConfig, PackingConfig, InspectConfig), argv, "minisft.inspect", description=__doc__.splitlines()[0]
     )
     tokenizer = load_tokenizer(model_config.model_name_or_path, trust_remote_code=model_config.trust_remote_code)
     source = data_config.dataset_name or demo_dataset_path()
@@ -45,6 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     prepared = splits.train if inspect_config.split == "train" else splits.eval
     if prepared is None:
         stderr_console.print("This dataset has no eval split; ask for one with --eval_split_size 0.1.")
+        return
+    if packing_config.packing:
+        show_packed_rows(pack(prepared.examples, data_config.max_length, packing_config.packing_strategy), inspect_config)
         return
     if inspect_config.json:
         limit = inspect_config.num_examples
@@ -68,6 +76,57 @@ def main(argv: list[str] | None = None) -> None:
         Text.assemble("legend: ", ("trained", "bold green"), " / ", ("masked (-100)", "grey50"), " — shading changes at each token boundary")
     )
     console.print(figures_table(prepared, splits, str(source), inspect_config.split))
+
+
+def show_packed_rows(packed: PackedDataset, inspect_config: InspectConfig) -> None:
+    if inspect_config.json:
+        for row in packed.rows[: inspect_config.num_examples]:
+            sys.stdout.write(json.dumps(row) + "\n")
+        stderr_console.print(packing_table(packed))
+        return
+    console = Console()
+    shown = 3 if inspect_config.num_examples is None else inspect_config.num_examples
+    capacity = packed.stats.slots // max(packed.stats.rows, 1)
+    for number, row in enumerate(packed.rows[:shown]):
+        console.print(Text.assemble((f"row {number:>4} ", "bold"), row_bar(row["seq_lengths"], capacity)))
+    console.print(Text.assemble("legend: each example a run of █ or ▒, ", ("·", "grey50"), f" an empty slot; each cell ≈ {_cell_tokens(capacity)} tokens"))
+    console.print(packing_table(packed))
+
+
+_BAR_WIDTH = 40
+
+
+def _cell_tokens(capacity: int) -> int:
+    return max(1, -(-capacity // _BAR_WIDTH))
+
+
+def row_bar(seq_lengths: list[int], capacity: int) -> Text:
+    """A row as a bar: each example a run of cells in its own shade, then the empty slots."""
+    per_cell = _cell_tokens(capacity)
+    bar = Text()
+    for number, length in enumerate(seq_lengths):
+        # Alternate both colour and glyph, so boundaries show without colour too.
+        glyph, shade = (("█", "green"), ("▒", "cyan"))[number % 2]
+        bar.append(glyph * max(1, round(length / per_cell)), style=shade)
+    used = sum(seq_lengths)
+    bar.append("·" * max(0, -(-capacity // per_cell) - len(bar)), style="grey50")
+    bar.append(f"  {used}/{capacity} tokens, examples {seq_lengths}")
+    return bar
+
+
+def packing_table(packed: PackedDataset) -> Table:
+    stats = packed.stats
+    table = Table(title="packing", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("rows", f"{stats.rows:,}")
+    table.add_row("tokens / row slots", f"{stats.tokens:,} / {stats.slots:,}")
+    table.add_row("packing efficiency", f"{stats.efficiency:.1%}")
+    if stats.truncated_examples:
+        table.add_row("truncated (bfd)", f"{stats.truncated_examples:,} examples, {stats.truncated_tokens:,} tokens cut")
+    if stats.split_examples:
+        table.add_row("split across sequences", f"{stats.split_examples:,} examples")
+    return table
 
 
 def render_tokens(tokenizer, input_ids: list[int], labels: list[int]) -> Text:

@@ -1,0 +1,121 @@
+"""Attention isolation: every example inside a packed row computes exactly what it computes alone."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minisft.attention import FLASH_IMPLEMENTATIONS, flatten_rows, packed_model_inputs
+from minisft.masking import IGNORE_INDEX
+from minisft.models import tiny_model
+from minisft.packing import collate_rows, make_row, padding_free_row
+
+TEXTS = [
+    "Hello world, this is the first example of the row.",
+    "Second one is short.",
+    "微调测试 我学会了: the third example, with Chinese and English, a little longer than the others are.",
+    "Four.",
+]
+TOLERANCE = 1e-5  # fp32 on CPU
+
+
+def per_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Loss of predicting token t+1 from position t; 0 where the target is ignored."""
+    return F.cross_entropy(logits[:-1], labels[1:], ignore_index=IGNORE_INDEX, reduction="none")
+
+
+@pytest.fixture(scope="module")
+def examples(tokenizer):
+    return [tokenizer(text)["input_ids"] for text in TEXTS]
+
+
+def packed_batch(examples, pad_token_id):
+    # Two rows of different lengths, so the second is padded; pad_to_multiple_of pads both.
+    rows = [make_row([(ids, ids) for ids in examples[:3]]), make_row([(ids, ids) for ids in examples[3:]])]
+    return collate_rows(rows, pad_token_id, pad_to_multiple_of=64)
+
+
+def largest_differences(model, batch, inputs, examples):
+    """Max |logit difference| and max |per-token loss difference| of every example, packed vs alone."""
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        logit_gap = loss_gap = 0.0
+        for row_index, row_lengths in enumerate(batch["seq_lengths"]):
+            start = 0
+            for length in row_lengths:
+                ids = batch["input_ids"][row_index, start : start + length]
+                alone = model(input_ids=ids[None]).logits[0]
+                packed = logits[row_index, start : start + length]
+                logit_gap = max(logit_gap, (packed - alone).abs().max().item())
+                packed_losses = per_token_losses(logits[row_index], batch["labels"][row_index])[start : start + length - 1]
+                loss_gap = max(loss_gap, (packed_losses - per_token_losses(alone, ids)).abs().max().item())
+                start += length
+    return logit_gap, loss_gap
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager", "flex_attention"])
+def test_packed_examples_equal_examples_alone(tokenizer, examples, implementation):
+    model = tiny_model(tokenizer, attn_implementation=implementation).eval()
+    batch = packed_batch(examples, tokenizer.pad_token_id)
+    logit_gap, loss_gap = largest_differences(model, batch, packed_model_inputs(batch, implementation), examples)
+    assert logit_gap <= TOLERANCE and loss_gap <= TOLERANCE, (logit_gap, loss_gap)
+
+
+def test_without_boundaries_examples_see_each_other(tokenizer, examples):
+    """The negative control: the same rows with a plain causal mask and running positions differ."""
+    model = tiny_model(tokenizer).eval()
+    batch = packed_batch(examples, tokenizer.pad_token_id)
+    logit_gap, loss_gap = largest_differences(model, batch, {"input_ids": batch["input_ids"]}, examples)
+    assert logit_gap > 1e-2 and loss_gap > 1e-2
+
+
+def test_boundary_labels_are_masked(tokenizer, examples):
+    row = make_row([(ids, ids) for ids in examples])
+    starts = [sum(len(ids) for ids in examples[:index]) for index in range(len(examples))]
+    assert [row["labels"][start] for start in starts] == [IGNORE_INDEX] * len(examples)
+    assert sum(label == IGNORE_INDEX for label in row["labels"]) == len(examples)
+
+
+def test_padding_free_batch_is_isolated_too(tokenizer, examples):
+    model = tiny_model(tokenizer).eval()
+    batch = collate_rows([padding_free_row([{"input_ids": ids, "labels": ids} for ids in examples])], tokenizer.pad_token_id)
+    logit_gap, loss_gap = largest_differences(model, batch, packed_model_inputs(batch, "sdpa"), examples)
+    assert logit_gap <= TOLERANCE and loss_gap <= TOLERANCE
+
+
+def test_flatten_rows_drops_padding(tokenizer, examples):
+    batch = packed_batch(examples, tokenizer.pad_token_id)
+    flat = flatten_rows(batch)
+    assert flat["input_ids"].shape == (1, sum(len(ids) for ids in examples))
+    assert flat["input_ids"][0].tolist() == [token for ids in examples for token in ids]
+
+
+def test_unknown_implementation_is_a_clear_error(tokenizer, examples):
+    batch = packed_batch(examples, tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match="use one of sdpa, eager, flex_attention"):
+        packed_model_inputs(batch, "paged_attention")
+
+
+def flash_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not flash_available(), reason="flash attention needs a CUDA GPU and the flash-attn package")
+@pytest.mark.parametrize("implementation", FLASH_IMPLEMENTATIONS[:1])
+def test_flash_varlen_equals_examples_alone(tokenizer, examples, implementation):
+    model = tiny_model(tokenizer, attn_implementation=implementation).to("cuda", torch.bfloat16).eval()
+    batch = packed_batch(examples, tokenizer.pad_token_id)
+    inputs = {key: value.to("cuda") if torch.is_tensor(value) else value for key, value in packed_model_inputs(batch, implementation).items()}
+    with torch.no_grad():
+        logits = model(**inputs).logits[0].float()
+        start = 0
+        for ids in examples:
+            alone = model(input_ids=torch.tensor([ids], device="cuda")).logits[0].float()
+            # bf16 kernels: equal up to bf16 rounding, not to fp32 precision.
+            assert (logits[start : start + len(ids)] - alone).abs().max().item() < 5e-2
+            start += len(ids)
