@@ -14,12 +14,14 @@ from rich.console import Console
 from rich.markup import escape
 from transformers import HfArgumentParser
 
+from .config import ConfigError
 from .data import DataError
 from .formatting import FormattingError
 from .masking import MaskingError
 from .models import ModelSourceError
+from .packing import PackingError
 
-USER_ERRORS = (DataError, FormattingError, MaskingError, ModelSourceError)
+USER_ERRORS = (ConfigError, DataError, FormattingError, MaskingError, ModelSourceError, PackingError)
 
 stderr_console = Console(stderr=True)
 

@@ -12,6 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+class ConfigError(ValueError):
+    """A flag value that cannot work; the message names the flag."""
+
+
 @dataclass
 class ModelConfig:
     model_name_or_path: str = field(
@@ -89,6 +93,10 @@ class DataConfig:
         metadata={"help": "The end-of-sequence token appended to text and completions. Default: the tokenizer's."},
     )
 
+    def __post_init__(self):
+        if self.max_length is not None and self.max_length <= 0:
+            raise ConfigError(f"--max_length must be a positive number of tokens, got {self.max_length}.")
+
 
 @dataclass
 class PackingConfig:
@@ -103,14 +111,13 @@ class PackingConfig:
             "choices": ["bfd", "bfd_split", "wrapped"],
         },
     )
-    padding_free: bool = field(
-        default=False,
-        metadata={"help": "Without packing: lay each batch's examples end to end in one row, with boundaries."},
-    )
-    pad_to_multiple_of: int | None = field(
-        default=None, metadata={"help": "Pad each batch's length up to a multiple of this (e.g. 8 or 64)."}
-    )
     eval_packing: bool | None = field(
         default=None,
         metadata={"help": "Pack the eval split too. Default: as --packing.", "nargs": "?", "const": True},
     )
+
+    def packs(self, split: str) -> bool:
+        """Whether `split` ("train" or "eval") is packed: eval follows --packing unless --eval_packing says."""
+        if split == "eval" and self.eval_packing is not None:
+            return self.eval_packing
+        return self.packing

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     if prepared is None:
         stderr_console.print("This dataset has no eval split; ask for one with --eval_split_size 0.1.")
         return
-    if packing_config.packing:
+    if packing_config.packs(inspect_config.split):
         show_packed_rows(pack(prepared.examples, data_config.max_length, packing_config.packing_strategy), inspect_config)
         return
     if inspect_config.json:

@@ -88,3 +88,31 @@ def test_bare_completion_only_loss_means_true(capsys, tmp_path):
     main(["--dataset_name", str(data), "--json", "--completion_only_loss", "false"])
     unmasked = json.loads(capsys.readouterr().out)["labels"]
     assert -100 in masked and -100 not in unmasked
+
+
+def test_packing_json_prints_rows_with_boundaries(capsys):
+    main(["--json", "--packing", "--max_length", "256"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows and all(set(row) == {"input_ids", "labels", "position_ids", "seq_lengths"} for row in rows)
+    assert all(len(row["input_ids"]) <= 256 and sum(row["seq_lengths"]) == len(row["input_ids"]) for row in rows)
+    # All the demo's training examples are in the rows, none twice.
+    unpacked = load_splits(demo_dataset_path()).train
+    assert sum(len(row["seq_lengths"]) for row in rows) == len(unpacked)
+
+
+def test_packing_view_reports_efficiency(capsys):
+    main(["--packing", "--max_length", "256", "--num_examples", "1"])
+    out = capsys.readouterr().out
+    assert "row    0" in out and "packing efficiency" in out and "row    1" not in out
+
+
+def test_eval_packing_false_shows_eval_unpacked(capsys):
+    main(["--json", "--packing", "--split", "eval", "--eval_packing", "false"])
+    assert all(set(json.loads(line)) == {"input_ids", "labels"} for line in capsys.readouterr().out.splitlines())
+
+
+@pytest.mark.parametrize("flags", [["--max_length", "0"], ["--max_length", "-5", "--packing"]])
+def test_max_length_must_be_positive(capsys, flags):
+    with pytest.raises(SystemExit):
+        run(main, flags)
+    assert "--max_length must be a positive number of tokens" in capsys.readouterr().err
