@@ -1,0 +1,334 @@
+"""LoRA: train a low-rank update beside frozen Linear layers, and read and write peft's adapter files.
+
+Fine-tuning all weights of a d_out × d_in matrix W trains d_out·d_in numbers. LoRA freezes W
+and learns its change as the product of two thin matrices, A (r × d_in) and B (d_out × r):
+
+    y = W x + (B A) x · scale          scale = alpha / r     (alpha / √r with rsLoRA)
+
+    x ──┬──▶ [ W, frozen ] ──────────────────────┐
+        └──▶ dropout ─▶ [ A ] ─▶ [ B ] ─▶ ·scale ─┴─▶ (+) ─▶ y
+
+With r = 8 on a 576 × 576 projection that is 9,216 trained numbers instead of 331,776. A
+starts Kaiming-uniform and B at zero, as in peft, so at step 0 the adapted model *is* the base
+model. After training, W + B A · scale can be merged into one matrix: no cost at inference.
+
+minisft keeps peft's file format, so adapters move both ways between minisft and peft:
+adapter_config.json, and adapter_model.safetensors with keys such as
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight    (r × d_in)
+    base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight    (d_out × r)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+# peft's default targets when none are given, for the model types minisft is tested on.
+DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"]}
+
+
+class LoraError(ValueError):
+    """A LoRA setting or adapter file that cannot work with this model; the message says which and why."""
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str | None = None  # names, one regex, "all-linear", or None: peft's default
+    modules_to_save: list[str] = field(default_factory=list)
+    use_rslora: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+
+@dataclass
+class LoraReport:
+    targeted: list[str]
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        return (
+            f"LoRA on {len(self.targeted)} Linear layers; trainable parameters {self.trainable:,} of "
+            f"{self.total:,} ({self.trainable / self.total:.2%})"
+        )
+
+
+class LoraLinear(nn.Module):
+    """A frozen Linear with a trainable low-rank update beside it (see the module docstring)."""
+
+    def __init__(self, base: nn.Module, r: int, scale: float, dropout: float):
+        super().__init__()
+        self.base = base
+        self.base.requires_grad_(False)
+        # LoRA weights stay float32 even over a bf16 (or 4-bit) base: their updates are small.
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, dtype=torch.float32, device=_device_of(base))
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, dtype=torch.float32, device=_device_of(base))
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = scale
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        if self.merged:
+            return result
+        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        return result + (update * self.scaling).to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def merge(self) -> None:
+        if not self.merged:
+            self._check_mergeable()
+            self.base.weight.data += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight.data -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
+
+    def _check_mergeable(self) -> None:
+        if type(self.base) is not nn.Linear:
+            raise LoraError(
+                f"Cannot merge LoRA into a {type(self.base).__name__} (a quantized base). "
+                "Load the base model in full precision, load the adapter into it, then merge."
+            )
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def output_head_name(model: nn.Module) -> str | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return next((name for name, module in model.named_modules() if module is head), None)
+
+
+def matches(name: str, targets: list[str] | str) -> bool:
+    """peft's rule: a regex must match the whole name; a plain name matches the name or its last parts."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == target or name.endswith("." + target) for target in targets)
+
+
+def parse_target_modules(values: list[str] | str | None) -> list[str] | str | None:
+    """Command-line targets: names space- or comma-separated, one regex, or all-linear."""
+    if values is None or isinstance(values, str):
+        return values
+    names = [name for value in values for name in value.split(",") if name]
+    if len(names) == 1 and (names[0] == "all-linear" or re.search(r"[\\^$.*+?()\[\]|{}]", names[0])):
+        return names[0]
+    return names
+
+
+def find_targets(model: nn.Module, settings: LoraSettings) -> list[str]:
+    linears = linear_names(model)
+    targets = settings.target_modules
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise LoraError(f"No default LoRA targets for model type {model_type!r}: pass --lora_target_modules.")
+        targets = DEFAULT_TARGETS[model_type]
+    if targets == "all-linear":
+        head = output_head_name(model)
+        return [name for name in linears if name != head]
+    found = [name for name in linears if matches(name, targets)]
+    if not found:
+        short_names = sorted({name.rsplit(".", 1)[-1] for name in linears})
+        raise LoraError(
+            f"--lora_target_modules {targets!r} matches no Linear layer of this model. "
+            f"Its Linear layers are named: {', '.join(short_names)} (e.g. {linears[0]!r}); "
+            "or use all-linear."
+        )
+    return found
+
+
+def inject_lora(model: nn.Module, settings: LoraSettings) -> LoraReport:
+    """Freeze the model, wrap the target Linears in LoraLinear, and make modules_to_save trainable copies."""
+    if settings.r <= 0:
+        raise LoraError(f"--lora_r must be a positive rank, got {settings.r}.")
+    if settings.alpha <= 0:
+        raise LoraError(f"--lora_alpha must be positive, got {settings.alpha}.")
+    targeted = find_targets(model, settings)
+    model.requires_grad_(False)
+    for name in targeted:
+        parent, child = _parent(model, name)
+        setattr(parent, child, LoraLinear(getattr(parent, child), settings.r, settings.scale, settings.dropout))
+    for name in _modules_to_save(model, settings.modules_to_save):
+        parent, child = _parent(model, name)
+        # A copy, as peft's ModulesToSaveWrapper makes: a tied embedding is untied from the head.
+        trained = copy.deepcopy(getattr(parent, child))
+        trained.requires_grad_(True)
+        setattr(parent, child, trained)
+    trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    total = sum(parameter.numel() for parameter in model.parameters())
+    return LoraReport(targeted, trainable, total)
+
+
+def _modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
+    found = []
+    for target in names:
+        matched = [name for name, _ in model.named_modules() if name and matches(name, [target])]
+        if not matched:
+            raise LoraError(f"--lora_modules_to_save {target!r} matches no module of this model.")
+        found.extend(matched)
+    return found
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLinear)}
+
+
+# ----------------------------------------------------------------------------- peft's files
+
+
+def adapter_state_dict(model: nn.Module, settings: LoraSettings) -> dict[str, torch.Tensor]:
+    """The trained tensors under peft's saved key names."""
+    state = {}
+    for name, layer in lora_layers(model).items():
+        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
+        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+    for name in _modules_to_save(model, settings.modules_to_save):
+        for parameter_name, parameter in model.get_submodule(name).named_parameters():
+            state[f"{PEFT_PREFIX}{name}.{parameter_name}"] = parameter
+    return {key: tensor.detach().contiguous().cpu() for key, tensor in state.items()}
+
+
+def save_adapter(model: nn.Module, directory: str | Path, settings: LoraSettings, base_model_name_or_path: str | None) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_state_dict(model, settings), directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": settings.r,
+        "lora_alpha": settings.alpha,
+        "lora_dropout": settings.dropout,
+        "target_modules": settings.target_modules if isinstance(settings.target_modules, str) else sorted(
+            {name.rsplit(".", 1)[-1] for name in lora_layers(model)}
+        ),
+        "modules_to_save": settings.modules_to_save or None,
+        "use_rslora": settings.use_rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_dora": False,
+    }
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def read_adapter_settings(directory: str | Path) -> LoraSettings:
+    path = Path(directory) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise LoraError(f"{directory}: no {ADAPTER_CONFIG}; a peft LoRA adapter folder holds it and {ADAPTER_WEIGHTS}.")
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("peft_type") != "LORA":
+        raise LoraError(f"{path}: peft_type is {config.get('peft_type')!r}; minisft reads LoRA adapters only.")
+    unsupported = {
+        key: config[key]
+        for key in ("use_dora", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "layers_to_transform")
+        if config.get(key)
+    }
+    if config.get("bias", "none") != "none":
+        unsupported["bias"] = config["bias"]
+    if unsupported:
+        raise LoraError(f"{path}: these peft options are not supported by minisft's LoRA: {unsupported}")
+    return LoraSettings(
+        r=config["r"],
+        alpha=config["lora_alpha"],
+        dropout=config.get("lora_dropout", 0.0),
+        target_modules=config["target_modules"],
+        modules_to_save=list(config.get("modules_to_save") or []),
+        use_rslora=config.get("use_rslora", False),
+    )
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> LoraSettings:
+    """Inject the adapter's LoRA layers into a plain base model and load its weights."""
+    settings = read_adapter_settings(directory)
+    inject_lora(model, settings)
+    weights_path = Path(directory) / ADAPTER_WEIGHTS
+    if not weights_path.is_file():
+        raise LoraError(f"{directory}: no {ADAPTER_WEIGHTS}.")
+    saved = load_file(weights_path)
+    expected = adapter_state_dict(model, settings)
+    missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
+    if missing or unexpected:
+        raise LoraError(
+            f"{weights_path} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]} "
+            "(was it made for another base model?)"
+        )
+    parameters = {PEFT_PREFIX + name: parameter for name, parameter in _named_adapter_parameters(model)}
+    for key, tensor in saved.items():
+        parameter = parameters[key]
+        if parameter.shape != tensor.shape:
+            module = key.removeprefix(PEFT_PREFIX).rsplit(".", 1)[0]
+            raise LoraError(
+                f"The adapter in {directory} was made for another base model: {module} has shape "
+                f"{tuple(tensor.shape)} there and {tuple(parameter.shape)} here."
+            )
+        with torch.no_grad():
+            parameter.copy_(tensor)
+    return settings
+
+
+def _named_adapter_parameters(model: nn.Module):
+    return ((name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad)
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+def merge_lora(model: nn.Module) -> None:
+    for layer in lora_layers(model).values():
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+
+
+def merged_model(model: nn.Module) -> nn.Module:
+    """A plain copy of the model with every LoRA update merged in: what `from_pretrained` can load."""
+    plain = copy.deepcopy(model)
+    for name, layer in lora_layers(plain).items():
+        layer.merge()
+        parent, child = _parent(plain, name)
+        setattr(parent, child, layer.base)
+    input_embeddings, output_embeddings = plain.get_input_embeddings(), plain.get_output_embeddings()
+    if output_embeddings is not None and input_embeddings.weight is not output_embeddings.weight:
+        # modules_to_save untied a tied embedding; saving it tied again would lose the trained copy.
+        plain.config.tie_word_embeddings = False
+    plain.requires_grad_(True)
+    return plain
