@@ -121,3 +121,40 @@ class PackingConfig:
         if split == "eval" and self.eval_packing is not None:
             return self.eval_packing
         return self.packing
+
+
+@dataclass
+class LoraConfig:
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all the weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank r."})
+    lora_alpha: float = field(default=32, metadata={"help": "LoRA alpha: the update is scaled by alpha / r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch's input."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Linear layers to adapt: names (space- or comma-separated), one regex, or all-linear. "
+            "Default: the attention's q_proj and v_proj, as peft."
+        },
+    )
+    lora_modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained in full beside LoRA, e.g. embed_tokens lm_head."}
+    )
+    use_rslora: bool = field(default=False, metadata={"help": "Scale by alpha / sqrt(r) (rank-stabilised LoRA)."})
+    lora_adapter: str | None = field(
+        default=None, metadata={"help": "A peft-format adapter folder to continue training from."}
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "QLoRA: the frozen base's Linear layers in 4-bit nf4 (bitsandbytes)."}
+    )
+
+    def settings(self):
+        from .lora import LoraSettings, parse_target_modules
+
+        return LoraSettings(
+            r=self.lora_r,
+            alpha=self.lora_alpha,
+            dropout=self.lora_dropout,
+            target_modules=parse_target_modules(self.lora_target_modules),
+            modules_to_save=list(self.lora_modules_to_save or []),
+            use_rslora=self.use_rslora,
+        )

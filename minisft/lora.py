@@ -332,3 +332,44 @@ def merged_model(model: nn.Module) -> nn.Module:
         plain.config.tie_word_embeddings = False
     plain.requires_grad_(True)
     return plain
+
+
+# ----------------------------------------------------------------------------- QLoRA
+
+
+def quantize_base_4bit(model: nn.Module) -> int:
+    """QLoRA's base: every Linear but the output head becomes a bitsandbytes nf4 Linear4bit.
+
+    The weights are stored in 4 bits and dequantized block by block in each matmul; LoRA then
+    trains in float32 beside them. Returns the number of layers quantized.
+    """
+    try:
+        import bitsandbytes
+    except ImportError as error:
+        raise LoraError("--load_in_4bit needs bitsandbytes: pip install bitsandbytes") from error
+    head = output_head_name(model)
+    names = [name for name in linear_names(model) if name != head]
+    for name in names:
+        parent, child = _parent(model, name)
+        linear = getattr(parent, child)
+        quantized = bitsandbytes.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=linear.weight.dtype,
+            quant_type="nf4",
+            device="meta",
+        )
+        try:
+            quantized.weight = bitsandbytes.nn.Params4bit(
+                linear.weight.data, requires_grad=False, quant_type="nf4"
+            ).to(linear.weight.device)
+        except (RuntimeError, NotImplementedError) as error:
+            raise LoraError(
+                f"bitsandbytes cannot quantize to 4 bits on {linear.weight.device}: {error}. "
+                "Run without --load_in_4bit, or on a device bitsandbytes supports."
+            ) from error
+        if linear.bias is not None:
+            quantized.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+        setattr(parent, child, quantized)
+    return len(names)
