@@ -4,10 +4,11 @@
     python benchmarks/packer_speed.py --sizes 1000000 --max_length 2048
 
 Lengths are drawn from the skewed distribution chat data has: lognormal, median ~180 tokens,
-tail to ~2000. Each packer runs --repeats times and the fastest run counts. minisft's packer (minisft.packing.best_fit_decreasing) is timed on the lengths
-alone. Where TRL is installed, its pack_dataset BFD (`_pack_bfd`, on a pyarrow table holding
-one int8 token per position) is timed on the same lengths: that includes TRL's table work, so
-it is the cost a user of pack_dataset pays, not the bin search alone.
+tail to ~2000. Each packer runs --repeats times and the fastest run counts. minisft's packer
+(minisft.packing.best_fit_decreasing) is timed on the lengths alone. Where TRL is installed,
+its pack_dataset BFD (`_pack_bfd`, on a pyarrow table holding one int8 token per position) is
+timed on the same lengths: that includes TRL's table work, so it is the cost a user of
+pack_dataset pays, not the bin search alone.
 """
 
 from __future__ import annotations
@@ -83,7 +84,9 @@ def main() -> None:
         )
         console.print(f"packed {size:,} lengths", style="dim")
     console.print(table)
-    console.print("Time per sequence stays nearly flat as n grows ×10: the sort is O(n log n), each fit O(log max_length).")
+    console.print(
+        "Time per sequence stays nearly flat as n grows ×10: the sort is O(n log n), each fit O(log max_length)."
+    )
 
 
 if __name__ == "__main__":

@@ -14,14 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from transformers import HfArgumentParser
 
-from .config import ConfigError
-from .data import DataError
-from .formatting import FormattingError
-from .masking import MaskingError
-from .models import ModelSourceError
-from .packing import PackingError
-
-USER_ERRORS = (ConfigError, DataError, FormattingError, MaskingError, ModelSourceError, PackingError)
+from .errors import UserError
 
 stderr_console = Console(stderr=True)
 
@@ -40,7 +33,7 @@ def run(main, argv: list[str] | None = None) -> None:
     """Run an entry point, turning user errors into one readable line."""
     try:
         main(argv)
-    except USER_ERRORS as error:
+    except UserError as error:
         stderr_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except BrokenPipeError:  # e.g. `python -m minisft.inspect --json | head`

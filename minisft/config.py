@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A flag value that cannot work; the message names the flag."""
 
 
@@ -26,7 +28,23 @@ class ModelConfig:
         },
     )
     trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run Python code shipped with a hub model or tokenizer. Off unless you trust it."}
+        default=False,
+        metadata={"help": "Run Python code shipped with a hub model or tokenizer. Off unless you trust it."},
+    )
+    torch_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "The dtype the weights are loaded and trained in. bfloat16 is pure bf16 training, as the first "
+            "seed does; for bf16 compute over fp32 weights use --bf16 instead.",
+            "choices": ["float32", "bfloat16", "float16"],
+        },
+    )
+    attn_implementation: str = field(
+        default="sdpa",
+        metadata={
+            "help": "The attention kernel; packed rows get boundaries in its own form.",
+            "choices": ["sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"],
+        },
     )
 
 
@@ -146,6 +164,9 @@ class LoraConfig:
     load_in_4bit: bool = field(
         default=False, metadata={"help": "QLoRA: the frozen base's Linear layers in 4-bit nf4 (bitsandbytes)."}
     )
+    merge_lora: bool = field(
+        default=False, metadata={"help": "Also write the base model with the adapter merged in, to output_dir/merged."}
+    )
 
     def settings(self):
         from .lora import LoraSettings, parse_target_modules
@@ -158,3 +179,90 @@ class LoraConfig:
             modules_to_save=list(self.lora_modules_to_save or []),
             use_rslora=self.use_rslora,
         )
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = field(
+        default="outputs/minisft", metadata={"help": "Where the model, checkpoints and metrics go."}
+    )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Train into a non-empty output_dir anyway."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "The peak learning rate."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Examples (or packed rows) per micro-batch."})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "Examples (or packed rows) per eval batch."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches per optimizer step; the loss is normalised over all of them."}
+    )
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Passes over the training data."})
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps to run; overrides num_train_epochs if > 0."})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Warmup as a fraction of the run's steps."})
+    warmup_steps: int = field(default=0, metadata={"help": "Warmup steps; overrides --warmup_ratio if > 0."})
+    lr_scheduler_type: str = field(
+        default="linear",
+        metadata={
+            "help": "The schedule after warmup.",
+            "choices": ["linear", "cosine", "constant", "constant_with_warmup"],
+        },
+    )
+    optim: str = field(
+        default="adamw_torch",
+        metadata={"help": "The optimizer.", "choices": ["adamw_torch", "adamw_8bit", "paged_adamw_8bit"]},
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (never on biases and norms)."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Clip the gradient's total norm to this; 0: no clipping."}
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Autocast the forward pass to bfloat16 over fp32 weights. Default: on where the hardware runs "
+            "bf16 fast (a CUDA GPU that supports it), off on CPUs.",
+            "nargs": "?",
+            "const": True,
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in the backward pass: less memory, more compute."}
+    )
+    padding_free: bool = field(
+        default=False,
+        metadata={"help": "Without packing: lay each micro-batch's examples end to end in one row, with boundaries."},
+    )
+    pad_to_multiple_of: int | None = field(
+        default=None, metadata={"help": "Pad each batch's length up to a multiple of this (e.g. 8 or 64)."}
+    )
+    logging_steps: int = field(default=10, metadata={"help": "Log every this many optimizer steps."})
+    eval_strategy: str = field(
+        default="no", metadata={"help": "When to evaluate.", "choices": ["no", "steps", "epoch"]}
+    )
+    eval_steps: int | None = field(
+        default=None, metadata={"help": "Evaluate every this many steps. Default: logging_steps."}
+    )
+    save_steps: int = field(default=500, metadata={"help": "Write a checkpoint every this many steps; 0: never."})
+    save_total_limit: int | None = field(default=None, metadata={"help": "Keep only the newest this many checkpoints."})
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "A checkpoint folder to resume from, or true: the newest in output_dir.",
+            "nargs": "?",
+            "const": "true",
+        },
+    )
+    report_to: str = field(
+        default="none", metadata={"help": "Also log to: none or tensorboard.", "choices": ["none", "tensorboard"]}
+    )
+
+    def __post_init__(self):
+        for name in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"--learning_rate must be positive, got {self.learning_rate}.")

@@ -36,6 +36,8 @@ import datasets
 import pyarrow
 import pyarrow.parquet
 
+from .errors import UserError
+
 ROLES = ("system", "user", "assistant", "tool")
 # The seed's `conversation` and ShareGPT's `conversations` name two of the roles differently.
 ROLE_ALIASES = {"human": "user", "gpt": "assistant"}
@@ -52,7 +54,7 @@ SPLIT_KEYWORDS = {  # as the `datasets` library assigns a folder's files to spli
 }
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with the user's data, worded for the user: where it is, and what is wrong."""
 
 
@@ -256,7 +258,8 @@ def read_local(path: Path, train_split: str) -> tuple[dict[str, list], int]:
         files = sorted(
             file
             for file in path.rglob("*")
-            if file.is_file() and file.suffix.lower() in READERS
+            if file.is_file()
+            and file.suffix.lower() in READERS
             and not any(part.startswith(".") for part in file.relative_to(path).parts)
         )
         if not files:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from jinja2 import TemplateError
 
 from .data import dataset_format
+from .errors import UserError
 
 # The layout of SmolLM2, Qwen and many others; used for a tokenizer that has no template.
 CHATML_TEMPLATE = (
@@ -37,7 +38,7 @@ CHATML_TEMPLATE = (
 )
 
 
-class FormattingError(ValueError):
+class FormattingError(UserError, ValueError):
     """An example cannot be rendered or tokenized; the message names the example."""
 
 
@@ -78,7 +79,9 @@ def setup_chat_template(tokenizer, chat_template_path: str | None = None, trust_
                     f"tokenizer: {error}"
                 ) from error
             if not donor.chat_template:
-                raise FormattingError(f"The tokenizer at --chat_template_path {chat_template_path!r} has no chat template.")
+                raise FormattingError(
+                    f"The tokenizer at --chat_template_path {chat_template_path!r} has no chat template."
+                )
             tokenizer.chat_template = donor.chat_template
         return []
     if tokenizer.chat_template:

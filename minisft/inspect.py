@@ -37,12 +37,17 @@ class InspectConfig:
         default=None, metadata={"help": "How many examples to show. Default: 3, or all of them with --json."}
     )
     json: bool = field(default=False, metadata={"help": "Print one JSON object per example: input_ids and labels."})
-    split: str = field(default="train", metadata={"help": "Which split to inspect: train or eval.", "choices": ["train", "eval"]})
+    split: str = field(
+        default="train", metadata={"help": "Which split to inspect: train or eval.", "choices": ["train", "eval"]}
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     model_config, data_config, packing_config, inspect_config = parse_flags(
-        (ModelConfig, DataConfig, PackingConfig, InspectConfig), argv, "minisft.inspect", description=__doc__.splitlines()[0]
+        (ModelConfig, DataConfig, PackingConfig, InspectConfig),
+        argv,
+        "minisft.inspect",
+        description=__doc__.splitlines()[0],
     )
     tokenizer = load_tokenizer(model_config.model_name_or_path, trust_remote_code=model_config.trust_remote_code)
     source = data_config.dataset_name or demo_dataset_path()
@@ -52,7 +57,9 @@ def main(argv: list[str] | None = None) -> None:
         stderr_console.print("This dataset has no eval split; ask for one with --eval_split_size 0.1.")
         return
     if packing_config.packs(inspect_config.split):
-        show_packed_rows(pack(prepared.examples, data_config.max_length, packing_config.packing_strategy), inspect_config)
+        show_packed_rows(
+            pack(prepared.examples, data_config.max_length, packing_config.packing_strategy), inspect_config
+        )
         return
     if inspect_config.json:
         limit = inspect_config.num_examples
@@ -62,7 +69,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     console = Console()
     if splits.added_tokens:
-        console.print(f"The tokenizer had no chat template: using ChatML, with new special tokens {splits.added_tokens}.")
+        console.print(
+            f"The tokenizer had no chat template: using ChatML, with new special tokens {splits.added_tokens}."
+        )
     shown = 3 if inspect_config.num_examples is None else inspect_config.num_examples
     for input_ids, labels, origin in zip(
         (example["input_ids"] for example in prepared.examples[:shown]),
@@ -73,7 +82,13 @@ def main(argv: list[str] | None = None) -> None:
         console.print(Text(f"── {origin}: {len(input_ids)} tokens, {trained} trained", style="bold"), soft_wrap=True)
         console.print(render_tokens(tokenizer, input_ids, labels))
     console.print(
-        Text.assemble("legend: ", ("trained", "bold green"), " / ", ("masked (-100)", "grey50"), " — shading changes at each token boundary")
+        Text.assemble(
+            "legend: ",
+            ("trained", "bold green"),
+            " / ",
+            ("masked (-100)", "grey50"),
+            " — shading changes at each token boundary",
+        )
     )
     console.print(figures_table(prepared, splits, str(source), inspect_config.split))
 
@@ -89,7 +104,13 @@ def show_packed_rows(packed: PackedDataset, inspect_config: InspectConfig) -> No
     capacity = packed.stats.slots // max(packed.stats.rows, 1)
     for number, row in enumerate(packed.rows[:shown]):
         console.print(Text.assemble((f"row {number:>4} ", "bold"), row_bar(row["seq_lengths"], capacity)))
-    console.print(Text.assemble("legend: each example a run of █ or ▒, ", ("·", "grey50"), f" an empty slot; each cell ≈ {_cell_tokens(capacity)} tokens"))
+    console.print(
+        Text.assemble(
+            "legend: each example a run of █ or ▒, ",
+            ("·", "grey50"),
+            f" an empty slot; each cell ≈ {_cell_tokens(capacity)} tokens",
+        )
+    )
     console.print(packing_table(packed))
 
 
@@ -123,7 +144,9 @@ def packing_table(packed: PackedDataset) -> Table:
     table.add_row("tokens / row slots", f"{stats.tokens:,} / {stats.slots:,}")
     table.add_row("packing efficiency", f"{stats.efficiency:.1%}")
     if stats.truncated_examples:
-        table.add_row("truncated (bfd)", f"{stats.truncated_examples:,} examples, {stats.truncated_tokens:,} tokens cut")
+        table.add_row(
+            "truncated (bfd)", f"{stats.truncated_examples:,} examples, {stats.truncated_tokens:,} tokens cut"
+        )
     if stats.split_examples:
         table.add_row("split across sequences", f"{stats.split_examples:,} examples")
     return table

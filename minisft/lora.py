@@ -31,6 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .errors import UserError
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -38,7 +40,7 @@ PEFT_PREFIX = "base_model.model."
 DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"]}
 
 
-class LoraError(ValueError):
+class LoraError(UserError, ValueError):
     """A LoRA setting or adapter file that cannot work with this model; the message says which and why."""
 
 
@@ -222,7 +224,9 @@ def adapter_state_dict(model: nn.Module, settings: LoraSettings) -> dict[str, to
     return {key: tensor.detach().contiguous().cpu() for key, tensor in state.items()}
 
 
-def save_adapter(model: nn.Module, directory: str | Path, settings: LoraSettings, base_model_name_or_path: str | None) -> None:
+def save_adapter(
+    model: nn.Module, directory: str | Path, settings: LoraSettings, base_model_name_or_path: str | None
+) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(adapter_state_dict(model, settings), directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
@@ -233,9 +237,9 @@ def save_adapter(model: nn.Module, directory: str | Path, settings: LoraSettings
         "r": settings.r,
         "lora_alpha": settings.alpha,
         "lora_dropout": settings.dropout,
-        "target_modules": settings.target_modules if isinstance(settings.target_modules, str) else sorted(
-            {name.rsplit(".", 1)[-1] for name in lora_layers(model)}
-        ),
+        "target_modules": settings.target_modules
+        if isinstance(settings.target_modules, str)
+        else sorted({name.rsplit(".", 1)[-1] for name in lora_layers(model)}),
         "modules_to_save": settings.modules_to_save or None,
         "use_rslora": settings.use_rslora,
         "bias": "none",
@@ -361,9 +365,9 @@ def quantize_base_4bit(model: nn.Module) -> int:
             device="meta",
         )
         try:
-            quantized.weight = bitsandbytes.nn.Params4bit(
-                linear.weight.data, requires_grad=False, quant_type="nf4"
-            ).to(linear.weight.device)
+            quantized.weight = bitsandbytes.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4").to(
+                linear.weight.device
+            )
         except (RuntimeError, NotImplementedError) as error:
             raise LoraError(
                 f"bitsandbytes cannot quantize to 4 bits on {linear.weight.device}: {error}. "

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import json
 
+from .errors import UserError
+
 IGNORE_INDEX = -100
 
 # Text a template commonly stands between; encoding it there finds in-context tokenizations.
@@ -45,7 +47,7 @@ TEMPLATE_FAMILIES = {
 }
 
 
-class MaskingError(ValueError):
+class MaskingError(UserError, ValueError):
     """A masking option cannot be applied; the message says why and what to do."""
 
 
@@ -135,4 +137,6 @@ def family_templates(chat_template: str | None) -> tuple[str, str] | None:
 
 def labels_from_masks(input_ids: list[int], masks: list[list[bool]]) -> list[int]:
     """The token id where every mask trains it, -100 elsewhere. No mask: train everything."""
-    return [token if all(mask[position] for mask in masks) else IGNORE_INDEX for position, token in enumerate(input_ids)]
+    return [
+        token if all(mask[position] for mask in masks) else IGNORE_INDEX for position, token in enumerate(input_ids)
+    ]

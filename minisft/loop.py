@@ -1,0 +1,459 @@
+"""The training loop, top to bottom: data → model → optimizer → steps → outputs.
+
+One optimizer step:
+
+    for each micro-batch of the step:                 (gradient_accumulation_steps of them)
+        hidden = backbone(batch)                      forward, boundaries kept for packed rows
+        loss   = Σ token losses / trained tokens of the whole step        (minisft/loss.py)
+        loss.backward()                               gradients add up across micro-batches
+    clip the gradient's total norm to max_grad_norm
+    optimizer.step(); schedule.step(); zero the gradients
+    every logging_steps: log · every eval_steps: evaluate · every save_steps: checkpoint
+
+Which examples a step sees is a pure function of (seed, step): each epoch is a seeded
+permutation of the training rows. That is what makes resuming exact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .attention import FLASH_IMPLEMENTATIONS, flatten_rows, packed_model_inputs
+from .checkpoint import load_checkpoint, prune, resolve_resume, save_checkpoint
+from .cli import demo_dataset_path
+from .config import ConfigError, DataConfig, LoraConfig, ModelConfig, PackingConfig, TrainingConfig
+from .errors import UserError
+from .lora import (
+    inject_lora,
+    load_adapter,
+    merged_model,
+    quantize_base_4bit,
+    read_adapter_settings,
+    save_adapter,
+)
+from .loss import causal_lm_losses, count_trained_tokens
+from .models import fit_embeddings_to_tokenizer, load_model, load_tokenizer
+from .optim import build_optimizer, build_schedule, warmup_steps
+from .packing import collate_padded, collate_rows, pack, padding_free_row
+from .prepare import load_and_prepare
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TrainingError(UserError, RuntimeError):
+    """Training cannot go on (a non-finite loss, say); the message names the step and what was kept."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    packing: PackingConfig = field(default_factory=PackingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    metrics: dict  # the last logged figures, and the last eval_loss
+    merged_dir: Path | None = None
+    interrupted: bool = False
+
+
+def train(config: RunConfig, console: Console | None = None) -> TrainResult:
+    console = console or Console(stderr=True)
+    args = config.training
+    output_dir = Path(args.output_dir)
+    resume_from = resolve_resume(output_dir, args.resume_from_checkpoint)
+    check_output_dir(output_dir, args.overwrite_output_dir, resuming=resume_from is not None)
+    seed = config.data.seed
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+    # 1. Data: raw rows → canonical examples → input_ids and labels → packed rows or examples.
+    tokenizer = load_tokenizer(config.model.model_name_or_path, trust_remote_code=config.model.trust_remote_code)
+    splits = load_and_prepare(config.data.dataset_name or demo_dataset_path(), tokenizer, config.data)
+    train_units = units_for(splits.train.examples, config, "train", console)
+    eval_units = units_for(splits.eval.examples, config, "eval", console) if splits.eval else None
+    stats = splits.train.stats
+    console.print(
+        f"data: {stats.examples:,} train examples, {stats.trained_tokens:,} trained tokens "
+        f"({stats.truncated} truncated, {stats.dropped} dropped)"
+        + (f"; {splits.eval.stats.examples:,} eval examples" if splits.eval else "")
+    )
+
+    # 2. Model: load, grow the embeddings if the tokenizer grew, LoRA, memory savers.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(
+        config.model.model_name_or_path,
+        dtype=DTYPES[config.model.torch_dtype],
+        attn_implementation=config.model.attn_implementation,
+        trust_remote_code=config.model.trust_remote_code,
+    )
+    fit_embeddings_to_tokenizer(model, tokenizer)
+    model.to(device)
+    lora_settings = attach_lora(model, config.lora, console)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    autocast = bf16_autocast(args.bf16, device, config.model.torch_dtype)
+
+    # 3. How the run is cut into steps.
+    micro_batches_per_epoch = math.ceil(len(train_units) / args.per_device_train_batch_size)
+    steps_per_epoch = math.ceil(micro_batches_per_epoch / args.gradient_accumulation_steps)
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+
+    # 4. Optimizer and schedule.
+    optimizer = build_optimizer(
+        model, args.optim, args.learning_rate, args.weight_decay, (args.adam_beta1, args.adam_beta2), args.adam_epsilon
+    )
+    warmup = warmup_steps(total_steps, args.warmup_steps, args.warmup_ratio)
+    schedule = build_schedule(optimizer, args.lr_scheduler_type, warmup, total_steps)
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    console.print(
+        f"run: {total_steps} steps of {args.gradient_accumulation_steps} × {args.per_device_train_batch_size} "
+        f"{'rows' if config.packing.packs('train') else 'examples'}, {warmup} warmup, {args.lr_scheduler_type} "
+        f"schedule, {args.optim}, {sum(parameter.numel() for parameter in trainable):,} trainable parameters, "
+        f"{device}{', bf16 autocast' if autocast is not nullcontext else ''}"
+    )
+
+    start_step = 0
+    if resume_from is not None:
+        start_step = load_checkpoint(resume_from, model, optimizer, schedule, lora_settings)["step"]
+        console.print(f"resumed from {resume_from} at step {start_step}")
+    metrics_log = MetricsLog(output_dir, start_step, args.report_to)
+
+    # 5. The steps.
+    def batch_for(units: list) -> dict:
+        return collate(units, config, tokenizer.pad_token_id, device)
+
+    interval = Interval()
+    completed = start_step
+    last_metrics: dict = {}
+    progress = progress_bar(console)
+    try:
+        with progress:
+            task = progress.add_task("training", total=total_steps, completed=start_step, figures="")
+            for step in range(start_step, total_steps):
+                batches = [
+                    batch_for([train_units[index] for index in indices])
+                    for indices in micro_batches_of_step(step, len(train_units), config, steps_per_epoch, seed)
+                ]
+                step_tokens = sum(count_trained_tokens(batch["labels"]) for batch in batches)
+                learning_rate = optimizer.param_groups[0]["lr"]
+                model.train()
+                step_loss = 0.0
+                for batch in batches:
+                    with autocast():
+                        losses = causal_lm_losses(model, batch["inputs"], batch["labels"])
+                    loss = losses.loss_sum / max(step_tokens, 1)
+                    loss.backward()
+                    step_loss += loss.item()
+                    interval.add(losses)
+                max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+                if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                    raise TrainingError(
+                        f"The loss (or the gradient norm) is not finite at step {step + 1}: loss {step_loss}, "
+                        f"gradient norm {grad_norm}. Nothing from this step was applied; the last good checkpoint "
+                        f"stays in {output_dir}. Try a lower --learning_rate, or --bf16 false."
+                    )
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                completed = step + 1
+                interval.end_step(step_loss, grad_norm, learning_rate)
+                epoch = completed / steps_per_epoch
+
+                record = {}
+                if completed % args.logging_steps == 0 or completed == total_steps:
+                    record = interval.figures(completed, epoch, device)
+                if evaluation_due(args, completed, steps_per_epoch, total_steps) and eval_units:
+                    record.update({"step": completed, "epoch": round(epoch, 4)})
+                    record["eval_loss"] = evaluate(model, eval_units, config, batch_for, autocast)
+                if record:
+                    metrics_log.write(record)
+                    last_metrics.update(record)
+                    progress.update(task, figures=progress_figures(last_metrics))
+                if args.save_steps > 0 and completed % args.save_steps == 0 and completed < total_steps:
+                    save(output_dir, completed, model, optimizer, schedule, epoch, lora_settings, config)
+                progress.update(task, completed=completed)
+    except KeyboardInterrupt:
+        path = save(
+            output_dir, completed, model, optimizer, schedule, completed / steps_per_epoch, lora_settings, config
+        )
+        console.print(f"Interrupted after step {completed}: saved {path}. Continue with --resume_from_checkpoint true.")
+        metrics_log.close()
+        return TrainResult(output_dir, completed, last_metrics, interrupted=True)
+    metrics_log.close()
+
+    # 6. Outputs: an HF-format model (or a peft adapter), the tokenizer with its chat template.
+    merged_dir = write_outputs(model, tokenizer, output_dir, lora_settings, config, console)
+    return TrainResult(output_dir, completed, last_metrics, merged_dir)
+
+
+# ----------------------------------------------------------------------------- the pieces
+
+
+def check_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> None:
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not (overwrite or resuming):
+        raise ConfigError(
+            f"--output_dir {output_dir} is not empty. Pass --overwrite_output_dir to train into it anyway, "
+            "or --resume_from_checkpoint true to continue the run in it."
+        )
+    if overwrite and not resuming and output_dir.is_dir():
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def units_for(examples: list[dict], config: RunConfig, split: str, console: Console) -> list[dict]:
+    """What a batch is made of: packed rows, or the examples themselves."""
+    if not config.packing.packs(split):
+        return examples
+    packed = pack(examples, config.data.max_length, config.packing.packing_strategy)
+    console.print(
+        f"packing ({split}): {packed.stats.rows:,} rows of {config.data.max_length}, "
+        f"efficiency {packed.stats.efficiency:.1%}"
+    )
+    return packed.rows
+
+
+def attach_lora(model, lora: LoraConfig, console: Console):
+    """Inject LoRA (on a 4-bit base for QLoRA), or start from an existing adapter. None: full fine-tuning."""
+    if not lora.use_peft:
+        if lora.load_in_4bit or lora.lora_adapter or lora.merge_lora:
+            raise ConfigError("--load_in_4bit, --lora_adapter and --merge_lora need --use_peft.")
+        return None
+    if lora.load_in_4bit:
+        console.print(f"QLoRA: {quantize_base_4bit(model)} Linear layers quantized to 4-bit nf4")
+    if lora.lora_adapter:
+        settings = read_adapter_settings(lora.lora_adapter)
+        load_adapter(model, lora.lora_adapter)
+        console.print(f"continuing the adapter {lora.lora_adapter}")
+    else:
+        settings = lora.settings()
+        console.print(str(inject_lora(model, settings)))
+    return settings
+
+
+def bf16_autocast(bf16: bool | None, device: torch.device, torch_dtype: str):
+    """A context manager for the forward pass: bf16 autocast, or nothing.
+
+    By default it is on only on a GPU that supports bf16: a CPU without bf16 instructions runs
+    bf16 matmuls far slower than fp32 (measured: a whole step 4× slower on an AVX2 CPU).
+    """
+    if bf16 is None:
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported() and torch_dtype == "float32"
+    if not bf16:
+        return nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def micro_batches_of_step(step: int, unit_count: int, config: RunConfig, steps_per_epoch: int, seed: int):
+    """The unit indices of each micro-batch of `step`: a pure function of (seed, step)."""
+    args = config.training
+    epoch, step_in_epoch = divmod(step, steps_per_epoch)
+    order = torch.randperm(unit_count, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    size = args.per_device_train_batch_size
+    first = step_in_epoch * args.gradient_accumulation_steps
+    starts = range(first * size, min((first + args.gradient_accumulation_steps) * size, unit_count), size)
+    return [order[start : start + size] for start in starts]
+
+
+def collate(units: list[dict], config: RunConfig, pad_token_id: int, device: torch.device) -> dict:
+    """A micro-batch as model inputs and labels, boundaries included for packed or padding-free rows."""
+    args = config.training
+    implementation = config.model.attn_implementation
+    if "seq_lengths" in units[0] or args.padding_free:
+        rows = units if "seq_lengths" in units[0] else [padding_free_row(units)]
+        batch = on_device(collate_rows(rows, pad_token_id, args.pad_to_multiple_of), device)
+        inputs = packed_model_inputs(batch, implementation, DTYPES[config.model.torch_dtype])
+        labels = flatten_rows(batch)["labels"] if implementation in FLASH_IMPLEMENTATIONS else batch["labels"]
+    else:
+        batch = on_device(collate_padded(units, pad_token_id, args.pad_to_multiple_of), device)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        labels = batch["labels"]
+    return {"inputs": inputs, "labels": labels}
+
+
+def on_device(batch: dict, device: torch.device) -> dict:
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
+def evaluation_due(args: TrainingConfig, completed: int, steps_per_epoch: int, total_steps: int) -> bool:
+    if args.eval_strategy == "steps":
+        return completed % (args.eval_steps or args.logging_steps) == 0
+    if args.eval_strategy == "epoch":
+        return completed % steps_per_epoch == 0 or completed == total_steps
+    return False
+
+
+@torch.no_grad()
+def evaluate(model, eval_units: list[dict], config: RunConfig, batch_for, autocast) -> float:
+    """Σ token losses / trained tokens over the whole eval split."""
+    model.eval()
+    size = config.training.per_device_eval_batch_size
+    loss_sum, tokens = 0.0, 0
+    for start in range(0, len(eval_units), size):
+        batch = batch_for(eval_units[start : start + size])
+        with autocast():
+            losses = causal_lm_losses(model, batch["inputs"], batch["labels"])
+        loss_sum += float(losses.loss_sum)
+        tokens += losses.tokens
+    return loss_sum / max(tokens, 1)
+
+
+def save(output_dir, step, model, optimizer, schedule, epoch, lora_settings, config: RunConfig) -> Path:
+    state = {"step": step, "epoch": epoch, "seed": config.data.seed}
+    path = save_checkpoint(
+        output_dir, step, model, optimizer, schedule, state, lora_settings, config.model.model_name_or_path
+    )
+    prune(output_dir, config.training.save_total_limit)
+    return path
+
+
+def write_outputs(
+    model, tokenizer, output_dir: Path, lora_settings, config: RunConfig, console: Console
+) -> Path | None:
+    base_name = config.model.model_name_or_path
+    if lora_settings is None:
+        model.save_pretrained(output_dir)
+    else:
+        save_adapter(model, output_dir, lora_settings, base_name)
+    tokenizer.save_pretrained(output_dir)
+    console.print(f"saved the {'adapter' if lora_settings else 'model'} and tokenizer to {output_dir}")
+    if not config.lora.merge_lora:
+        return None
+    if config.lora.load_in_4bit:
+        # A 4-bit base cannot take the update exactly: merge into the full-precision base instead.
+        model = load_model(
+            base_name, dtype=DTYPES[config.model.torch_dtype], trust_remote_code=config.model.trust_remote_code
+        )
+        fit_embeddings_to_tokenizer(model, tokenizer)
+        load_adapter(model, output_dir)
+    merged_dir = output_dir / "merged"
+    merged_model(model).save_pretrained(merged_dir)
+    tokenizer.save_pretrained(merged_dir)
+    console.print(f"saved the merged model to {merged_dir}")
+    return merged_dir
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class Interval:
+    """Figures summed between two log lines."""
+
+    def __init__(self):
+        self.total_tokens = 0
+        self.reset()
+
+    def reset(self):
+        self.steps, self.loss, self.tokens, self.correct, self.entropy = 0, 0.0, 0, 0, 0.0
+        self.started = time.perf_counter()
+
+    def add(self, losses) -> None:
+        self.tokens += losses.tokens
+        self.correct += losses.correct
+        self.entropy += losses.entropy_sum
+
+    def end_step(self, step_loss: float, grad_norm: float, learning_rate: float) -> None:
+        self.steps += 1
+        self.loss += step_loss
+        self.grad_norm, self.learning_rate = grad_norm, learning_rate
+
+    def figures(self, step: int, epoch: float, device: torch.device) -> dict:
+        seconds = time.perf_counter() - self.started
+        self.total_tokens += self.tokens
+        record = {
+            "step": step,
+            "epoch": round(epoch, 4),
+            "loss": self.loss / max(self.steps, 1),
+            "learning_rate": self.learning_rate,
+            "grad_norm": self.grad_norm,
+            "num_tokens": self.total_tokens,
+            "tokens_per_second": self.tokens / seconds if seconds > 0 else 0.0,
+            "mean_token_accuracy": self.correct / max(self.tokens, 1),
+            "entropy": self.entropy / max(self.tokens, 1),
+            "peak_memory_mb": peak_memory_mb(device),
+        }
+        self.reset()
+        return record
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class MetricsLog:
+    """metrics.jsonl (one object per log line) and, optionally, TensorBoard."""
+
+    def __init__(self, output_dir: Path, resumed_at: int, report_to: str):
+        self.path = output_dir / "metrics.jsonl"
+        kept = []
+        if resumed_at and self.path.is_file():
+            # Lines past the checkpoint belong to steps that will now be run again.
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resumed_at]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self.writer = None
+        if report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as error:
+                raise ConfigError(
+                    "--report_to tensorboard needs the tensorboard package: pip install tensorboard"
+                ) from error
+            self.writer = SummaryWriter(str(output_dir / "runs"))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as file:
+            file.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for name, value in record.items():
+                if name not in ("step", "epoch"):
+                    self.writer.add_scalar(
+                        f"train/{name}" if not name.startswith("eval") else f"eval/{name}", value, record["step"]
+                    )
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def progress_bar(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]step"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("{task.fields[figures]}"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def progress_figures(metrics: dict) -> str:
+    parts = []
+    if "loss" in metrics:
+        parts.append(f"loss {metrics['loss']:.4f}")
+    if "eval_loss" in metrics:
+        parts.append(f"eval {metrics['eval_loss']:.4f}")
+    if "learning_rate" in metrics:
+        parts.append(f"lr {metrics['learning_rate']:.2e}")
+    if "tokens_per_second" in metrics:
+        parts.append(f"{metrics['tokens_per_second']:,.0f} tok/s")
+    return " · ".join(parts)
