@@ -25,8 +25,35 @@ def demo_dataset_path() -> Path:
 
 
 def parse_flags(config_types: tuple, argv: list[str] | None, program: str, description: str):
+    """The flags as dataclasses. `--config FILE` (JSON or YAML) sets defaults; flags given beside it win."""
     parser = HfArgumentParser(config_types, prog=f"python -m {program}", description=description)
-    return parser.parse_args_into_dataclasses(args=argv)
+    parser.add_argument("--config", help="A JSON or YAML file of flag values; flags on the command line override it.")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv:
+        position = argv.index("--config")
+        if position + 1 >= len(argv):
+            raise UserError("--config needs a file: --config run.yaml")
+        parser.set_defaults(**read_config_file(Path(argv[position + 1]), parser))
+    *configs, _ = parser.parse_args_into_dataclasses(args=argv)  # the last one holds --config itself
+    return tuple(configs)
+
+
+def read_config_file(path: Path, parser) -> dict:
+    if not path.is_file():
+        raise UserError(f"--config {path}: no such file.")
+    import yaml  # transformers depends on PyYAML; YAML is a superset of JSON, so one reader serves both
+
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"--config {path}: not valid JSON or YAML ({error}).") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path}: expected a mapping of flag names to values, got {type(values).__name__}.")
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"--config {path}: unknown flags {unknown}. See --help for the flags.")
+    return values
 
 
 def run(main, argv: list[str] | None = None) -> None:

@@ -39,11 +39,13 @@ class OptimizerError(UserError, ValueError):
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Trainable parameters in two groups: decayed matrices, and biases and norm weights left alone."""
-    decayed, not_decayed = [], []
+    decayed, not_decayed, seen = [], [], set()
     for module_name, module in model.named_modules():
         for name, parameter in module.named_parameters(recurse=False):
-            if not parameter.requires_grad:
+            # A tied weight (embeddings shared with the head) appears under two modules: count it once.
+            if not parameter.requires_grad or id(parameter) in seen:
                 continue
+            seen.add(id(parameter))
             full_name = f"{module_name}.{name}" if module_name else name
             if isinstance(module, nn.LayerNorm) or _NO_DECAY.search(full_name.lower()):
                 not_decayed.append(parameter)
