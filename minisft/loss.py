@@ -114,4 +114,5 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
-        return (grad_hidden * grad_output).to(hidden_dtype), (grad_weight * grad_output).to(weight_dtype), None, None, None, None
+        grads = (grad_hidden * grad_output).to(hidden_dtype), (grad_weight * grad_output).to(weight_dtype)
+        return *grads, None, None, None, None

@@ -25,8 +25,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     result = train(RunConfig(model=model, data=data, packing=packing, lora=lora, training=training))
     console = Console(stderr=True)
-    figures = ", ".join(f"{name} {value:.4g}" for name, value in result.metrics.items() if name in ("loss", "eval_loss"))
-    console.print(f"{'stopped' if result.interrupted else 'done'}: {result.steps} steps; {figures}; outputs in {result.output_dir}")
+    shown = [name for name in ("loss", "eval_loss") if name in result.metrics]
+    figures = "".join(f"; {name} {result.metrics[name]:.4g}" for name in shown)
+    state = "stopped" if result.interrupted else "done"
+    console.print(f"{state}: {result.steps} steps{figures}; outputs in {result.output_dir}")
 
 
 if __name__ == "__main__":
