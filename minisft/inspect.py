@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     tokenizer = load_tokenizer(model_config.model_name_or_path, trust_remote_code=model_config.trust_remote_code)
     source = data_config.dataset_name or demo_dataset_path()
-    splits = load_and_prepare(source, tokenizer, data_config)
+    splits = load_and_prepare(source, tokenizer, data_config, packing_config)
     prepared = splits.train if inspect_config.split == "train" else splits.eval
     if prepared is None:
         stderr_console.print("This dataset has no eval split; ask for one with --eval_split_size 0.1.")

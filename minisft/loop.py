@@ -86,7 +86,7 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
 
     # 1. Data: raw rows → canonical examples → input_ids and labels → packed rows or examples.
     tokenizer = load_tokenizer(config.model.model_name_or_path, trust_remote_code=config.model.trust_remote_code)
-    splits = load_and_prepare(config.data.dataset_name or demo_dataset_path(), tokenizer, config.data)
+    splits = load_and_prepare(config.data.dataset_name or demo_dataset_path(), tokenizer, config.data, config.packing)
     train_units = units_for(splits.train.examples, config, "train", console)
     eval_units = units_for(splits.eval.examples, config, "eval", console) if splits.eval else None
     stats = splits.train.stats

@@ -108,6 +108,9 @@ def pack(examples: list[dict], max_length: int | None, strategy: str = "bfd") ->
     max_length = check_max_length(max_length)
     if strategy not in STRATEGIES:
         raise PackingError(f"Unknown --packing_strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
+    empty = next((index for index, example in enumerate(examples) if not example["input_ids"]), None)
+    if empty is not None:
+        raise PackingError(f"Example {empty} has no tokens; there is nothing to pack.")
     stats = PackStats()
     if strategy == "wrapped":
         rows = _wrap(examples, max_length, stats)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .config import DataConfig
+from .config import DataConfig, PackingConfig
 from .data import dataset_format, load_splits
 from .formatting import format_example, has_generation_tags, resolve_eos_token, setup_chat_template
 from .masking import (
@@ -57,7 +57,10 @@ class _MaskPlan:
     response_template: str | list[int] | None
 
 
-def prepare_dataset(examples: list[dict], tokenizer, config: DataConfig | None = None) -> PreparedDataset:
+def prepare_dataset(
+    examples: list[dict], tokenizer, config: DataConfig | None = None, truncate: bool = True
+) -> PreparedDataset:
+    """Format, mask, truncate to max_length (unless packing will cut instead: truncate=False), drop, count."""
     config = config or DataConfig()
     if not examples:
         return PreparedDataset([], PrepareStats())
@@ -81,7 +84,7 @@ def prepare_dataset(examples: list[dict], tokenizer, config: DataConfig | None =
             masks.append(mask)
         labels = labels_from_masks(input_ids, masks)
         trained_before_truncation = any(label != -100 for label in labels)
-        if config.max_length is not None and len(input_ids) > config.max_length:
+        if truncate and config.max_length is not None and len(input_ids) > config.max_length:
             stats.truncated += 1
             stats.truncated_tokens += len(input_ids) - config.max_length
             input_ids, labels = input_ids[: config.max_length], labels[: config.max_length]
@@ -165,8 +168,13 @@ class PreparedSplits:
     skipped_blank_lines: int
 
 
-def load_and_prepare(source, tokenizer, config: DataConfig) -> PreparedSplits:
-    """From a dataset source to prepared train and eval splits: the whole data side of a run."""
+def load_and_prepare(source, tokenizer, config: DataConfig, packing: PackingConfig | None = None) -> PreparedSplits:
+    """From a dataset source to prepared train and eval splits: the whole data side of a run.
+
+    A split that will be packed is not truncated here: the packer truncates (bfd) or splits
+    (bfd_split, wrapped) what is longer than max_length, as TRL does.
+    """
+    packing = packing or PackingConfig()
     splits = load_splits(
         source,
         dataset_config=config.dataset_config,
@@ -178,6 +186,8 @@ def load_and_prepare(source, tokenizer, config: DataConfig) -> PreparedSplits:
     )
     needs_template = config.chat_template_path is not None or "conversational" in splits.format
     added_tokens = setup_chat_template(tokenizer, config.chat_template_path) if needs_template else []
-    train = prepare_dataset(splits.train, tokenizer, config)
-    evaluation = prepare_dataset(splits.eval, tokenizer, config) if splits.eval else None
+    train = prepare_dataset(splits.train, tokenizer, config, truncate=not packing.packs("train"))
+    evaluation = (
+        prepare_dataset(splits.eval, tokenizer, config, truncate=not packing.packs("eval")) if splits.eval else None
+    )
     return PreparedSplits(train, evaluation, added_tokens, splits.skipped_blank_lines)

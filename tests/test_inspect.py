@@ -116,3 +116,17 @@ def test_max_length_must_be_positive(capsys, flags):
     with pytest.raises(SystemExit):
         run(main, flags)
     assert "--max_length must be a positive number of tokens" in capsys.readouterr().err
+
+
+def test_packed_split_is_not_truncated_before_packing(capsys, tokenizer):
+    """As in TRL, a packed split is cut by the packer: bfd_split keeps every token, bfd truncates."""
+    untruncated = prepare_dataset(load_splits(demo_dataset_path()).train, tokenizer, DataConfig(), truncate=False)
+    total = sum(len(example["input_ids"]) for example in untruncated.examples)
+    longer = [len(example["input_ids"]) for example in untruncated.examples if len(example["input_ids"]) > 32]
+    assert longer  # the premise: some demo examples are longer than the rows
+    main(["--json", "--packing", "--packing_strategy", "bfd_split", "--max_length", "32"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sum(len(row["input_ids"]) for row in rows) == total
+    main(["--json", "--packing", "--packing_strategy", "bfd", "--max_length", "32"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sum(len(row["input_ids"]) for row in rows) == total - sum(length - 32 for length in longer)
