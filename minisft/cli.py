@@ -34,8 +34,10 @@ def parse_flags(config_types: tuple, argv: list[str] | None, program: str, descr
         if position + 1 >= len(argv):
             raise UserError("--config needs a file: --config run.yaml")
         parser.set_defaults(**read_config_file(Path(argv[position + 1]), parser))
-    *configs, _ = parser.parse_args_into_dataclasses(args=argv)  # the last one holds --config itself
-    return tuple(configs)
+    *configs, _, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (see --help)")  # usage and exit status 2
+    return tuple(configs)  # the namespace left out holds --config itself
 
 
 def read_config_file(path: Path, parser) -> dict:

@@ -1,0 +1,53 @@
+"""`python -m minisft.train`: flags, config files, TensorBoard, and clear errors."""
+
+import json
+
+import pytest
+
+from minisft.cli import run
+from minisft.train import main
+
+from .test_loop import tiny_dir  # noqa: F401  (the fixture)
+
+
+def test_flags_and_a_yaml_config_file(tiny_dir, tmp_path, capsys):  # noqa: F811
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model_name_or_path: {tiny_dir}\nmax_steps: 5\nlogging_steps: 1\nlearning_rate: 0.001\n")
+    output_dir = tmp_path / "out"
+    # The command line overrides the file: 2 steps, not 5.
+    main(["--config", str(config), "--max_steps", "2", "--output_dir", str(output_dir), "--report_to", "tensorboard"])
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records] == [1, 2]
+    assert records[0]["learning_rate"] == 0.001
+    assert list((output_dir / "runs").glob("events.out.tfevents.*"))
+    assert "done: 2 steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--optim", "sgd"], "invalid choice: 'sgd' (choose from 'adamw_torch', 'adamw_8bit', 'paged_adamw_8bit')"),
+        (["--lr_scheduler_type", "step"], "choose from 'linear', 'cosine', 'constant', 'constant_with_warmup'"),
+        (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag"),
+    ],
+)
+def test_unknown_flag_or_value_lists_the_choices(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_config_file_with_an_unknown_key(tmp_path, capsys):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"learning_rate": 1e-4, "lerning_rate": 1e-4}))
+    with pytest.raises(SystemExit):
+        run(main, ["--config", str(config)])
+    err = capsys.readouterr().err
+    assert "unknown flags ['lerning_rate']" in err and "Traceback" not in err
+
+
+def test_bad_values_are_one_line(capsys):
+    with pytest.raises(SystemExit):
+        run(main, ["--per_device_train_batch_size", "0"])
+    assert "--per_device_train_batch_size must be at least 1" in capsys.readouterr().err
