@@ -183,8 +183,9 @@ class LoraConfig:
 
 @dataclass
 class TrainingConfig:
-    output_dir: str = field(
-        default="outputs/minisft", metadata={"help": "Where the model, checkpoints and metrics go."}
+    output_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where the model, checkpoints and metrics go. Default: outputs/run-DATE-TIME, a new folder."},
     )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Train into a non-empty output_dir anyway."})
     learning_rate: float = field(default=2e-5, metadata={"help": "The peak learning rate."})

@@ -77,7 +77,9 @@ class TrainResult:
 def train(config: RunConfig, console: Console | None = None) -> TrainResult:
     console = console or Console(stderr=True)
     args = config.training
-    output_dir = Path(args.output_dir)
+    if args.output_dir is None and args.resume_from_checkpoint:
+        raise ConfigError("--resume_from_checkpoint needs the --output_dir of the run to continue.")
+    output_dir = Path(args.output_dir or time.strftime("outputs/run-%Y%m%d-%H%M%S"))
     resume_from = resolve_resume(output_dir, args.resume_from_checkpoint)
     check_output_dir(output_dir, args.overwrite_output_dir, resuming=resume_from is not None)
     seed = config.data.seed
