@@ -237,9 +237,7 @@ def save_adapter(
         "r": settings.r,
         "lora_alpha": settings.alpha,
         "lora_dropout": settings.dropout,
-        "target_modules": settings.target_modules
-        if isinstance(settings.target_modules, str)
-        else sorted({name.rsplit(".", 1)[-1] for name in lora_layers(model)}),
+        "target_modules": saved_target_modules(model, settings),
         "modules_to_save": settings.modules_to_save or None,
         "use_rslora": settings.use_rslora,
         "bias": "none",
@@ -249,6 +247,21 @@ def save_adapter(
         "use_dora": False,
     }
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def saved_target_modules(model: nn.Module, settings: LoraSettings) -> list[str] | str:
+    """target_modules as peft writes them: a regex or all-linear as given, names as short as stays exact.
+
+    peft matches a plain name against a module's whole name or its last parts, so the short names
+    (q_proj) are written when they select exactly the adapted layers, and the full names otherwise
+    (model.layers.1.mlp.down_proj must not widen to every down_proj).
+    """
+    if isinstance(settings.target_modules, str):
+        return settings.target_modules
+    adapted = sorted(lora_layers(model))
+    short = sorted({name.rsplit(".", 1)[-1] for name in adapted})
+    candidates = [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, LoraLinear))]
+    return short if sorted(name for name in candidates if matches(name, short)) == adapted else adapted
 
 
 def read_adapter_settings(directory: str | Path) -> LoraSettings:
