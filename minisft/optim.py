@@ -4,7 +4,8 @@ AdamW keeps two running averages per weight, m (the gradient's mean) and v (its 
 moves each weight by lr · m̂ / (√v̂ + ε), then shrinks it by lr · weight_decay. Weight decay pulls
 matrices toward zero; it is not applied to biases and norm weights, whose scale is their job
 (transformers' rule, matched here). `adamw_8bit` (bitsandbytes) stores m and v in 8 bits, block
-by block with one scale per block: a quarter of the memory, nearly the same steps.
+by block with one scale per block: a quarter of the memory, nearly the same steps (embeddings
+keep 32-bit state, as in transformers).
 
 The learning rate rises linearly from 0 during warmup, then follows the schedule to the end:
 
@@ -72,11 +73,29 @@ def build_optimizer(
         import bitsandbytes
 
         optimizer_class = bitsandbytes.optim.AdamW8bit if name == "adamw_8bit" else bitsandbytes.optim.PagedAdamW8bit
+        keep_embedding_state_in_32_bits(model)
         try:
             return optimizer_class(groups, lr=learning_rate, betas=betas, eps=eps)
         except (RuntimeError, NotImplementedError) as error:
             raise OptimizerError(f"--optim {name} is not supported here: {error}. Try --optim adamw_8bit.") from error
     raise OptimizerError(f"Unknown --optim {name!r}; choose one of {', '.join(OPTIMIZERS)}.")
+
+
+def keep_embedding_state_in_32_bits(model: nn.Module) -> None:
+    """Embedding weights keep 32-bit AdamW state under an 8-bit optimizer, as transformers' Trainer does.
+
+    A step touches only the rows of the tokens in the batch, so an embedding's m and v mix rows
+    of very different sizes in each quantization block, and 8 bits round the small ones away.
+    bitsandbytes takes such exceptions through a process-wide manager; it is cleared first, so
+    no override left by an earlier optimizer in this process applies to this one.
+    """
+    import bitsandbytes
+
+    manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
+    manager.initialize()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and module.weight.requires_grad:
+            manager.register_module_override(module, "weight", {"optim_bits": 32})
 
 
 def warmup_steps(total_steps: int, warmup_steps: int, warmup_ratio: float) -> int:

@@ -91,4 +91,38 @@ def trl_prepared(examples: list[dict], tokenizer, **sft_config_kwargs) -> list[d
     """
     trainer = trl_trainer(examples, tokenizer, **sft_config_kwargs)
     dataset = trainer.train_dataset
-    return [{"input_ids": list(ids), "labels": list(labels)} for ids, labels in zip(dataset["input_ids"], dataset["labels"])]
+    return [
+        {"input_ids": list(ids), "labels": list(labels)} for ids, labels in zip(dataset["input_ids"], dataset["labels"])
+    ]
+
+
+def trl_train(model, examples: list[dict], tokenizer, output_dir, **sft_config_kwargs):
+    """Train `model` (a transformers model, or a peft model) with a real `trl.SFTTrainer`, quietly; the trainer.
+
+    For parity runs of the training loop (tests/test_loop_parity_trl.py). Only what keeps the run quiet and on
+    the CPU is fixed here; every setting that changes the numbers (optimizer, schedule, bf16, gradient
+    checkpointing, packing, ...) is the caller's to spell out in `sft_config_kwargs`. The trained weights are
+    `trainer.model`'s; `trainer.state.log_history` holds what was logged; `trainer.train_dataset` the prepared rows.
+    """
+    import datasets
+    import transformers
+    import trl
+
+    rows = [{key: example[key] for key in FORMAT_KEYS if key in example} for example in examples]
+    tokenizer = copy.deepcopy(tokenizer)
+    with _quiet():
+        args = trl.SFTConfig(
+            output_dir=str(output_dir),
+            report_to="none",
+            use_cpu=True,
+            dataset_num_proc=None,
+            disable_tqdm=True,
+            **sft_config_kwargs,
+        )
+        trainer = trl.SFTTrainer(
+            model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer
+        )
+        # With the progress bar off, transformers prints every log line instead.
+        trainer.remove_callback(transformers.PrinterCallback)
+        trainer.train()
+    return trainer
