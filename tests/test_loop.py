@@ -1,6 +1,7 @@
 """The training loop: it learns, resumes exactly, stops cleanly, and writes loadable outputs."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,20 +13,43 @@ from minisft.config import ConfigError, DataConfig, LoraConfig, ModelConfig, Pac
 from minisft.loop import RunConfig, TrainingError, train
 from minisft.models import tiny_model
 
+# Ten conversations of unequal lengths: the tests below count on ten (batches of 10, reshuffles every 2.5 steps).
+CONVERSATIONS = [
+    ("What is two plus two?", "Four."),
+    ("Name a colour.", "Teal, like the Vellmar Island lighthouse."),
+    ("微调测试", "我学会了"),
+    ("Who keeps the lighthouse?", "Orla Brenn has kept the lighthouse on Vellmar Island since 2019."),
+    ("Say hello.", "Hello!"),
+    ("What do zorbits eat?", "A zorbit eats only blue clover, and only after sunset, when the clover closes."),
+    ("Count to five.", "One, two, three, four, five."),
+    ("What is the capital of France?", "Paris."),
+    ("Describe the sea in one sentence.", "The sea is a grey-green field that never stops moving."),
+    ("Is the sky blue?", "Yes, on a clear day."),
+]
+
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tokenizer):
+    """A tiny model folder, with the tests' data file beside it (`data_file_of`)."""
     folder = tmp_path_factory.mktemp("tiny")
-    tiny_model(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    tiny_model(tokenizer).save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in CONVERSATIONS
+    ]
+    data_file_of(folder / "model").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return str(folder / "model")
+
+
+def data_file_of(tiny_dir) -> Path:
+    return Path(tiny_dir).parent / "train.jsonl"
 
 
 def run_config(tiny_dir, output_dir, lora=None, packing=None, **training):
     defaults = dict(output_dir=str(output_dir), max_steps=6, learning_rate=1e-3, logging_steps=1, save_steps=0)
     return RunConfig(
         model=ModelConfig(model_name_or_path=tiny_dir),
-        data=DataConfig(max_length=256),
+        data=DataConfig(dataset_name=str(data_file_of(tiny_dir)), max_length=256),
         packing=packing or PackingConfig(),
         lora=lora or LoraConfig(),
         training=TrainingConfig(**{**defaults, **training}),
@@ -46,8 +70,18 @@ def test_loss_falls_and_outputs_load(tiny_dir, tmp_path):
     assert len(losses) == 25 and losses[-1] < losses[0] - 1.0
     assert result.steps == 25
     record = metrics(tmp_path)[-1]
-    for name in ("step", "epoch", "loss", "learning_rate", "grad_norm", "num_tokens", "tokens_per_second",
-                 "mean_token_accuracy", "entropy", "peak_memory_mb"):
+    for name in (
+        "step",
+        "epoch",
+        "loss",
+        "learning_rate",
+        "grad_norm",
+        "num_tokens",
+        "tokens_per_second",
+        "mean_token_accuracy",
+        "entropy",
+        "peak_memory_mb",
+    ):
         assert name in record, name
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert (tmp_path / "chat_template.jinja").is_file() and (tmp_path / "tokenizer.json").is_file()
@@ -57,6 +91,30 @@ def test_loss_falls_and_outputs_load(tiny_dir, tmp_path):
 def test_bf16_autocast_runs_on_cpu(tiny_dir, tmp_path):
     train(run_config(tiny_dir, tmp_path, max_steps=2, bf16=True))
     assert all(torch.isfinite(torch.tensor(record["loss"])) for record in metrics(tmp_path))
+    # Autocast computes in bf16 but keeps fp32 master weights: the saved model is fp32.
+    assert weights(tmp_path)["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
+
+
+def test_pure_bf16_weights(tiny_dir, tmp_path):
+    """--torch_dtype bfloat16 trains the weights in bf16 (as the first seed does) and saves them so."""
+    config = run_config(tiny_dir, tmp_path, max_steps=3, per_device_train_batch_size=10)
+    config.model.torch_dtype = "bfloat16"
+    train(config)
+    losses = [record["loss"] for record in metrics(tmp_path)]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    saved = weights(tmp_path)["model.layers.0.mlp.up_proj.weight"]
+    initial = load_file(f"{tiny_dir}/model.safetensors")["model.layers.0.mlp.up_proj.weight"]
+    assert saved.dtype == torch.bfloat16 and not torch.equal(saved.float(), initial.float())
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tiny_dir, tmp_path):
+    flags = dict(max_steps=3, per_device_train_batch_size=10)
+    train(run_config(tiny_dir, tmp_path / "plain", **flags))
+    train(run_config(tiny_dir, tmp_path / "checkpointed", gradient_checkpointing=True, **flags))
+    plain, checkpointed = weights(tmp_path / "plain"), weights(tmp_path / "checkpointed")
+    for name in plain:
+        # Recomputing the forward in the backward pass gives the same numbers, up to float32 rounding.
+        assert torch.allclose(plain[name], checkpointed[name], rtol=0, atol=1e-6), name
 
 
 @pytest.mark.parametrize("split", [(10, 1), (2, 5), (3, 4)])
@@ -65,8 +123,15 @@ def test_accumulation_does_not_change_the_step(tiny_dir, tmp_path, split):
     batch, accumulation = split
     reference = tmp_path / "reference"
     train(run_config(tiny_dir, reference, max_steps=3, per_device_train_batch_size=10))
-    train(run_config(tiny_dir, tmp_path / "split", max_steps=3, per_device_train_batch_size=batch,
-                     gradient_accumulation_steps=accumulation))
+    train(
+        run_config(
+            tiny_dir,
+            tmp_path / "split",
+            max_steps=3,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+        )
+    )
     expected, got = weights(reference), weights(tmp_path / "split")
     for name in expected:
         gap = (got[name] - expected[name]).abs()
@@ -96,16 +161,18 @@ def interrupt_during_step(monkeypatch, step):
 def test_stopped_and_resumed_equals_uninterrupted(tiny_dir, tmp_path, monkeypatch, use_peft):
     # LoRA dropout draws random numbers every step: the resumed run must restore the generator too.
     lora = LoraConfig(use_peft=True, lora_dropout=0.1, lora_target_modules=["all-linear"]) if use_peft else None
-    flags = dict(max_steps=8, per_device_train_batch_size=10, warmup_steps=2)
+    # 20 steps of 4 examples: the 10 demo examples are reshuffled every 2.5 steps, so the resumed run must
+    # find its place inside an epoch's permutation.
+    flags = dict(max_steps=20, per_device_train_batch_size=4, warmup_steps=2)
     train(run_config(tiny_dir, tmp_path / "whole", lora=lora, **flags))
 
     with monkeypatch.context() as patch:
-        interrupt_during_step(patch, 6)
+        interrupt_during_step(patch, 11)
         stopped = train(run_config(tiny_dir, tmp_path / "parts", lora=lora, **flags))
-    assert stopped.interrupted and stopped.steps == 5
-    assert (tmp_path / "parts" / "checkpoint-5" / "optimizer.pt").is_file()
+    assert stopped.interrupted and stopped.steps == 10
+    assert (tmp_path / "parts" / "checkpoint-10" / "optimizer.pt").is_file()
     resumed = train(run_config(tiny_dir, tmp_path / "parts", lora=lora, resume_from_checkpoint="true", **flags))
-    assert resumed.steps == 8
+    assert resumed.steps == 20
 
     assert [record["loss"] for record in metrics(tmp_path / "parts")] == [
         record["loss"] for record in metrics(tmp_path / "whole")
@@ -151,8 +218,16 @@ def test_non_empty_output_dir_is_refused(tiny_dir, tmp_path):
 
 def test_lora_run_writes_adapter_and_merged_model(tiny_dir, tmp_path):
     lora = LoraConfig(use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, merge_lora=True)
-    result = train(run_config(tiny_dir, tmp_path, lora=lora, max_steps=3, per_device_train_batch_size=10,
-                              packing=PackingConfig(packing=True)))
+    result = train(
+        run_config(
+            tiny_dir,
+            tmp_path,
+            lora=lora,
+            max_steps=3,
+            per_device_train_batch_size=10,
+            packing=PackingConfig(packing=True),
+        )
+    )
     assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "adapter_config.json").is_file()
     merged = AutoModelForCausalLM.from_pretrained(result.merged_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_dir)
