@@ -24,9 +24,15 @@ def demo_dataset_path() -> Path:
     return Path(str(resources.files("minisft") / "demo_data"))
 
 
-def parse_flags(config_types: tuple, argv: list[str] | None, program: str, description: str):
-    """The flags as dataclasses. `--config FILE` (JSON or YAML) sets defaults; flags given beside it win."""
+def parse_flags(
+    config_types: tuple, argv: list[str] | None, program: str, description: str, defaults: dict | None = None
+):
+    """The flags as dataclasses. `--config FILE` (JSON or YAML) sets defaults; flags given beside it win.
+
+    `defaults` replaces some fields' own defaults (the demo's, say); a config file and the flags still win.
+    """
     parser = HfArgumentParser(config_types, prog=f"python -m {program}", description=description)
+    parser.set_defaults(**(defaults or {}))
     parser.add_argument("--config", help="A JSON or YAML file of flag values; flags on the command line override it.")
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" in argv:

@@ -1,7 +1,13 @@
 """`python -m minisft.train`: supervised fine-tuning from the command line.
 
+    python -m minisft.train                                            # the demo: see a model learn, in minutes
     python -m minisft.train --dataset_name data.jsonl --output_dir out --use_peft --packing
     python -m minisft.train --config run.yaml --learning_rate 1e-4     # a file of flags, overridden
+
+With no --dataset_name it runs the demo: LoRA on the embedded SmolLM2-135M-Instruct, trained on
+the small dataset in minisft/demo_data/ (a few facts the model cannot know, and the first seed's
+"微调测试" → "我学会了"). It asks the demo prompts before training and again after, so the lesson
+shows in the answers, not only in the loss. The demo's defaults are printed; any flag overrides them.
 
 The flags are TRL's names for the same things (`python -m minisft.train --help` lists them);
 the run itself is minisft/loop.py, callable from Python as `minisft.loop.train(RunConfig(...))`.
@@ -9,26 +15,105 @@ the run itself is minisft/loop.py, callable from Python as `minisft.loop.train(R
 
 from __future__ import annotations
 
+import transformers
 from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
-from .cli import parse_flags, run
+from .cli import demo_dataset_path, parse_flags, run
 from .config import DataConfig, LoraConfig, ModelConfig, PackingConfig, TrainingConfig
+from .data import load_splits
+from .generate import generate, load_for_chat
 from .loop import RunConfig, train
+from .summary import print_summary
+
+CONFIG_TYPES = (ModelConfig, DataConfig, PackingConfig, LoraConfig, TrainingConfig)
+
+# Measured on a 2-core CPU: with these the training loss falls below 0.01 in 6 epochs (18 steps,
+# about two minutes), the held-out paraphrases are answered right, and the model still knows Paris.
+DEMO_DEFAULTS = {
+    "use_peft": True,
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.0,  # 12 examples seen 6 times: nothing to regularise, and dropout slows the lesson
+    "lora_target_modules": ["all-linear"],
+    "assistant_only_loss": True,  # learn the answers, not the questions
+    "learning_rate": 1e-3,  # LoRA's B starts at zero and must move far in 18 steps
+    "num_train_epochs": 6.0,
+    "per_device_train_batch_size": 4,
+    "logging_steps": 1,
+    "eval_strategy": "epoch",
+    "save_steps": 0,
+}
+# Asked before and after training, beside the eval split's held-out questions.
+TRAINED_PROMPTS = ["微调测试", "Who tends the Vellmar Island lighthouse?"]
+GENERAL_PROMPT = "What is the capital of France?"  # never trained on: the model should keep what it knew
+DEMO_MAX_NEW_TOKENS = 32
 
 
 def main(argv: list[str] | None = None) -> None:
-    model, data, packing, lora, training = parse_flags(
-        (ModelConfig, DataConfig, PackingConfig, LoraConfig, TrainingConfig),
-        argv,
-        "minisft.train",
-        description=__doc__.splitlines()[0],
-    )
-    result = train(RunConfig(model=model, data=data, packing=packing, lora=lora, training=training))
+    transformers.logging.disable_progress_bar()  # a bar for a one-second weight load is noise
     console = Console(stderr=True)
-    shown = [name for name in ("loss", "eval_loss") if name in result.metrics]
-    figures = "".join(f"; {name} {result.metrics[name]:.4g}" for name in shown)
+    description = __doc__.splitlines()[0]
+    flags = parse_flags(CONFIG_TYPES, argv, "minisft.train", description)
+    demo = flags[1].dataset_name is None
+    if demo:
+        flags = parse_flags(CONFIG_TYPES, argv, "minisft.train", description, defaults=DEMO_DEFAULTS)
+        console.print(f"[bold]demo defaults[/] (override any with a flag): {demo_settings(flags)}", highlight=False, soft_wrap=True)
+    config = RunConfig(*flags)
+
+    if demo:
+        prompts = demo_prompts()
+        before = answers(config.model.model_name_or_path, config.model.trust_remote_code, prompts, console)
+    result = train(config, console)
     state = "stopped" if result.interrupted else "done"
-    console.print(f"{state}: {result.steps} steps{figures}; outputs in {result.output_dir}")
+    console.print(f"{state}: {result.steps} steps; outputs in {result.output_dir}")
+    print_summary(result.output_dir, console)
+    if demo and not result.interrupted:
+        after = answers(str(result.output_dir), config.model.trust_remote_code, prompts, console)
+        Console().print(before_after_table(prompts, before, after))
+        console.print(f"Chat with it: python -m minisft.chat --model_name_or_path {result.output_dir}")
+
+
+def demo_settings(flags: tuple) -> str:
+    """The demo defaults in force, as the flags that would set them (those a flag overrode are left out)."""
+    values = {name: value for config in flags for name, value in vars(config).items()}
+    return " ".join(f"--{name} {flag_text(value)}" for name, value in DEMO_DEFAULTS.items() if values[name] == value)
+
+
+def flag_text(value) -> str:
+    if isinstance(value, list):
+        return " ".join(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def demo_prompts() -> list[tuple[str, str]]:
+    """(kind, prompt): questions trained on, the eval split's held-out rephrasings, and a general question."""
+    held_out = [example["messages"][-2]["content"] for example in load_splits(demo_dataset_path()).eval]
+    return (
+        [("trained", prompt) for prompt in TRAINED_PROMPTS]
+        + [("held out", prompt) for prompt in held_out]
+        + [("general", GENERAL_PROMPT)]
+    )
+
+
+def answers(model_name_or_path: str, trust_remote_code: bool, prompts: list[tuple[str, str]], console) -> list[str]:
+    """Greedy answers to the prompts from the model (or adapter) at model_name_or_path."""
+    with console.status(f"asking {model_name_or_path} the demo prompts"):
+        model, tokenizer = load_for_chat(model_name_or_path, trust_remote_code)
+        conversations = [[{"role": "user", "content": prompt}] for _, prompt in prompts]
+        return generate(model, tokenizer, conversations, max_new_tokens=DEMO_MAX_NEW_TOKENS)
+
+
+def before_after_table(prompts: list[tuple[str, str]], before: list[str], after: list[str]) -> Table:
+    table = Table(title=f"The demo prompts, before and after training (greedy, ≤ {DEMO_MAX_NEW_TOKENS} new tokens)")
+    for column in ("", "prompt", "before", "after"):
+        table.add_column(column, overflow="fold")
+    for (kind, prompt), old, new in zip(prompts, before, after):
+        table.add_row(kind, escape(prompt), escape(old), f"[bold]{escape(new)}[/]")
+    return table
 
 
 if __name__ == "__main__":

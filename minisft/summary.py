@@ -1,0 +1,151 @@
+"""The end-of-run summary: the loss curves, the final figures, and the warning signs in them.
+
+A run's metrics.jsonl holds one line per logging step. Read as curves, they say whether the
+run went well. Three shapes are worth a warning (the second seed's list, detected here):
+
+    eval loss rising while train loss falls    overfitting: the model learns the train examples, not the task
+    train loss barely improving                 under-fitting: try a higher learning rate (or more steps)
+    train loss extremely low                    memorisation: check the model on new, similar prompts
+
+`python -m minisft.summary OUTPUT_DIR` prints it again for any finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .cli import run
+from .errors import UserError
+
+# The thresholds of the warning signs. Loss values depend on the data, so these are rules of
+# thumb: a run below them is worth a look, not necessarily broken.
+OVERFIT_RISE = 0.10  # eval loss ended 10% above its best while train loss kept falling
+UNDERFIT_GAIN = 0.10  # train loss fell by less than 10% of where it started
+MEMORISATION_LOSS = 0.05  # nats per token: the model is near-certain of every trained token
+
+CHART_WIDTH, CHART_HEIGHT = 60, 10
+
+
+class MetricsError(UserError, ValueError):
+    """No metrics to summarise; the message says where minisft looked."""
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise MetricsError(f"{path}: no such file. Pass the --output_dir of a minisft run.")
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not records:
+        raise MetricsError(f"{path} is empty: the run logged nothing.")
+    return records
+
+
+def curve(records: list[dict], name: str) -> list[tuple[int, float]]:
+    """(step, value) of one metric, at the steps that logged it."""
+    return [(record["step"], record[name]) for record in records if name in record]
+
+
+def warning_signs(records: list[dict]) -> list[str]:
+    """The second seed's warning signs, as sentences; empty when the curves look healthy."""
+    train, evals = curve(records, "loss"), curve(records, "eval_loss")
+    signs = []
+    if len(evals) >= 2 and len(train) >= 2:
+        best_step, best = min(evals, key=lambda point: point[1])
+        last_step, last = evals[-1]
+        train_at_best = min((value for step, value in train if step <= best_step), default=train[0][1])
+        if last > best * (1 + OVERFIT_RISE) and train[-1][1] < train_at_best:
+            signs.append(
+                f"Overfitting: eval loss rose from {best:.4g} (step {best_step}) to {last:.4g} (step {last_step}) "
+                f"while train loss kept falling. Train for fewer steps, or use more (and more varied) data."
+            )
+    if len(train) >= 2 and train[-1][1] > train[0][1] * (1 - UNDERFIT_GAIN):
+        signs.append(
+            f"Under-fitting: train loss went from {train[0][1]:.4g} to only {train[-1][1]:.4g}. "
+            "Try a higher --learning_rate, or train for more steps."
+        )
+    if train and train[-1][1] < MEMORISATION_LOSS:
+        signs.append(
+            f"Memorisation: the final train loss {train[-1][1]:.4g} is extremely low; the model is near-certain of "
+            "every trained token. Check its answers to new, similar prompts (the eval split), not only trained ones."
+        )
+    return signs
+
+
+def chart(
+    series: dict[str, list[tuple[int, float]]], width: int = CHART_WIDTH, height: int = CHART_HEIGHT
+) -> list[str]:
+    """Curves drawn in text: one marker per series, steps along x, values along y (rich markup)."""
+    points = [point for values in series.values() for point in values]
+    if not points:
+        return []
+    first_step, last_step = min(step for step, _ in points), max(step for step, _ in points)
+    low, high = min(value for _, value in points), max(value for _, value in points)
+    if math.isclose(low, high):
+        high = low + 1.0  # a flat curve: draw it on the bottom row
+    grid = [[" "] * width for _ in range(height)]
+    for marker, values in zip(("[cyan]•[/]", "[magenta]◆[/]"), series.values()):
+        for step, value in values:
+            column = round((step - first_step) / max(last_step - first_step, 1) * (width - 1))
+            row = round((high - value) / (high - low) * (height - 1))
+            grid[row][column] = marker
+    label_width = max(len(f"{high:.3g}"), len(f"{low:.3g}"))
+    lines = []
+    for row, cells in enumerate(grid):
+        label = f"{high:.3g}" if row == 0 else f"{low:.3g}" if row == height - 1 else ""
+        lines.append(f"{label:>{label_width}} ┤{''.join(cells)}")
+    lines.append(f"{'':>{label_width}} └{'─' * width}")
+    ends = f"step {first_step}", f"step {last_step}"
+    lines.append(f"{'':>{label_width}}  {ends[0]}{ends[1]:>{width - len(ends[0])}}")
+    return lines
+
+
+def print_summary(output_dir: str | Path, console: Console) -> list[str]:
+    """Curves, final figures and warning signs of the run in output_dir. Returns the warning signs."""
+    records = read_metrics(output_dir)
+    train, evals = curve(records, "loss"), curve(records, "eval_loss")
+    console.rule("[bold]run summary")
+    legend = "[cyan]•[/] train loss" + ("   [magenta]◆[/] eval loss" if evals else "")
+    console.print(legend)
+    for line in chart({"loss": train, "eval_loss": evals}):
+        console.print(line, highlight=False)
+
+    last = records[-1]
+    figures = Table(show_header=False, box=None, padding=(0, 2))
+    figures.add_row("steps", f"{last['step']} ({last['epoch']:.3g} epochs)")
+    if train:
+        figures.add_row("train loss", f"{train[0][1]:.4g} → {train[-1][1]:.4g}")
+    if evals:
+        best_step, best = min(evals, key=lambda point: point[1])
+        figures.add_row("eval loss", f"{evals[0][1]:.4g} → {evals[-1][1]:.4g} (best {best:.4g} at step {best_step})")
+    trained = [record for record in records if "num_tokens" in record]
+    if trained:
+        figures.add_row("mean token accuracy", f"{trained[-1]['mean_token_accuracy']:.1%} (last logging interval)")
+        figures.add_row("trained tokens", f"{trained[-1]['num_tokens']:,}")
+        speed = sum(record["tokens_per_second"] for record in trained) / len(trained)
+        figures.add_row("speed", f"{speed:,.0f} trained tokens/s, peak memory {trained[-1]['peak_memory_mb']:,.0f} MB")
+    console.print(figures)
+
+    signs = warning_signs(records)
+    for sign in signs:
+        console.print(f"[bold yellow]warning:[/] {sign}")
+    if not signs:
+        console.print("[green]No warning signs in the loss curves.[/]")
+    console.print(f"Plot it: python -m minisft.plot {output_dir}")
+    return signs
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m minisft.summary", description=__doc__.splitlines()[0])
+    parser.add_argument("output_dir", help="The --output_dir of a minisft run (it holds metrics.jsonl).")
+    print_summary(parser.parse_args(argv).output_dir, Console())
+
+
+if __name__ == "__main__":
+    run(main)

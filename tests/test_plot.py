@@ -1,0 +1,40 @@
+"""`python -m minisft.plot`: a PNG of the curves, or one line saying how to install matplotlib."""
+
+import json
+import sys
+
+import pytest
+
+from minisft.cli import run
+from minisft.plot import main
+
+from .test_summary import records
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    lines = records([3.0, 2.0, 1.0, 0.6, 0.3], {2: 2.5, 4: 1.2})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return tmp_path
+
+
+def test_writes_a_png_of_the_curves(run_dir, capsys):
+    pyplot = pytest.importorskip("matplotlib.pyplot")  # a test extra; the plot extra for users
+    run(main, [str(run_dir)])
+    path = run_dir / "metrics.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width, _ = pyplot.imread(path).shape
+    assert width > 2 * height  # three panels side by side
+    assert f"wrote {path}" in capsys.readouterr().err
+    run(main, [str(run_dir), "--output", str(run_dir / "elsewhere.png")])
+    assert (run_dir / "elsewhere.png").is_file()
+
+
+def test_without_matplotlib_it_says_how_to_install_it(run_dir, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    with pytest.raises(SystemExit) as exit_info:
+        run(main, [str(run_dir)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert 'pip install "minisft[plot]"' in err and "Traceback" not in err
+    assert not (run_dir / "metrics.png").exists()

@@ -1,0 +1,86 @@
+"""The end-of-run summary: curves, figures, and the warning signs detected from the metrics."""
+
+import json
+
+import pytest
+from rich.console import Console
+
+from minisft.cli import run
+from minisft.summary import chart, main, print_summary, warning_signs
+
+
+def records(losses, eval_losses=None):
+    """Metrics records as the loop writes them: one per step, eval_loss on some."""
+    rows = []
+    for step, loss in enumerate(losses, start=1):
+        row = {
+            "step": step,
+            "epoch": step / 10,
+            "loss": loss,
+            "learning_rate": 1e-3,
+            "grad_norm": 1.0,
+            "num_tokens": 100 * step,
+            "tokens_per_second": 50.0,
+            "mean_token_accuracy": 0.5,
+            "entropy": 2.0,
+            "peak_memory_mb": 500.0,
+        }
+        if eval_losses and step in eval_losses:
+            row["eval_loss"] = eval_losses[step]
+        rows.append(row)
+    return rows
+
+
+def test_healthy_run_has_no_warning_signs():
+    assert warning_signs(records([3.0, 2.2, 1.8, 1.5, 1.3], {2: 2.5, 4: 2.0, 5: 1.9})) == []
+
+
+def test_eval_rising_while_train_falls_is_overfitting():
+    signs = warning_signs(records([3.0, 2.0, 1.0, 0.6, 0.3], {1: 2.9, 3: 2.0, 5: 2.6}))
+    assert len(signs) == 1 and signs[0].startswith("Overfitting: eval loss rose from 2 (step 3) to 2.6 (step 5)")
+
+
+def test_eval_rising_with_train_rising_is_not_overfitting():
+    # Both curves going up is a diverging run, not a model that fits the train examples too well.
+    signs = warning_signs(records([3.0, 2.0, 1.5, 1.8, 2.5], {1: 2.9, 3: 2.0, 5: 2.6}))
+    assert not any(sign.startswith("Overfitting") for sign in signs)
+
+
+def test_no_real_improvement_is_underfitting_and_suggests_a_higher_learning_rate():
+    signs = warning_signs(records([2.50, 2.48, 2.45, 2.40]))
+    assert len(signs) == 1 and signs[0].startswith("Under-fitting") and "--learning_rate" in signs[0]
+
+
+def test_extremely_low_loss_is_memorisation():
+    signs = warning_signs(records([2.0, 0.5, 0.1, 0.01]))
+    assert len(signs) == 1 and signs[0].startswith("Memorisation: the final train loss 0.01")
+
+
+def test_chart_puts_the_points_where_they_belong():
+    lines = chart({"loss": [(1, 4.0), (11, 0.5)], "eval_loss": [(11, 2.25)]}, width=11, height=3)
+    rows = [line.split("┤", 1)[1] for line in lines[:3]]
+    assert rows[0] == "[cyan]•[/]" + " " * 10  # the highest value, first step: top left
+    assert rows[1].endswith("[magenta]◆[/]")  # halfway down, last step
+    assert rows[2].endswith("[cyan]•[/]")  # the lowest value, last step: bottom right
+    assert lines[0].startswith("  4 ┤") and lines[2].startswith("0.5 ┤")  # the axis labels
+    assert "step 1" in lines[-1] and lines[-1].endswith("step 11")
+
+
+def test_summary_prints_figures_and_signs(tmp_path):
+    lines = records([3.0, 2.0, 1.0, 0.6, 0.03], {1: 2.9, 3: 2.0, 5: 2.6})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    console = Console(record=True, width=120)
+    signs = print_summary(tmp_path, console)
+    text = console.export_text()
+    assert [sign.split(":")[0] for sign in signs] == ["Overfitting", "Memorisation"]
+    assert "train loss             3 → 0.03" in text
+    assert "eval loss              2.9 → 2.6 (best 2 at step 3)" in text
+    assert "warning: Overfitting" in text and f"python -m minisft.plot {tmp_path}" in text
+
+
+def test_missing_metrics_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(main, [str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "metrics.jsonl: no such file" in err and "Traceback" not in err
