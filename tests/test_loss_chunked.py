@@ -1,0 +1,67 @@
+"""The fused chunked head + cross-entropy (minisft/loss.py) against plain autograd over the full logits.
+
+The fused function computes the loss, its gradients, the accuracy and the entropy without keeping the logits;
+the reference builds every logit and lets autograd differentiate F.cross_entropy. They must agree to float32
+rounding, for every chunking (a chunk boundary inside the tokens, one chunk, one token per chunk), with a
+final-logit softcap (Gemma 2), and with a frozen head (LoRA), where no head gradient may be computed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minisft.loss import ChunkedLinearCrossEntropy
+
+
+def reference(hidden, weight, targets, softcap):
+    logits = hidden @ weight.T
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    log_probs = torch.log_softmax(logits, dim=-1)
+    loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+    correct = int((logits.argmax(dim=-1) == targets).sum())
+    entropy = float(-(log_probs.exp() * log_probs).sum().detach())
+    return loss_sum, correct, entropy
+
+
+def inputs(tokens=37, hidden_size=16, vocab=101, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(tokens, hidden_size, generator=generator, dtype=torch.float64).float()
+    weight = torch.randn(vocab, hidden_size, generator=generator) * 0.5
+    targets = torch.randint(0, vocab, (tokens,), generator=generator)
+    # Make some predictions right, so the accuracy is not trivially zero.
+    targets[::3] = (hidden[::3] @ weight.T).argmax(dim=-1)
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 8, 37, 1024])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_loss_gradients_and_metrics_equal_autograd(chunk_tokens, softcap):
+    hidden, weight, targets = inputs()
+    ours_hidden, ours_weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    metrics = torch.zeros(2, dtype=torch.float64)
+    loss = ChunkedLinearCrossEntropy.apply(ours_hidden, ours_weight, targets, softcap, chunk_tokens, metrics)
+    (loss * 0.5).backward()  # a scale on the way back, as the loop divides by the step's trained tokens
+
+    their_hidden, their_weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    expected_loss, correct, entropy = reference(their_hidden, their_weight, targets, softcap)
+    (expected_loss * 0.5).backward()
+
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(ours_hidden.grad, their_hidden.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours_weight.grad, their_weight.grad, rtol=1e-5, atol=1e-6)
+    assert int(metrics[0]) == correct > 0
+    assert float(metrics[1]) == pytest.approx(entropy, rel=1e-5)
+
+
+def test_frozen_head_gets_no_gradient():
+    hidden, weight, targets = inputs()
+    hidden.requires_grad_()
+    metrics = torch.zeros(2, dtype=torch.float64)
+    ChunkedLinearCrossEntropy.apply(hidden, weight, targets, None, 8, metrics).backward()
+    their_hidden = hidden.detach().clone().requires_grad_()
+    reference(their_hidden, weight, targets, None)[0].backward()
+    torch.testing.assert_close(hidden.grad, their_hidden.grad, rtol=1e-5, atol=1e-6)
+    assert weight.grad is None
