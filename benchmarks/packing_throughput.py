@@ -1,0 +1,631 @@
+"""Packing throughput, side by side: minisft's four ways of batching against TRL's SFTTrainer, in one run.
+
+    python benchmarks/packing_throughput.py                        # CPU, tiny 16M-parameter Llama, ~2 minutes
+    python benchmarks/packing_throughput.py --model smollm2-135m --steps 3 --repeats 1     # CPU, slow
+    python benchmarks/packing_throughput.py --device cuda          # GPU: SmolLM2-135M, bf16, MFU of the bf16 peak
+
+Modes (every one trains the same model from the same initial weights on the same examples):
+    minisft_padded        micro-batches of examples padded to their longest
+    minisft_padding_free  each micro-batch's examples laid end to end in one row, with attention boundaries
+    minisft_bfd           best-fit-decreasing packed rows of max_length, with boundaries
+    minisft_wrapped       everything concatenated and cut every max_length tokens, boundaries kept inside rows
+    trl_padded            trl.SFTTrainer, padding
+    trl_packed            trl.SFTTrainer, packing=True (its bfd, which turns padding-free on)
+
+What is held equal. The model, the data (the same N = steps × examples_per_step conversations, tokenized by each
+side's own code into the same tokens, truncated to max_length), the optimizer (AdamW, lr, no weight decay,
+clipping at 1.0, constant schedule), fp32 on CPU / bf16 autocast on GPU, and the number of optimizer steps: each
+mode trains one epoch over the N examples in `steps` steps. Unpacked modes take examples_per_step examples per
+step, in micro-batches of micro_batch_size (TRL's default, 8); packed modes take the rows those examples fill,
+rows / steps per step (rounded: a step may hold half a row more or less; the table shows tokens per step), one
+row per micro-batch. One row per micro-batch is TRL's best case: its padding-free collator lays a micro-batch's
+rows end to end as one sequence, and sdpa then attends over all of them at once (--rows_per_micro_batch 4
+shows that cost). TRL defaults that change the work are undone in `trl_settings` (gradient checkpointing, bf16
+on a CPU without bf16 instructions, ...).
+
+What is measured, per mode, in its own process (peak memory is per process; TRL's state stays in its own):
+    trained tokens/s   tokens whose label is trained (labels[1:] != -100, counted the same way for every mode)
+                       over the wall time of the steps after the warm-up step(s), data loading included
+    slot efficiency    non-pad tokens / slots the model computed (batch × width of each micro-batch)
+    step time          median seconds per optimizer step, warm-up excluded
+    peak memory        the process's peak RSS on CPU; torch.cuda.max_memory_allocated on GPU
+    data preparation   tokenizing (chat template, labels) and packing, in each side's own code
+    final loss         after training, the loss of the same held-out conversations, computed by the same code
+                       for every mode: a sanity check that all modes trained the same thing
+    MFU                model FLOPs per second / the machine's peak. Model FLOPs count useful work only:
+                       6 × (non-embedding parameters) per input token + 6 × vocab × hidden (the head) per trained
+                       token + attention, 12 × layers × hidden × n² per document of n tokens (PaLM's count,
+                       full square). Peak: on CPU, an fp32 matmul this script times on all cores; on GPU, the
+                       bf16 dense peak of the card (H100/H200: 989 TFLOP/s; --peak_tflops otherwise).
+Modes are interleaved (each repetition runs every mode, in a rotated order) and the medians over repetitions
+are reported, with each figure's ratio to TRL packed. Output: a rich table, a JSON file and, with matplotlib,
+a PNG bar chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from packer_speed import skewed_lengths  # the same length distribution as the packer benchmark
+
+MODES = ("minisft_padded", "minisft_padding_free", "minisft_bfd", "minisft_wrapped", "trl_padded", "trl_packed")
+PACKED_MODES = ("minisft_bfd", "minisft_wrapped", "trl_packed")
+REFERENCE = "trl_packed"  # every figure is also shown as a ratio to this mode
+GPU_BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
+TINY_SHAPE = dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=1024)
+WORDS = (
+    "the model learns to answer questions about data training tokens with short and long replies that explain "
+    "how packing keeps examples apart while padding wastes slots on a skewed mix of chat turns where most are "
+    "brief but a few run for pages of code tables lists and careful reasoning steps before the final result"
+).split()
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def synthetic_conversations(count: int, seed: int) -> list[dict]:
+    """Conversations of 1 to 3 exchanges whose templated length follows skewed_lengths (about one token a word).
+
+    The chat template adds ~40 tokens of system prompt and turn markers; those are taken off the target.
+    """
+    generator = np.random.default_rng(seed + 1)
+    conversations = []
+    for target in skewed_lengths(count, seed):
+        exchanges = int(generator.integers(1, 4))
+        words = max(target - 30 - 10 * exchanges, 2 * exchanges)
+        # The assistant says most of it, as in instruction data.
+        shares = generator.dirichlet([1.0, 3.0] * exchanges) * words
+        messages = [
+            {
+                "role": "user" if index % 2 == 0 else "assistant",
+                "content": " ".join(generator.choice(WORDS, size=max(int(share), 1))),
+            }
+            for index, share in enumerate(shares)
+        ]
+        conversations.append({"messages": messages})
+    return conversations
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- FLOPs and the machine's peak
+
+
+def model_flops_per_trained_token(config, lengths: list[int]) -> float:
+    """Useful FLOPs (forward + backward) per trained token, for documents of these token counts (see docstring)."""
+    hidden, vocab, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    head = vocab * hidden
+    parameters = layers * per_layer_parameters(config) + hidden  # + the final norm
+    trained = sum(length - 1 for length in lengths)
+    flops = 6 * parameters * sum(lengths) + 6 * head * trained + 12 * layers * hidden * sum(n * n for n in lengths)
+    return flops / trained
+
+
+def per_layer_parameters(config) -> int:
+    hidden, inner = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    attention = hidden * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    return attention + 3 * hidden * inner + 2 * hidden
+
+
+def cpu_matmul_flops(size: int = 2048, repeats: int = 5) -> float:
+    """The fp32 matmul FLOP/s of this machine on all the threads torch uses: the best of a few size³ products."""
+    left, right = torch.randn(size, size), torch.randn(size, size)
+    left @ right  # warm-up: thread pool, page faults
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        left @ right
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def gpu_peak_flops(override_tflops: float | None) -> tuple[float, str]:
+    if override_tflops:
+        return override_tflops * 1e12, f"--peak_tflops {override_tflops}"
+    name = torch.cuda.get_device_name()
+    for key, tflops in GPU_BF16_PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12, f"{name}: bf16 dense peak {tflops:g} TFLOP/s"
+    raise SystemExit(f"Unknown GPU {name!r}: pass its bf16 dense peak with --peak_tflops.")
+
+
+# ----------------------------------------------------------------------------- one mode, in its own process
+
+
+def peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def micro_batch_figures(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask=None) -> tuple[int, int, int]:
+    """(trained tokens, non-pad tokens, slots) of one micro-batch, counted the same way for every mode."""
+    from minisft.loss import count_trained_tokens
+
+    real = int(attention_mask.sum()) if attention_mask is not None and attention_mask.dim() == 2 else None
+    return count_trained_tokens(labels), real if real is not None else input_ids.numel(), input_ids.numel()
+
+
+def run_minisft(mode: str, args, work: Path) -> dict:
+    """minisft's step, as minisft.loop.train runs it (same collate, loss, optimizer, clipping, schedule)."""
+    from minisft.config import DataConfig, ModelConfig, TrainingConfig
+    from minisft.loop import RunConfig, bf16_autocast, collate
+    from minisft.loss import causal_lm_losses, count_trained_tokens
+    from minisft.models import load_model, load_tokenizer
+    from minisft.optim import build_optimizer, build_schedule
+    from minisft.packing import pack
+    from minisft.prepare import prepare_dataset
+
+    device = torch.device(args.device)
+    tokenizer = load_tokenizer(args.model_source)
+    model = load_model(args.model_source, attn_implementation="sdpa").to(device)
+    conversations = read_jsonl(work / "train.jsonl")
+
+    start = time.perf_counter()
+    examples = prepare_dataset(conversations, tokenizer, DataConfig(max_length=args.max_length)).examples
+    strategy = {"minisft_bfd": "bfd", "minisft_wrapped": "wrapped"}.get(mode)
+    units = pack(examples, args.max_length, strategy).rows if strategy else examples
+    preparation_seconds = time.perf_counter() - start
+
+    config = RunConfig(
+        model=ModelConfig(model_name_or_path=args.model_source, attn_implementation="sdpa"),
+        training=TrainingConfig(padding_free=mode == "minisft_padding_free", bf16=args.device == "cuda"),
+    )
+    autocast = bf16_autocast(config.training.bf16, device, "float32")
+    optimizer = build_optimizer(model, "adamw_torch", args.learning_rate, 0.0)
+    schedule = build_schedule(optimizer, "constant", 0, args.steps)
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    per_step, micro_batch = units_per_step(mode, len(units), args)
+    order = torch.randperm(len(units), generator=torch.Generator().manual_seed(args.seed)).tolist()
+
+    steps, step_end = [], time.perf_counter()
+    model.train()
+    for step in range(args.steps):
+        indices = order[step * per_step : (step + 1) * per_step]
+        groups = [indices[start : start + micro_batch] for start in range(0, len(indices), micro_batch)]
+        batches = [
+            collate([units[index] for index in group], config, tokenizer.pad_token_id, device) for group in groups
+        ]
+        figures = [
+            micro_batch_figures(batch["inputs"]["input_ids"], batch["labels"], batch["inputs"].get("attention_mask"))
+            for batch in batches
+        ]
+        step_tokens = sum(count_trained_tokens(batch["labels"]) for batch in batches)
+        step_loss = 0.0
+        for batch in batches:
+            with autocast():
+                losses = causal_lm_losses(model, batch["inputs"], batch["labels"])
+            loss = losses.loss_sum / max(step_tokens, 1)
+            loss.backward()
+            step_loss += loss.item()
+        float(torch.nn.utils.clip_grad_norm_(trainable, 1.0))
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        steps.append({"seconds": now - step_end, **step_totals(figures)})
+        step_end = now
+    return {
+        "steps": steps,
+        "preparation_seconds": preparation_seconds,
+        "final_loss": held_out_loss(model, tokenizer, work, args),
+    }
+
+
+def rows_per_step(row_count: int, steps: int) -> int:
+    """Packed modes: the step's share of the rows (rounded: a step holds at most half a row more or less)."""
+    return max(1, round(row_count / steps))
+
+
+def units_per_step(mode: str, unit_count: int, args) -> tuple[int, int]:
+    """(units per optimizer step, units per micro-batch): examples for padded modes, rows for packed ones."""
+    if mode in PACKED_MODES:
+        return rows_per_step(unit_count, args.steps), args.rows_per_micro_batch
+    return args.examples_per_step, args.micro_batch_size
+
+
+def step_totals(figures: list[tuple[int, int, int]]) -> dict:
+    trained, real, slots = (sum(column) for column in zip(*figures))
+    return {"trained_tokens": trained, "real_tokens": real, "slots": slots}
+
+
+def held_out_loss(model, tokenizer, work: Path, args) -> float:
+    """Σ token losses / trained tokens on the held-out conversations: the same code whichever mode trained."""
+    from minisft.config import DataConfig
+    from minisft.loss import causal_lm_losses
+    from minisft.packing import collate_padded
+    from minisft.prepare import prepare_dataset
+
+    examples = prepare_dataset(read_jsonl(work / "held_out.jsonl"), tokenizer, DataConfig(max_length=args.max_length))
+    model.eval()
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad():
+        for example in examples.examples:
+            batch = collate_padded([example], tokenizer.pad_token_id)
+            inputs = {key: batch[key].to(args.device) for key in ("input_ids", "attention_mask")}
+            with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
+                losses = causal_lm_losses(model, inputs, batch["labels"].to(args.device))
+            loss_sum += float(losses.loss_sum)
+            tokens += losses.tokens
+    return loss_sum / max(tokens, 1)
+
+
+def trl_settings(mode: str, args, output_dir: str, rows_per_step: int) -> dict:
+    """SFTConfig: the benchmark's shared settings, and every TRL default that would change the work, undone."""
+    packed = mode == "trl_packed"
+    micro_batch = args.rows_per_micro_batch if packed else args.micro_batch_size
+    return dict(
+        output_dir=output_dir,
+        max_length=args.max_length,
+        packing=packed,
+        packing_strategy="bfd",  # turns padding_free on
+        per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=math.ceil((rows_per_step if packed else args.examples_per_step) / micro_batch),
+        max_steps=args.steps,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        seed=args.seed,
+        bf16=args.device == "cuda",  # TRL's default is True even on a CPU, where bf16 is 4× slower here
+        fp16=False,
+        gradient_checkpointing=False,  # TRL's default: True (recomputation: ~30% more work)
+        use_cpu=args.device == "cpu",
+        loss_type="nll",
+        assistant_only_loss=False,  # minisft's default too: every token of the conversation is trained
+        completion_only_loss=None,
+        shuffle_dataset=False,
+        dataset_num_proc=None,
+        dataloader_num_workers=0,
+        logging_steps=args.steps,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
+
+
+def run_trl(mode: str, args, work: Path) -> dict:
+    import datasets
+    import transformers
+    import trl
+
+    from minisft.models import load_model, load_tokenizer
+
+    datasets.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+    tokenizer = load_tokenizer(args.model_source)
+    model = load_model(args.model_source, attn_implementation="sdpa")
+    figures: list[tuple[int, int, int]] = []
+    timings: dict[str, float] = {}
+
+    class MeasuredSFTTrainer(trl.SFTTrainer):
+        def _prepare_dataset(self, *arguments, **keywords):
+            start = time.perf_counter()
+            prepared = super()._prepare_dataset(*arguments, **keywords)
+            timings["preparation_seconds"] = timings.get("preparation_seconds", 0.0) + time.perf_counter() - start
+            return prepared
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            figures.append(micro_batch_figures(inputs["input_ids"], inputs["labels"], inputs.get("attention_mask")))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    steps: list[dict] = []
+
+    class StepTimer(transformers.TrainerCallback):
+        def on_train_begin(self, arguments, state, control, **keywords):
+            timings["last"] = time.perf_counter()
+
+        def on_step_end(self, arguments, state, control, **keywords):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            steps.append({"seconds": now - timings["last"], **step_totals(figures)})
+            figures.clear()
+            timings["last"] = now
+
+    rows = read_jsonl(work / "train.jsonl")
+    with tempfile.TemporaryDirectory(prefix="trl-benchmark-") as output_dir:
+        trainer = MeasuredSFTTrainer(
+            model=model,
+            args=trl.SFTConfig(**trl_settings(mode, args, output_dir, read_json(work / "rows.json")["rows_per_step"])),
+            train_dataset=datasets.Dataset.from_list(rows),
+            processing_class=tokenizer,
+            callbacks=[StepTimer()],
+        )
+        trainer.remove_callback(transformers.PrinterCallback)
+        trainer.train()
+    return {
+        "steps": steps,
+        "preparation_seconds": timings["preparation_seconds"],
+        "final_loss": held_out_loss(trainer.model, tokenizer, work, args),
+    }
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def worker(mode: str, args) -> None:
+    """Run one mode and write its figures to work/result.json."""
+    work = Path(args.work)
+    torch.manual_seed(args.seed)
+    result = (run_trl if mode.startswith("trl") else run_minisft)(mode, args, work)
+    result["peak_memory_mb"] = peak_memory_mb(args.device)
+    (work / f"result-{mode}.json").write_text(json.dumps(result), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def summarise(result: dict, warmup: int, flops_per_token: float, peak_flops: float) -> dict:
+    """One repetition's figures, warm-up steps excluded."""
+    measured = result["steps"][warmup:]
+    seconds = sum(step["seconds"] for step in measured)
+    trained = sum(step["trained_tokens"] for step in measured)
+    tokens_per_second = trained / seconds
+    return {
+        "trained_tokens_per_second": tokens_per_second,
+        "slot_efficiency": sum(step["real_tokens"] for step in measured) / sum(step["slots"] for step in measured),
+        "step_seconds": statistics.median(step["seconds"] for step in measured),
+        "trained_tokens_per_step": trained / len(measured),
+        "peak_memory_mb": result["peak_memory_mb"],
+        "preparation_seconds": result["preparation_seconds"],
+        "final_loss": result["final_loss"],
+        "mfu": tokens_per_second * flops_per_token / peak_flops,
+    }
+
+
+FIGURES = {  # name: (column title, format)
+    "trained_tokens_per_second": ("trained tok/s", "{:,.0f}"),
+    "slot_efficiency": ("slot eff.", "{:.2f}"),
+    "step_seconds": ("step s", "{:.2f}"),
+    "trained_tokens_per_step": ("tok/step", "{:,.0f}"),
+    "peak_memory_mb": ("peak MB", "{:,.0f}"),
+    "preparation_seconds": ("prep s", "{:.2f}"),
+    "final_loss": ("final loss", "{:.4f}"),
+    "mfu": ("MFU", "{:.1%}"),
+}
+
+
+def print_table(summary: dict, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("mode")
+    for heading, _ in FIGURES.values():
+        table.add_column(heading, justify="right")
+    for mode, entry in summary.items():
+        cells = []
+        for name, (_, form) in FIGURES.items():
+            ratio = entry["ratio_to_" + REFERENCE].get(name)
+            cells.append(form.format(entry["median"][name]) + (f" [dim]{ratio:.2f}×[/dim]" if ratio else ""))
+        table.add_row(mode, *cells)
+    Console(width=200).print(table)
+
+
+def targets(summary: dict, device: str) -> list[dict]:
+    """The issue's targets, each with the measured value and whether it is met."""
+    rate = {mode: entry["median"]["trained_tokens_per_second"] for mode, entry in summary.items()}
+    memory = {mode: entry["median"]["peak_memory_mb"] for mode, entry in summary.items()}
+    found = []
+
+    def check(name: str, value: float, goal: float, higher: bool = True):
+        found.append({"target": name, "value": value, "goal": goal, "met": value >= goal if higher else value <= goal})
+
+    if {"minisft_bfd", "minisft_padded"} <= rate.keys():
+        check("minisft packed (bfd) / minisft padded, tokens/s", rate["minisft_bfd"] / rate["minisft_padded"], 2.0)
+    if {"minisft_bfd", "trl_packed"} <= rate.keys():
+        check("minisft packed (bfd) / TRL packed, tokens/s", rate["minisft_bfd"] / rate["trl_packed"], 2.0)
+    for ours, theirs in (("minisft_padded", "trl_padded"), ("minisft_bfd", "trl_packed")):
+        if {ours, theirs} <= memory.keys():
+            check(f"peak memory {ours} / {theirs}", memory[ours] / memory[theirs], 0.5, higher=False)
+    if "minisft_bfd" in summary:
+        check("MFU of minisft packed (bfd)", summary["minisft_bfd"]["median"]["mfu"], 0.60 if device == "cpu" else 0.45)
+    return found
+
+
+def bar_chart(summary: dict, path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    shown = ("trained_tokens_per_second", "slot_efficiency", "peak_memory_mb", "mfu")
+    figure, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 4))
+    modes = list(summary)
+    colours = ["tab:blue" if mode.startswith("minisft") else "tab:orange" for mode in modes]
+    for axis, name in zip(axes, shown):
+        axis.bar(range(len(modes)), [summary[mode]["median"][name] for mode in modes], color=colours)
+        axis.set_xticks(range(len(modes)), [mode.replace("_", "\n", 1) for mode in modes], fontsize=7)
+        axis.set_title(FIGURES[name][0])
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    return True
+
+
+def versions() -> dict:
+    import transformers
+
+    found = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import trl
+
+        found["trl"] = trl.__version__
+    except ImportError:
+        pass
+    return found
+
+
+def prepare_workspace(args, work: Path) -> tuple[object, list[int]]:
+    """The data, the initial model (saved once, so every mode starts from the same weights), and the row count."""
+    from minisft.config import DataConfig
+    from minisft.data import load_splits
+    from minisft.models import load_tokenizer, model_config, tiny_model
+    from minisft.packing import pack
+    from minisft.prepare import prepare_dataset
+
+    count = args.steps * args.examples_per_step
+    if args.data:
+        rows = [{key: value for key, value in row.items() if key != "origin"} for row in load_splits(args.data).train]
+        train, held_out = rows[:count], rows[count : count + args.held_out]
+        if len(train) < count:
+            raise SystemExit(f"{args.data} has {len(rows)} rows; the run needs {count} + {args.held_out} held out.")
+    else:
+        train = synthetic_conversations(count, args.seed)
+        held_out = synthetic_conversations(args.held_out, args.seed + 1000)
+    write_jsonl(work / "train.jsonl", train)
+    write_jsonl(work / "held_out.jsonl", held_out)
+
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    if args.model == "tiny":
+        model = tiny_model(tokenizer, **TINY_SHAPE, seed=args.seed)
+        model.save_pretrained(work / "model")
+        tokenizer.save_pretrained(work / "model")
+        args.model_source = str(work / "model")
+        config = model.config
+    else:
+        args.model_source = "smollm2-135m-instruct"
+        config = model_config(args.model_source)
+    examples = prepare_dataset(train, tokenizer, DataConfig(max_length=args.max_length)).examples
+    rows = pack(examples, args.max_length, "bfd").stats.rows
+    (work / "rows.json").write_text(json.dumps({"rows_per_step": rows_per_step(rows, args.steps)}), encoding="utf-8")
+    return config, [len(example["input_ids"]) for example in examples]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--model", default=None, choices=["tiny", "smollm2-135m"], help="default: tiny on cpu")
+    parser.add_argument("--data", help="a JSONL (or any dataset minisft reads) instead of the synthetic mix")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--max_length", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per run, warm-up included")
+    parser.add_argument("--warmup_steps", type=int, default=1, help="first steps left out of the timings")
+    parser.add_argument("--examples_per_step", type=int, default=8)
+    parser.add_argument(
+        "--micro_batch_size", type=int, default=8, help="examples per micro-batch, unpacked modes (TRL's default: 8)"
+    )
+    parser.add_argument("--rows_per_micro_batch", type=int, default=1, help="rows per micro-batch (packed modes)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of every mode, interleaved; medians reported")
+    parser.add_argument("--held_out", type=int, default=8, help="held-out conversations for the final loss")
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--peak_tflops", type=float, help="GPU bf16 dense peak, if the card is not known")
+    parser.add_argument("--output", default="benchmarks/results/packing_throughput", help="path stem of .json/.png")
+    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--model_source", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args)
+        return
+    args.model = args.model or ("tiny" if args.device == "cpu" else "smollm2-135m")
+    if args.warmup_steps >= args.steps:
+        parser.error("--steps must be larger than --warmup_steps: nothing would be measured")
+
+    started = time.perf_counter()
+    if args.device == "cpu":
+        peak_flops, peak_source = cpu_matmul_flops(), "fp32 2048³ matmul measured on this machine"
+    else:
+        peak_flops, peak_source = gpu_peak_flops(args.peak_tflops)
+    with tempfile.TemporaryDirectory(prefix="packing-throughput-") as directory:
+        work = Path(directory)
+        config, lengths = prepare_workspace(args, work)
+        flops_per_token = model_flops_per_trained_token(config, lengths)
+        repetitions: dict[str, list[dict]] = {mode: [] for mode in args.modes}
+        for repeat in range(args.repeats):
+            order = args.modes[repeat % len(args.modes) :] + args.modes[: repeat % len(args.modes)]
+            for mode in order:
+                print(f"repetition {repeat + 1}/{args.repeats}: {mode}", file=sys.stderr, flush=True)
+                command = [sys.executable, __file__, "--worker", mode, "--work", str(work)]
+                command += ["--model_source", args.model_source] + passed_on(args)
+                subprocess.run(command, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                result = read_json(work / f"result-{mode}.json")
+                repetitions[mode].append(summarise(result, args.warmup_steps, flops_per_token, peak_flops))
+
+    summary = {}
+    for mode, runs in repetitions.items():
+        summary[mode] = {"median": {name: statistics.median(run[name] for run in runs) for name in FIGURES}}
+        summary[mode]["repetitions"] = runs
+    for mode in summary:
+        reference = summary.get(REFERENCE)
+        summary[mode]["ratio_to_" + REFERENCE] = (
+            {name: summary[mode]["median"][name] / reference["median"][name] for name in FIGURES} if reference else {}
+        )
+    parameters = per_layer_parameters(config) * config.num_hidden_layers + config.vocab_size * config.hidden_size
+    title = (
+        f"{args.model} ({parameters / 1e6:.1f}M parameters) on {args.device}, max_length {args.max_length}, "
+        f"{args.steps} steps of {args.examples_per_step} examples ({args.warmup_steps} warm-up), "
+        f"medians of {args.repeats} interleaved repetitions"
+    )
+    print_table(summary, title)
+    met = targets(summary, args.device)
+    for target in met:
+        verdict = "met " if target["met"] else "MISS"
+        print(f"{verdict}  {target['target']}: {target['value']:.2f} (goal {target['goal']})")
+    print(
+        f"MFU = trained tokens/s × {flops_per_token / 1e6:.1f} MFLOP per trained token / peak {peak_flops / 1e9:,.0f} "
+        f"GFLOP/s ({peak_source}). FLOPs: 6 × non-embedding parameters × input tokens + 6 × vocab × hidden × trained "
+        f"tokens + 12 × layers × hidden × Σ document length²."
+    )
+    record = {
+        "title": title,
+        "arguments": {key: value for key, value in vars(args).items() if key not in ("worker", "work")},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "load_average_at_end": os.getloadavg(),
+        "versions": versions(),
+        "peak_flops": peak_flops,
+        "peak_flops_source": peak_source,
+        "model_flops_per_trained_token": flops_per_token,
+        "data": {"examples": len(lengths), "median_tokens": statistics.median(lengths), "max_tokens": max(lengths)},
+        "modes": summary,
+        "targets": met,
+        "seconds": time.perf_counter() - started,
+    }
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.with_suffix(".json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+    charted = bar_chart(summary, output.with_suffix(".png"), title)
+    print(f"wrote {output.with_suffix('.json')}" + (f" and {output.with_suffix('.png')}" if charted else ""))
+    print(f"took {record['seconds']:.0f} s")
+
+
+def passed_on(args) -> list[str]:
+    """The settings a worker needs, as flags."""
+    flags = []
+    for name in ("device", "max_length", "steps", "examples_per_step", "micro_batch_size", "rows_per_micro_batch"):
+        flags += [f"--{name}", str(getattr(args, name))]
+    return flags + ["--learning_rate", str(args.learning_rate), "--seed", str(args.seed)]
+
+
+if __name__ == "__main__":
+    main()
