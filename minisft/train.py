@@ -29,8 +29,8 @@ from .summary import print_summary
 
 CONFIG_TYPES = (ModelConfig, DataConfig, PackingConfig, LoraConfig, TrainingConfig)
 
-# Measured on a 2-core CPU: with these the training loss falls below 0.01 in 6 epochs (18 steps,
-# about two minutes), the held-out paraphrases are answered right, and the model still knows Paris.
+# Measured on a 2-core CPU: with these, 6 epochs (18 steps) bring the train loss from 3.6 to about 0.1,
+# the held-out rephrasings are answered with the right facts, and the model still knows Paris.
 DEMO_DEFAULTS = {
     "use_peft": True,
     "lora_r": 16,
