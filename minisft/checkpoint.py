@@ -4,7 +4,8 @@
         model.safetensors + config.json    the weights (or adapter_model.safetensors + adapter_config.json with LoRA)
         optimizer.pt                       AdamW's running averages m and v
         scheduler.pt                       where the learning-rate schedule is
-        rng_state.pt                       the random generators (dropout, shuffling)
+        rng_state.pt                       the random generators (dropout, shuffling); under torchrun
+                                           one rng_state_{rank}.pt per process
         trainer_state.json                 the step, epoch and data position
 
 A checkpoint is written to a temporary folder and renamed into place, so a run killed while
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from .distributed import Processes, barrier
 from .errors import UserError
 from .lora import ADAPTER_WEIGHTS, LoraSettings, adapter_state_dict, save_adapter
 
@@ -35,30 +37,60 @@ class CheckpointError(UserError, ValueError):
 
 
 def save_checkpoint(
-    output_dir: Path, step: int, model, optimizer, schedule, state: dict, lora: LoraSettings | None, base_name: str
+    output_dir: Path,
+    step: int,
+    model,
+    optimizer,
+    schedule,
+    state: dict,
+    lora: LoraSettings | None,
+    base_name: str,
+    processes: Processes = Processes(),
 ) -> Path:
+    """Write checkpoint-{step}; under torchrun rank 0 writes it all but the other ranks' random states."""
     final = output_dir / f"{PREFIX}{step}"
     partial = output_dir / f".{PREFIX}{step}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    if processes.is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    barrier(processes)
+    torch.save(rng_state(), partial / rng_file(processes))  # each process's dropout and shuffling generators
+    barrier(processes)
+    if not processes.is_main:
+        barrier(processes)  # wait until rank 0 has renamed the folder into place
+        return final
     if lora is not None:
         save_adapter(model, partial, lora, base_name)
     else:
         model.save_pretrained(partial)  # an ordinary HF folder: from_pretrained can open any checkpoint
     torch.save(optimizer.state_dict(), partial / "optimizer.pt")
     torch.save(schedule.state_dict(), partial / "scheduler.pt")
-    torch.save(rng_state(), partial / "rng_state.pt")
     (partial / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)
     partial.rename(final)
+    barrier(processes)
     return final
 
 
-def load_checkpoint(directory: Path, model, optimizer, schedule, lora: LoraSettings | None) -> dict:
+def rng_file(processes: Processes) -> str:
+    return "rng_state.pt" if not processes.distributed else f"rng_state_{processes.rank}.pt"
+
+
+def load_checkpoint(
+    directory: Path, model, optimizer, schedule, lora: LoraSettings | None, processes: Processes = Processes()
+) -> dict:
     """Restore the weights, optimizer, schedule and random state; return the trainer state."""
     if not (directory / STATE_FILE).is_file():
         raise CheckpointError(f"{directory} is not a minisft checkpoint: it has no {STATE_FILE}.")
+    state = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
+    saved_by = state.get("world_size", 1)
+    if saved_by != processes.world_size:
+        raise CheckpointError(
+            f"{directory} was saved by {saved_by} processes; resume it with as many "
+            f"(torchrun --nproc_per_node {saved_by}), not {processes.world_size}: the data order and the "
+            "random states are per process."
+        )
     if lora is not None:
         saved = load_file(directory / ADAPTER_WEIGHTS)
         names = {key: name for key, name in zip(adapter_state_dict(model, lora), _trainable_names(model))}
@@ -67,8 +99,8 @@ def load_checkpoint(directory: Path, model, optimizer, schedule, lora: LoraSetti
         _copy_into(model, load_file(directory / "model.safetensors"), directory)
     optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
     schedule.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
-    restore_rng_state(torch.load(directory / "rng_state.pt", weights_only=True))
-    return json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
+    restore_rng_state(torch.load(directory / rng_file(processes), weights_only=True))
+    return state
 
 
 def _trainable_names(model) -> list[str]:

@@ -225,6 +225,13 @@ class TrainingConfig:
             "const": True,
         },
     )
+    fsdp: bool = field(
+        default=False,
+        metadata={
+            "help": "Under torchrun: shard weights, gradients and optimizer state across processes (PyTorch's FSDP2) "
+            "instead of DDP's full copy per process."
+        },
+    )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in the backward pass: less memory, more compute."}
     )

@@ -11,7 +11,8 @@ One optimizer step:
     every logging_steps: log · every eval_steps: evaluate · every save_steps: checkpoint
 
 Which examples a step sees is a pure function of (seed, step): each epoch is a seeded
-permutation of the training rows. That is what makes resuming exact.
+permutation of the training rows. That is what makes resuming exact. Under torchrun each
+process takes its share of every step's micro-batches (minisft/distributed.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .attention import FLASH_IMPLEMENTATIONS, flatten_rows, packed_model_inputs
 from .checkpoint import load_checkpoint, prune, resolve_resume, save_checkpoint
 from .cli import demo_dataset_path
 from .config import ConfigError, DataConfig, LoraConfig, ModelConfig, PackingConfig, TrainingConfig
+from .distributed import Processes, barrier, device_of, full_state_dict, gradient_sync, start, sum_across, wrap
 from .errors import UserError
 from .lora import (
     inject_lora,
@@ -75,13 +77,25 @@ class TrainResult:
 
 
 def train(config: RunConfig, console: Console | None = None) -> TrainResult:
+    processes = start()  # one process, or this process's place among torchrun's
     console = console or Console(stderr=True)
+    if not processes.is_main:
+        console = Console(quiet=True)  # only rank 0 speaks
     args = config.training
-    if args.output_dir is None and args.resume_from_checkpoint:
-        raise ConfigError("--resume_from_checkpoint needs the --output_dir of the run to continue.")
+    if args.output_dir is None and (args.resume_from_checkpoint or processes.distributed):
+        raise ConfigError("--resume_from_checkpoint and torchrun runs need an explicit --output_dir.")
+    if args.fsdp and (config.lora.use_peft or args.save_steps > 0 or args.resume_from_checkpoint):
+        raise ConfigError(
+            "--fsdp trains the full model and writes it at the end; LoRA and checkpoints under FSDP are not "
+            "supported yet: drop --use_peft, and pass --save_steps 0."
+        )
     output_dir = Path(args.output_dir or time.strftime("outputs/run-%Y%m%d-%H%M%S"))
     resume_from = resolve_resume(output_dir, args.resume_from_checkpoint)
     check_output_dir(output_dir, args.overwrite_output_dir, resuming=resume_from is not None)
+    barrier(processes)  # every process has checked the folder before rank 0 clears it
+    if processes.is_main:
+        prepare_output_dir(output_dir, args.overwrite_output_dir, resuming=resume_from is not None)
+    barrier(processes)
     seed = config.data.seed
     random.seed(seed)
     torch.manual_seed(seed)
@@ -99,7 +113,7 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
     )
 
     # 2. Model: load, grow the embeddings if the tokenizer grew, LoRA, memory savers.
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_of(processes)
     model = load_model(
         config.model.model_name_or_path,
         dtype=DTYPES[config.model.torch_dtype],
@@ -112,9 +126,10 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     autocast = bf16_autocast(args.bf16, device, config.model.torch_dtype)
+    backbone = wrap(model, processes, args.fsdp)  # None with one process; DDP or FSDP2 under torchrun
 
-    # 3. How the run is cut into steps.
-    micro_batches_per_epoch = math.ceil(len(train_units) / args.per_device_train_batch_size)
+    # 3. How the run is cut into steps: each step covers world_size × batch × accumulation units.
+    micro_batches_per_epoch = math.ceil(len(train_units) / (args.per_device_train_batch_size * processes.world_size))
     steps_per_epoch = math.ceil(micro_batches_per_epoch / args.gradient_accumulation_steps)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
 
@@ -127,16 +142,18 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     console.print(
         f"run: {total_steps} steps of {args.gradient_accumulation_steps} × {args.per_device_train_batch_size} "
-        f"{'rows' if config.packing.packs('train') else 'examples'}, {warmup} warmup, {args.lr_scheduler_type} "
+        f"{'rows' if config.packing.packs('train') else 'examples'}"
+        + (f" × {processes.world_size} processes ({'FSDP' if args.fsdp else 'DDP'})" if processes.distributed else "")
+        + f", {warmup} warmup, {args.lr_scheduler_type} "
         f"schedule, {args.optim}, {sum(parameter.numel() for parameter in trainable):,} trainable parameters, "
         f"{device}{', bf16 autocast' if autocast is not nullcontext else ''}"
     )
 
     start_step = 0
     if resume_from is not None:
-        start_step = load_checkpoint(resume_from, model, optimizer, schedule, lora_settings)["step"]
+        start_step = load_checkpoint(resume_from, model, optimizer, schedule, lora_settings, processes)["step"]
         console.print(f"resumed from {resume_from} at step {start_step}")
-    metrics_log = MetricsLog(output_dir, start_step, args.report_to)
+    metrics_log = MetricsLog(output_dir, start_step, args.report_to) if processes.is_main else None
 
     # 5. The steps.
     def batch_for(units: list) -> dict:
@@ -150,23 +167,33 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
         with progress:
             task = progress.add_task("training", total=total_steps, completed=start_step, figures="")
             for step in range(start_step, total_steps):
-                batches = [
-                    batch_for([train_units[index] for index in indices])
-                    for indices in micro_batches_of_step(step, len(train_units), config, steps_per_epoch, seed)
-                ]
-                step_tokens = sum(count_trained_tokens(batch["labels"]) for batch in batches)
+                every_micro_batch = micro_batches_of_step(
+                    step, len(train_units), config, steps_per_epoch, seed, processes.world_size
+                )
+                mine, weights = share_of(every_micro_batch, processes)
+                batches = [batch_for([train_units[index] for index in indices]) for indices in mine]
+                local_tokens = sum(
+                    count_trained_tokens(batch["labels"]) for batch, weight in zip(batches, weights) if weight
+                )
+                step_tokens = sum_across(processes, [local_tokens], device)[0]
+                # DDP and FSDP average the gradients over the processes: scaling by world_size makes it a sum.
+                scale = processes.world_size / max(step_tokens, 1)
                 learning_rate = optimizer.param_groups[0]["lr"]
                 model.train()
-                step_loss = 0.0
-                for batch in batches:
-                    with autocast():
-                        losses = causal_lm_losses(model, batch["inputs"], batch["labels"])
-                    loss = losses.loss_sum / max(step_tokens, 1)
-                    loss.backward()
-                    step_loss += loss.item()
-                    interval.add(losses)
+                figures = torch.zeros(4, dtype=torch.float64)  # this process's loss, tokens, correct, entropy
+                for index, (batch, weight) in enumerate(zip(batches, weights)):
+                    with gradient_sync(backbone, sync=index == len(batches) - 1):
+                        with autocast():
+                            losses = causal_lm_losses(model, batch["inputs"], batch["labels"], backbone=backbone)
+                        (losses.loss_sum * (scale * weight)).backward()
+                    if weight:
+                        figures += torch.tensor(
+                            [float(losses.loss_sum.detach()), losses.tokens, losses.correct, losses.entropy_sum]
+                        )
+                step_loss_sum, tokens, correct, entropy = sum_across(processes, figures.tolist(), device)
+                step_loss = step_loss_sum / max(step_tokens, 1)
                 max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+                grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
                 if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                     raise TrainingError(
                         f"The loss (or the gradient norm) is not finite at step {step + 1}: loss {step_loss}, "
@@ -177,7 +204,7 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
                 completed = step + 1
-                interval.end_step(step_loss, grad_norm, learning_rate)
+                interval.add_step(step_loss, tokens, correct, entropy, grad_norm, learning_rate)
                 epoch = completed / steps_per_epoch
 
                 record = {}
@@ -185,25 +212,39 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
                     record = interval.figures(completed, epoch, device)
                 if evaluation_due(args, completed, steps_per_epoch, total_steps) and eval_units:
                     record.update({"step": completed, "epoch": round(epoch, 4)})
-                    record["eval_loss"] = evaluate(model, eval_units, config, batch_for, autocast)
-                if record:
+                    record["eval_loss"] = evaluate(model, backbone, eval_units, config, batch_for, autocast, processes)
+                if record and metrics_log is not None:
                     metrics_log.write(record)
                     last_metrics.update(record)
                     progress.update(task, figures=progress_figures(last_metrics))
                 if args.save_steps > 0 and completed % args.save_steps == 0 and completed < total_steps:
-                    save(output_dir, completed, model, optimizer, schedule, epoch, lora_settings, config)
+                    save(output_dir, completed, model, optimizer, schedule, epoch, lora_settings, config, processes)
                 progress.update(task, completed=completed)
     except KeyboardInterrupt:
         path = save(
-            output_dir, completed, model, optimizer, schedule, completed / steps_per_epoch, lora_settings, config
+            output_dir,
+            completed,
+            model,
+            optimizer,
+            schedule,
+            completed / steps_per_epoch,
+            lora_settings,
+            config,
+            processes,
         )
         console.print(f"Interrupted after step {completed}: saved {path}. Continue with --resume_from_checkpoint true.")
-        metrics_log.close()
+        if metrics_log is not None:
+            metrics_log.close()
         return TrainResult(output_dir, completed, last_metrics, interrupted=True)
-    metrics_log.close()
+    if metrics_log is not None:
+        metrics_log.close()
 
     # 6. Outputs: an HF-format model (or a peft adapter), the tokenizer with its chat template.
-    merged_dir = write_outputs(model, tokenizer, output_dir, lora_settings, config, console)
+    state_dict = full_state_dict(model, args.fsdp)  # under FSDP every process sends its shards to rank 0
+    merged_dir = None
+    if processes.is_main:
+        merged_dir = write_outputs(model, tokenizer, output_dir, lora_settings, config, console, state_dict)
+    barrier(processes)
     return TrainResult(output_dir, completed, last_metrics, merged_dir)
 
 
@@ -216,6 +257,9 @@ def check_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> None:
             f"--output_dir {output_dir} is not empty. Pass --overwrite_output_dir to train into it anyway, "
             "or --resume_from_checkpoint true to continue the run in it."
         )
+
+
+def prepare_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> None:
     if overwrite and not resuming and output_dir.is_dir():
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -264,15 +308,40 @@ def bf16_autocast(bf16: bool | None, device: torch.device, torch_dtype: str):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def micro_batches_of_step(step: int, unit_count: int, config: RunConfig, steps_per_epoch: int, seed: int):
-    """The unit indices of each micro-batch of `step`: a pure function of (seed, step)."""
+def micro_batches_of_step(
+    step: int, unit_count: int, config: RunConfig, steps_per_epoch: int, seed: int, world_size: int = 1
+):
+    """The unit indices of every micro-batch of `step`, all processes' together: a pure function of (seed, step).
+
+    A step covers gradient_accumulation_steps × world_size micro-batches of per_device_train_batch_size units.
+    """
     args = config.training
     epoch, step_in_epoch = divmod(step, steps_per_epoch)
     order = torch.randperm(unit_count, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     size = args.per_device_train_batch_size
-    first = step_in_epoch * args.gradient_accumulation_steps
-    starts = range(first * size, min((first + args.gradient_accumulation_steps) * size, unit_count), size)
+    per_step = args.gradient_accumulation_steps * world_size
+    first = step_in_epoch * per_step
+    starts = range(first * size, min((first + per_step) * size, unit_count), size)
     return [order[start : start + size] for start in starts]
+
+
+def share_of(micro_batches: list[list[int]], processes: Processes) -> tuple[list[list[int]], list[float]]:
+    """This process's micro-batches of a step (every world_size-th), with weight 1, padded with weight-0 repeats.
+
+    At the end of an epoch a step can have fewer micro-batches than processes × accumulation. Every
+    process must still run as many forward and backward passes as the others (the gradient
+    synchronisation waits for all of them), so a process short of data repeats one micro-batch
+    with its loss multiplied by 0: it adds nothing to the gradient and is not counted.
+    """
+    mine = micro_batches[processes.rank :: processes.world_size]
+    rounds = math.ceil(len(micro_batches) / processes.world_size)
+    padding = rounds - len(mine)
+    return mine + [micro_batches[0]] * padding, [1.0] * len(mine) + [0.0] * padding
+
+
+def total_norm(norm: torch.Tensor) -> float:
+    """The gradient norm as a number; under FSDP clip_grad_norm_ returns it as a distributed tensor."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def collate(units: list[dict], config: RunConfig, pad_token_id: int, device: torch.device) -> dict:
@@ -304,35 +373,39 @@ def evaluation_due(args: TrainingConfig, completed: int, steps_per_epoch: int, t
 
 
 @torch.no_grad()
-def evaluate(model, eval_units: list[dict], config: RunConfig, batch_for, autocast) -> float:
-    """Σ token losses / trained tokens over the whole eval split."""
+def evaluate(model, backbone, eval_units: list[dict], config: RunConfig, batch_for, autocast, processes) -> float:
+    """Σ token losses / trained tokens over the whole eval split (each process takes every world_size-th batch)."""
     model.eval()
     size = config.training.per_device_eval_batch_size
+    starts = list(range(0, len(eval_units), size))
+    mine, weights = share_of([list(range(start, min(start + size, len(eval_units)))) for start in starts], processes)
     loss_sum, tokens = 0.0, 0
-    for start in range(0, len(eval_units), size):
-        batch = batch_for(eval_units[start : start + size])
+    for indices, weight in zip(mine, weights):
+        batch = batch_for([eval_units[index] for index in indices])
         with autocast():
-            losses = causal_lm_losses(model, batch["inputs"], batch["labels"])
-        loss_sum += float(losses.loss_sum)
-        tokens += losses.tokens
+            losses = causal_lm_losses(model, batch["inputs"], batch["labels"], backbone=backbone)
+        loss_sum += float(losses.loss_sum) * weight
+        tokens += losses.tokens * weight
+    loss_sum, tokens = sum_across(processes, [loss_sum, tokens], next(model.parameters()).device)
     return loss_sum / max(tokens, 1)
 
 
-def save(output_dir, step, model, optimizer, schedule, epoch, lora_settings, config: RunConfig) -> Path:
-    state = {"step": step, "epoch": epoch, "seed": config.data.seed}
+def save(output_dir, step, model, optimizer, schedule, epoch, lora_settings, config: RunConfig, processes) -> Path:
+    state = {"step": step, "epoch": epoch, "seed": config.data.seed, "world_size": processes.world_size}
     path = save_checkpoint(
-        output_dir, step, model, optimizer, schedule, state, lora_settings, config.model.model_name_or_path
+        output_dir, step, model, optimizer, schedule, state, lora_settings, config.model.model_name_or_path, processes
     )
-    prune(output_dir, config.training.save_total_limit)
+    if processes.is_main:
+        prune(output_dir, config.training.save_total_limit)
     return path
 
 
 def write_outputs(
-    model, tokenizer, output_dir: Path, lora_settings, config: RunConfig, console: Console
+    model, tokenizer, output_dir: Path, lora_settings, config: RunConfig, console: Console, state_dict=None
 ) -> Path | None:
     base_name = config.model.model_name_or_path
     if lora_settings is None:
-        model.save_pretrained(output_dir)
+        model.save_pretrained(output_dir, state_dict=state_dict)
     else:
         save_adapter(model, output_dir, lora_settings, base_name)
     tokenizer.save_pretrained(output_dir)
@@ -357,7 +430,7 @@ def write_outputs(
 
 
 class Interval:
-    """Figures summed between two log lines."""
+    """Figures summed between two log lines (over all processes)."""
 
     def __init__(self):
         self.total_tokens = 0
@@ -367,14 +440,12 @@ class Interval:
         self.steps, self.loss, self.tokens, self.correct, self.entropy = 0, 0.0, 0, 0, 0.0
         self.started = time.perf_counter()
 
-    def add(self, losses) -> None:
-        self.tokens += losses.tokens
-        self.correct += losses.correct
-        self.entropy += losses.entropy_sum
-
-    def end_step(self, step_loss: float, grad_norm: float, learning_rate: float) -> None:
+    def add_step(self, loss, tokens, correct, entropy, grad_norm: float, learning_rate: float) -> None:
         self.steps += 1
-        self.loss += step_loss
+        self.loss += loss
+        self.tokens += int(tokens)
+        self.correct += int(correct)
+        self.entropy += entropy
         self.grad_norm, self.learning_rate = grad_norm, learning_rate
 
     def figures(self, step: int, epoch: float, device: torch.device) -> dict:

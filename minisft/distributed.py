@@ -1,0 +1,165 @@
+"""Several processes, one model: data-parallel training with PyTorch's own distributed engine.
+
+    torchrun --nproc_per_node 4 -m minisft.train --dataset_name data.jsonl ...
+
+torchrun starts one process per GPU (or per CPU slot) and tells each its RANK and the
+WORLD_SIZE. Every process holds the model, trains on its own share of each step's examples,
+and the gradients are averaged across processes before the optimizer step, so all processes
+take the same step:
+
+    step s, global batch = world_size × per_device_train_batch_size × gradient_accumulation_steps
+      rank 0: micro-batches 0, N, 2N, ...      forward, backward (no sync until the last one)
+      rank 1: micro-batches 1, N+1, ...        ...
+      then   all-reduce the gradients (DDP), or reduce-scatter them into shards (FSDP2)
+
+The loss keeps its meaning: Σ token losses over the *whole* step / trained tokens of the whole
+step. Each process counts its trained tokens, the counts are summed across processes (one
+all-reduce per step), and since DDP and FSDP average the gradients over N processes, each
+process scales its loss by N. So N processes with batch b take the step that one process
+takes with batch N·b.
+
+- DDP (the default with several processes) keeps a full copy of the weights and of AdamW's
+  state in every process.
+- FSDP2 (`--fsdp`, torch's fully_shard) shards weights, gradients and optimizer state across
+  processes, each decoder layer gathered only while it computes: for models too big for one
+  device.
+
+Only rank 0 prints, logs and writes files; every rank saves its own random state in checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import UserError
+
+
+class DistributedError(UserError, RuntimeError):
+    """A distributed setting that cannot work here."""
+
+
+@dataclass(frozen=True)
+class Processes:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def start() -> Processes:
+    """Join the process group torchrun set up (NCCL on GPUs, gloo on CPUs); one process: nothing to join."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Processes()
+    processes = Processes(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(processes.local_rank)
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return processes
+
+
+def device_of(processes: Processes) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", processes.local_rank)
+    return torch.device("cpu")
+
+
+def stop(processes: Processes) -> None:
+    if processes.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(processes: Processes) -> None:
+    if processes.distributed:
+        dist.barrier()
+
+
+def sum_across(processes: Processes, values: list[float], device: torch.device) -> list[float]:
+    """The element-wise sum of `values` over all processes (the values themselves with one process)."""
+    if not processes.distributed:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+class Backbone(nn.Module):
+    """The model without its output head: what DDP and FSDP wrap.
+
+    minisft's loss applies the head itself, chunk by chunk, to the trained positions only
+    (minisft/loss.py), so the wrapped forward must stop at the last hidden states. The head's
+    weight is still a parameter of this module, so its gradient is synchronised like the others.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs):
+        return self.model.base_model(**inputs)
+
+
+def wrap(model: nn.Module, processes: Processes, fsdp: bool) -> nn.Module | None:
+    """The backbone to call in the loop: None with one process, else a DDP- or FSDP2-wrapped Backbone."""
+    if not processes.distributed:
+        if fsdp:
+            raise DistributedError(
+                "--fsdp shards the model across processes: start it with torchrun --nproc_per_node N"
+            )
+        return None
+    backbone = Backbone(model)
+    if not fsdp:
+        device_ids = [processes.local_rank] if torch.cuda.is_available() else None
+        return nn.parallel.DistributedDataParallel(backbone, device_ids=device_ids)
+    from torch.distributed.fsdp import fully_shard
+
+    layers = getattr(model.base_model, "layers", None)
+    if layers is None:
+        name = type(model).__name__
+        raise DistributedError(f"--fsdp: minisft shards the decoder layers in `model.layers`; {name} has none.")
+    for layer in layers:
+        fully_shard(layer)
+    return fully_shard(backbone)
+
+
+@contextmanager
+def gradient_sync(backbone: nn.Module | None, sync: bool):
+    """Accumulate without communicating on all micro-batches but the step's last one."""
+    if backbone is None or sync:
+        yield
+    elif isinstance(backbone, nn.parallel.DistributedDataParallel):
+        with backbone.no_sync():
+            yield
+    else:  # FSDP2
+        backbone.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            backbone.set_requires_gradient_sync(True)
+
+
+def full_state_dict(model: nn.Module, fsdp: bool) -> dict | None:
+    """The whole model's weights on rank 0 (gathered from the shards under FSDP); None elsewhere."""
+    if not fsdp:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # A tied head comes back as a second copy of the embedding: keep each parameter once, under its first name,
+    # as save_pretrained does for an unsharded model.
+    names = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    return {name: tensor for name, tensor in state.items() if name in names}

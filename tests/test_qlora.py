@@ -1,0 +1,90 @@
+"""QLoRA: the frozen base in 4-bit nf4 (bitsandbytes Linear4bit, which runs on the CPU since bitsandbytes 0.49),
+LoRA in float32 on top."""
+
+import json
+
+import bitsandbytes
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from minisft.config import DataConfig, LoraConfig, ModelConfig, PackingConfig, TrainingConfig
+from minisft.loop import RunConfig, train
+from minisft.lora import LoraError, LoraSettings, inject_lora, quantize_base_4bit
+from minisft.models import tiny_model
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_base_linears_become_nf4_and_stay_close(tokenizer):
+    full, quantized = tiny_model(tokenizer), tiny_model(tokenizer)  # the same seed: the same weights
+    count = quantize_base_4bit(quantized)
+
+    linears = [name for name, module in full.named_modules() if isinstance(module, torch.nn.Linear)]
+    four_bit = [name for name, module in quantized.named_modules() if isinstance(module, bitsandbytes.nn.Linear4bit)]
+    assert count == len(four_bit) == len(linears) - 1 and "lm_head" not in four_bit  # every Linear but the head
+    weight = quantized.model.layers[0].mlp.up_proj.weight
+    assert weight.dtype == torch.uint8 and weight.quant_state.quant_type == "nf4"  # stored as packed 4-bit codes
+
+    ids = torch.tensor([tokenizer("The lighthouse on Vellmar Island is teal.")["input_ids"]])
+    reference = logits(full, ids)
+    error = (logits(quantized, ids) - reference).abs().max()
+    # 16 levels per weight move the logits (measured: 0.09), but far less than another seed's weights do (1.1):
+    # the 4-bit model is still this model.
+    other = (logits(tiny_model(tokenizer, seed=1), ids) - reference).abs().max()
+    assert 0 < error < other / 4, (error, other)
+
+
+def test_only_lora_weights_train_over_a_4bit_base(tokenizer):
+    model = tiny_model(tokenizer)
+    quantize_base_4bit(model)
+    inject_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0, target_modules="all-linear"))
+    ids = torch.tensor([tokenizer("Only the adapter learns.")["input_ids"]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    with_gradients = [name for name, parameter in model.named_parameters() if parameter.grad is not None]
+    assert with_gradients and all(".lora_A." in name or ".lora_B." in name for name in with_gradients)
+    assert len(with_gradients) == 2 * 14  # A and B of the 14 quantized Linears
+    assert all(
+        parameter.grad.dtype == torch.float32
+        for name, parameter in model.named_parameters()
+        if parameter.grad is not None
+    )
+
+
+def test_qlora_run_writes_adapter_and_full_precision_merge(tokenizer, tmp_path):
+    model_dir = tmp_path / "model"
+    tiny_model(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "data.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "微调测试"}, {"role": "assistant", "content": "我学会了"}]}] * 4
+    data.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    output_dir = tmp_path / "out"
+    result = train(
+        RunConfig(
+            model=ModelConfig(model_name_or_path=str(model_dir)),
+            data=DataConfig(dataset_name=str(data)),
+            packing=PackingConfig(),
+            lora=LoraConfig(use_peft=True, load_in_4bit=True, lora_dropout=0.0, lora_r=4, merge_lora=True),
+            training=TrainingConfig(output_dir=str(output_dir), max_steps=3, learning_rate=1e-2, save_steps=0),
+        )
+    )
+    losses = [json.loads(line)["loss"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert (output_dir / "adapter_model.safetensors").is_file()
+    # The merge goes into the full-precision base (a 4-bit base cannot take the update exactly): an ordinary model.
+    merged = AutoModelForCausalLM.from_pretrained(result.merged_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_unsupported_device_is_a_clear_error(tokenizer, monkeypatch):
+    def unsupported(self, *args, **kwargs):
+        raise NotImplementedError("no 4-bit kernel for this device")
+
+    monkeypatch.setattr(bitsandbytes.nn.Params4bit, "to", unsupported)
+    with pytest.raises(LoraError, match="bitsandbytes cannot quantize to 4 bits on cpu: no 4-bit kernel"):
+        quantize_base_4bit(tiny_model(tokenizer))
