@@ -1,0 +1,123 @@
+"""SFT stage by stage with minisft's Python API, printing what each stage produces.
+
+    data → format → mask → pack → LoRA → loss → loop
+
+Each stage is one call into one module (the README's "How SFT works inside minisft" walks the
+same path). It uses the embedded SmolLM2-135M-Instruct and the demo data that ships with minisft.
+
+    python examples/03_api_stage_by_stage.py [OUTPUT_DIR]       # about a minute on 2 CPU cores
+"""
+
+import sys
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from minisft.cli import demo_dataset_path
+from minisft.config import DataConfig, LoraConfig, PackingConfig, TrainingConfig
+from minisft.data import load_splits
+from minisft.formatting import format_example, resolve_eos_token
+from minisft.inspect import render_tokens
+from minisft.loop import RunConfig, train
+from minisft.lora import LoraSettings, inject_lora
+from minisft.loss import causal_lm_losses
+from minisft.models import load_model, load_tokenizer
+from minisft.packing import collate_rows, pack
+from minisft.prepare import prepare_dataset
+
+MODEL = "smollm2-135m-instruct"
+console = Console()
+
+
+def stage(title: str) -> None:
+    console.rule(f"[bold]{title}")
+
+
+def main() -> None:
+    output_dir = sys.argv[1] if len(sys.argv) > 1 else "outputs/api-stage-by-stage"
+    tokenizer = load_tokenizer(MODEL)
+
+    stage("1. data (minisft/data.py): any format → canonical examples")
+    rows = [  # the first seed's format; ShareGPT's {"conversations": [{"from", "value"}]} would do as well
+        {"conversation": [{"role": "human", "message": "微调测试"}, {"role": "assistant", "message": "我学会了"}]},
+        {
+            "conversation": [
+                {"role": "human", "message": "What do zorbits eat?"},
+                {"role": "assistant", "message": "Clover."},
+            ]
+        },
+    ]
+    examples = load_splits(rows).train  # one dataset has one format: a mix is refused, naming the row
+    for row, example in zip(rows, examples):
+        console.print("raw      ", row, "\ncanonical", example["messages"], highlight=False)
+
+    stage("2. format (minisft/formatting.py): the chat template → token ids")
+    formatted = format_example(examples[0], tokenizer, resolve_eos_token(tokenizer, None))
+    console.print(f"{len(formatted.input_ids)} token ids: {formatted.input_ids}")
+    console.print(tokenizer.decode(formatted.input_ids), highlight=False, markup=False)
+
+    stage("3. mask (minisft/masking.py via prepare.py): labels, -100 where no loss is taken")
+    prepared = prepare_dataset(examples, tokenizer, DataConfig(assistant_only_loss=True))
+    first = prepared.examples[0]
+    console.print(render_tokens(tokenizer, first["input_ids"], first["labels"]))
+    console.print("the trained tokens (bright above):", [label for label in first["labels"] if label != -100])
+    console.print(f"trained tokens {prepared.stats.trained_tokens} of {prepared.stats.tokens}")
+
+    stage("4. pack (minisft/packing.py): examples share rows, positions restart per example")
+    demo = load_splits(demo_dataset_path()).train
+    demo_prepared = prepare_dataset(demo, tokenizer, DataConfig(assistant_only_loss=True), truncate=False)
+    packed = pack(demo_prepared.examples, max_length=256)
+    table = Table("row", "examples (seq_lengths)", "tokens", "position_ids")
+    for index, row in enumerate(packed.rows):
+        positions = row["position_ids"]
+        table.add_row(
+            str(index), str(row["seq_lengths"]), str(len(row["input_ids"])), f"{positions[:5]} … {positions[-3:]}"
+        )
+    console.print(table)
+    console.print(f"{len(demo)} examples in {packed.stats.rows} rows, efficiency {packed.stats.efficiency:.1%}")
+
+    stage("5. LoRA (minisft/lora.py): a trainable low-rank update beside frozen layers")
+    model = load_model(MODEL)
+    console.print(str(inject_lora(model, LoraSettings(r=16, alpha=32, dropout=0.0, target_modules="all-linear"))))
+    q_proj = model.model.layers[0].self_attn.q_proj
+    console.print(
+        f"layer 0 q_proj: frozen W {tuple(q_proj.base.weight.shape)}, A {tuple(q_proj.lora_A.weight.shape)}, "
+        f"B {tuple(q_proj.lora_B.weight.shape)} (all zeros: {bool((q_proj.lora_B.weight == 0).all())})"
+    )
+
+    stage("6. loss (minisft/loss.py): cross-entropy on the trained tokens of one packed batch")
+    batch = collate_rows(packed.rows[:1], tokenizer.pad_token_id)
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    with torch.no_grad():
+        losses = causal_lm_losses(model, inputs, batch["labels"])
+    console.print(
+        f"sum of token losses {float(losses.loss_sum):.2f} over {losses.tokens} trained tokens "
+        f"= loss {float(losses.loss_sum) / losses.tokens:.3f}"
+    )
+
+    stage("7. loop (minisft/loop.py): all of the above, then steps, logs, eval, outputs")
+    result = train(
+        RunConfig(
+            data=DataConfig(assistant_only_loss=True, max_length=256),
+            packing=PackingConfig(packing=True),
+            lora=LoraConfig(use_peft=True, lora_target_modules=["all-linear"], lora_dropout=0.0),
+            training=TrainingConfig(
+                output_dir=output_dir,
+                overwrite_output_dir=True,
+                max_steps=2,
+                per_device_train_batch_size=1,
+                learning_rate=1e-3,
+                logging_steps=1,
+                eval_strategy="steps",
+                eval_steps=1,
+                save_steps=0,
+            ),
+        )
+    )
+    console.print(f"{result.steps} steps; the last figures: {result.metrics}", highlight=False)
+    console.print(f"the adapter and metrics.jsonl are in {result.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Each example in examples/ runs as it stands (the longer ones shortened by their own flags) and does what it says."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(name: str, *args: str) -> str:
+    completed = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=900,
+        env={**os.environ, "COLUMNS": "200"},  # rich wraps at the terminal's width
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed.stdout + completed.stderr
+
+
+@pytest.mark.slow
+def test_one_sentence_sft_teaches_the_answer(tmp_path):
+    # Half the seed's 30 epochs at twice the learning rate: the full run takes minutes on 2 cores.
+    output = run_example("01_one_sentence_sft.py", str(tmp_path), "--num_train_epochs", "15", "--learning_rate", "2e-4")
+    before = output.split("before: ", 1)[1].split("\n", 1)[0]
+    after = output.split("after:  ", 1)[1].split("\n", 1)[0]
+    assert "我学会了" not in before
+    assert after == "'我学会了'"
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_smollm2_walkthrough_monitors_the_run(tmp_path):
+    output_dir = tmp_path / "walkthrough"
+    output = run_example(
+        "02_smollm2_walkthrough.py", "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2",
+        "--output_dir", str(output_dir),
+    )  # fmt: skip
+    assert "packing (train):" in output and "run summary" in output and "eval loss" in output
+    assert (output_dir / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    assert (output_dir / "checkpoint-2").is_dir() and (output_dir / "model.safetensors").is_file()
+    assert output.count("answered: ") == 3  # the three held-out prompts
+
+
+@pytest.mark.slow
+def test_api_stage_by_stage_prints_every_stage(tmp_path):
+    output = run_example("03_api_stage_by_stage.py", str(tmp_path))
+    for stage in ("1. data", "2. format", "3. mask", "4. pack", "5. LoRA", "6. loss", "7. loop"):
+        assert stage in output, stage
+    assert "<|im_start|>assistant\n我学会了<|im_end|>" in output  # the formatted conversation
+    assert "all zeros: True" in output  # LoRA's B starts at zero
+    assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "metrics.jsonl").is_file()
