@@ -59,7 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     demo = flags[1].dataset_name is None
     if demo:
         flags = parse_flags(CONFIG_TYPES, argv, "minisft.train", description, defaults=DEMO_DEFAULTS)
-        console.print(f"[bold]demo defaults[/] (override any with a flag): {demo_settings(flags)}", highlight=False, soft_wrap=True)
+        console.print(
+            f"[bold]demo defaults[/] (override any with a flag): {demo_settings(flags)}",
+            highlight=False,
+            soft_wrap=True,
+        )
     config = RunConfig(*flags)
 
     if demo:
