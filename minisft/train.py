@@ -23,6 +23,7 @@ from rich.table import Table
 from .cli import demo_dataset_path, parse_flags, run
 from .config import DataConfig, LoraConfig, ModelConfig, PackingConfig, TrainingConfig
 from .data import load_splits
+from .distributed import start
 from .generate import generate, load_for_chat
 from .loop import RunConfig, train
 from .summary import print_summary
@@ -53,7 +54,8 @@ DEMO_MAX_NEW_TOKENS = 32
 
 def main(argv: list[str] | None = None) -> None:
     transformers.logging.disable_progress_bar()  # a bar for a one-second weight load is noise
-    console = Console(stderr=True)
+    processes = start()  # under torchrun, only rank 0 speaks (minisft/distributed.py)
+    console = Console(stderr=True, quiet=not processes.is_main)
     description = __doc__.splitlines()[0]
     flags = parse_flags(CONFIG_TYPES, argv, "minisft.train", description)
     demo = flags[1].dataset_name is None
@@ -66,14 +68,17 @@ def main(argv: list[str] | None = None) -> None:
         )
     config = RunConfig(*flags)
 
-    if demo:
+    ask = demo and processes.is_main
+    if ask:
         prompts = demo_prompts()
         before = answers(config.model.model_name_or_path, config.model.trust_remote_code, prompts, console)
     result = train(config, console)
+    if not processes.is_main:
+        return
     state = "stopped" if result.interrupted else "done"
     console.print(f"{state}: {result.steps} steps; outputs in {result.output_dir}")
     print_summary(result.output_dir, console)
-    if demo and not result.interrupted:
+    if ask and not result.interrupted:
         after = answers(str(result.output_dir), config.model.trust_remote_code, prompts, console)
         Console().print(before_after_table(prompts, before, after))
         console.print(f"Chat with it: python -m minisft.chat --model_name_or_path {result.output_dir}")
