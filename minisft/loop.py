@@ -180,17 +180,15 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
                 scale = processes.world_size / max(step_tokens, 1)
                 learning_rate = optimizer.param_groups[0]["lr"]
                 model.train()
-                figures = torch.zeros(4, dtype=torch.float64)  # this process's loss, tokens, correct, entropy
+                figures = torch.zeros(3, dtype=torch.float64)  # this process's loss sum, correct, entropy
                 for index, (batch, weight) in enumerate(zip(batches, weights)):
                     with gradient_sync(backbone, sync=index == len(batches) - 1):
                         with autocast():
                             losses = causal_lm_losses(model, batch["inputs"], batch["labels"], backbone=backbone)
                         (losses.loss_sum * (scale * weight)).backward()
                     if weight:
-                        figures += torch.tensor(
-                            [float(losses.loss_sum.detach()), losses.tokens, losses.correct, losses.entropy_sum]
-                        )
-                step_loss_sum, tokens, correct, entropy = sum_across(processes, figures.tolist(), device)
+                        figures += torch.tensor([float(losses.loss_sum.detach()), losses.correct, losses.entropy_sum])
+                step_loss_sum, correct, entropy = sum_across(processes, figures.tolist(), device)
                 step_loss = step_loss_sum / max(step_tokens, 1)
                 max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
                 grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
@@ -204,7 +202,7 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
                 completed = step + 1
-                interval.add_step(step_loss, tokens, correct, entropy, grad_norm, learning_rate)
+                interval.add_step(step_loss, step_tokens, correct, entropy, grad_norm, learning_rate)
                 epoch = completed / steps_per_epoch
 
                 record = {}

@@ -23,7 +23,7 @@ from rich.table import Table
 from .cli import demo_dataset_path, parse_flags, run
 from .config import DataConfig, LoraConfig, ModelConfig, PackingConfig, TrainingConfig
 from .data import load_splits
-from .distributed import start
+from .distributed import start, stop
 from .generate import generate, load_for_chat
 from .loop import RunConfig, train
 from .summary import print_summary
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         prompts = demo_prompts()
         before = answers(config.model.model_name_or_path, config.model.trust_remote_code, prompts, console)
     result = train(config, console)
+    stop(processes)  # leave the process group: the other processes may exit now
     if not processes.is_main:
         return
     state = "stopped" if result.interrupted else "done"
