@@ -168,6 +168,7 @@ def micro_batch_figures(input_ids: torch.Tensor, labels: torch.Tensor, attention
 
 def run_minisft(mode: str, args, work: Path) -> dict:
     """minisft's step, as minisft.loop.train runs it (same collate, loss, optimizer, clipping, schedule)."""
+    from minisft.attention import use_sdpa_by_example
     from minisft.config import DataConfig, ModelConfig, TrainingConfig
     from minisft.loop import RunConfig, bf16_autocast, collate
     from minisft.loss import causal_lm_losses, count_trained_tokens
@@ -179,6 +180,7 @@ def run_minisft(mode: str, args, work: Path) -> dict:
     device = torch.device(args.device)
     tokenizer = load_tokenizer(args.model_source)
     model = load_model(args.model_source, attn_implementation="sdpa").to(device)
+    use_sdpa_by_example(model)
     conversations = read_jsonl(work / "train.jsonl")
 
     start = time.perf_counter()

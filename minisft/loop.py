@@ -31,7 +31,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .attention import FLASH_IMPLEMENTATIONS, flatten_rows, packed_model_inputs
+from .attention import FLATTENED, flatten_rows, packed_model_inputs, use_sdpa_by_example
 from .checkpoint import load_checkpoint, prune, resolve_resume, save_checkpoint
 from .cli import demo_dataset_path
 from .config import ConfigError, DataConfig, LoraConfig, ModelConfig, PackingConfig, TrainingConfig
@@ -121,6 +121,7 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
         trust_remote_code=config.model.trust_remote_code,
     )
     fit_embeddings_to_tokenizer(model, tokenizer)
+    use_sdpa_by_example(model)  # packed rows: one causal sdpa per example instead of a dense mask per row
     model.to(device)
     lora_settings = attach_lora(model, config.lora, console)
     if args.gradient_checkpointing:
@@ -350,7 +351,7 @@ def collate(units: list[dict], config: RunConfig, pad_token_id: int, device: tor
         rows = units if "seq_lengths" in units[0] else [padding_free_row(units)]
         batch = on_device(collate_rows(rows, pad_token_id, args.pad_to_multiple_of), device)
         inputs = packed_model_inputs(batch, implementation, DTYPES[config.model.torch_dtype])
-        labels = flatten_rows(batch)["labels"] if implementation in FLASH_IMPLEMENTATIONS else batch["labels"]
+        labels = flatten_rows(batch)["labels"] if implementation in FLATTENED else batch["labels"]
     else:
         batch = on_device(collate_padded(units, pad_token_id, args.pad_to_multiple_of), device)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

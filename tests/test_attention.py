@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minisft.attention import FLASH_IMPLEMENTATIONS, flatten_rows, packed_model_inputs
+import minisft.attention
+from minisft.attention import FLASH_IMPLEMENTATIONS, flatten_rows, packed_model_inputs, use_sdpa_by_example
 from minisft.masking import IGNORE_INDEX
 from minisft.models import tiny_model
 from minisft.packing import collate_rows, make_row, padding_free_row
@@ -35,29 +36,57 @@ def packed_batch(examples, pad_token_id):
 
 
 def largest_differences(model, batch, inputs, examples):
-    """Max |logit difference| and max |per-token loss difference| of every example, packed vs alone."""
+    """Max |logit difference| and max |per-token loss difference| of every example, packed vs alone.
+
+    Flattened inputs (cu_seq_lens) hold the rows end to end, padding removed, as one row.
+    """
+    flattened = "cu_seq_lens_q" in inputs
     with torch.no_grad():
         logits = model(**inputs).logits
+        labels = flatten_rows(batch)["labels"] if flattened else batch["labels"]
         logit_gap = loss_gap = 0.0
+        flat_start = 0
         for row_index, row_lengths in enumerate(batch["seq_lengths"]):
             start = 0
             for length in row_lengths:
                 ids = batch["input_ids"][row_index, start : start + length]
                 alone = model(input_ids=ids[None]).logits[0]
-                packed = logits[row_index, start : start + length]
+                out_row, out_start = (0, flat_start) if flattened else (row_index, start)
+                packed = logits[out_row, out_start : out_start + length]
                 logit_gap = max(logit_gap, (packed - alone).abs().max().item())
-                packed_losses = per_token_losses(logits[row_index], batch["labels"][row_index])[start : start + length - 1]
+                packed_losses = per_token_losses(logits[out_row], labels[out_row])[out_start : out_start + length - 1]
                 loss_gap = max(loss_gap, (packed_losses - per_token_losses(alone, ids)).abs().max().item())
                 start += length
+                flat_start += length
     return logit_gap, loss_gap
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager", "flex_attention"])
 def test_packed_examples_equal_examples_alone(tokenizer, examples, implementation):
     model = tiny_model(tokenizer, attn_implementation=implementation).eval()
+    use_sdpa_by_example(model)  # as minisft's loop does; only sdpa models change
     batch = packed_batch(examples, tokenizer.pad_token_id)
     logit_gap, loss_gap = largest_differences(model, batch, packed_model_inputs(batch, implementation), examples)
     assert logit_gap <= TOLERANCE and loss_gap <= TOLERANCE, (logit_gap, loss_gap)
+
+
+def test_sdpa_runs_one_causal_attention_per_example(tokenizer, examples, monkeypatch):
+    """The point of sdpa_by_example: no dense row mask, one plain causal call per example and layer."""
+    calls = []
+
+    def counting(module, query, key, value, attention_mask, **kwargs):
+        calls.append((query.shape[2], attention_mask))
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    original = minisft.attention.sdpa_attention_forward
+    monkeypatch.setattr(minisft.attention, "sdpa_attention_forward", counting)
+    model = tiny_model(tokenizer).eval()
+    use_sdpa_by_example(model)
+    batch = packed_batch(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        model(**packed_model_inputs(batch, "sdpa"))
+    lengths = [len(ids) for ids in examples]
+    assert calls == [(length, None) for _ in range(model.config.num_hidden_layers) for length in lengths]
 
 
 def test_without_boundaries_examples_see_each_other(tokenizer, examples):
@@ -77,7 +106,10 @@ def test_boundary_labels_are_masked(tokenizer, examples):
 
 def test_padding_free_batch_is_isolated_too(tokenizer, examples):
     model = tiny_model(tokenizer).eval()
-    batch = collate_rows([padding_free_row([{"input_ids": ids, "labels": ids} for ids in examples])], tokenizer.pad_token_id)
+    use_sdpa_by_example(model)
+    batch = collate_rows(
+        [padding_free_row([{"input_ids": ids, "labels": ids} for ids in examples])], tokenizer.pad_token_id
+    )
     logit_gap, loss_gap = largest_differences(model, batch, packed_model_inputs(batch, "sdpa"), examples)
     assert logit_gap <= TOLERANCE and loss_gap <= TOLERANCE
 
@@ -110,7 +142,10 @@ def flash_available() -> bool:
 def test_flash_varlen_equals_examples_alone(tokenizer, examples, implementation):
     model = tiny_model(tokenizer, attn_implementation=implementation).to("cuda", torch.bfloat16).eval()
     batch = packed_batch(examples, tokenizer.pad_token_id)
-    inputs = {key: value.to("cuda") if torch.is_tensor(value) else value for key, value in packed_model_inputs(batch, implementation).items()}
+    inputs = {
+        key: value.to("cuda") if torch.is_tensor(value) else value
+        for key, value in packed_model_inputs(batch, implementation).items()
+    }
     with torch.no_grad():
         logits = model(**inputs).logits[0].float()
         start = 0
