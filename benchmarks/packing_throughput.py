@@ -1,6 +1,6 @@
 """Packing throughput, side by side: minisft's four ways of batching against TRL's SFTTrainer, in one run.
 
-    python benchmarks/packing_throughput.py                        # CPU, tiny 16M-parameter Llama, ~9 min on 2 cores
+    python benchmarks/packing_throughput.py                        # CPU, tiny 16M-parameter Llama, ~10 min on 2 cores
     python benchmarks/packing_throughput.py --model smollm2-135m --steps 3 --repeats 1     # CPU, slow
     python benchmarks/packing_throughput.py --device cuda          # GPU: SmolLM2-135M, bf16, MFU of the bf16 peak
 
