@@ -26,9 +26,10 @@ Each attention implementation takes the boundaries in its own form:
 
 Why sdpa is not handed the dense mask: with a mask, sdpa computes every query × key block of
 the row, L² per row whatever the examples' lengths; run per example with is_causal it computes
-Σ n²/2 over the examples. For 1024-token rows of examples of median ~150 tokens that is about a
-twentieth of the work: on SmolLM2-135M on a CPU the dense mask's attention was 23% of a step
-(benchmarks/RESULTS.md).
+Σ n²/2 over the examples. For a 1024-token row of six examples of ~170 tokens that is about a
+tenth of the work: on SmolLM2-135M on a CPU the dense mask's attention was 23% of a step, and
+per example 7% (benchmarks/RESULTS.md).
+
 Positions restart at 0 in every example (position_ids), so rotary embeddings match an
 example run alone. With both, each example's logits equal those of the example alone.
 """
