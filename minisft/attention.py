@@ -97,7 +97,11 @@ def flex_block_mask(document_ids: torch.Tensor):
 
 
 def packed_model_inputs(batch: dict, attn_implementation: str, dtype: torch.dtype = torch.float32) -> dict:
-    """The keyword arguments of model(...) for a batch of packed rows (packing.collate_rows)."""
+    """The keyword arguments of model(...) for a batch of packed rows (packing.collate_rows).
+
+    For sdpa the model must run sdpa_by_example (use_sdpa_by_example): transformers' own sdpa ignores
+    cu_seq_lens and finds the examples from the restarted position_ids only when use_cache=False.
+    """
     if attn_implementation in FLATTENED:
         return varlen_inputs(batch)
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
@@ -122,11 +126,10 @@ def varlen_inputs(batch: dict) -> dict:
     the caller flattens labels the same way (see flatten_rows).
     """
     flat = flatten_rows(batch)
-    lengths = torch.tensor(
-        [length for row in batch["seq_lengths"] for length in row], dtype=torch.int32, device=flat["input_ids"].device
-    )
-    cumulative = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-    longest = int(lengths.max())
+    lengths = [length for row in batch["seq_lengths"] for length in row]
+    counts = torch.tensor(lengths, dtype=torch.int32, device=flat["input_ids"].device)
+    cumulative = torch.nn.functional.pad(torch.cumsum(counts, 0, dtype=torch.int32), (1, 0))
+    longest = max(lengths)  # from the list: reading it off the device tensor would wait for the GPU
     return {
         "input_ids": flat["input_ids"],
         "position_ids": flat["position_ids"],
