@@ -37,6 +37,7 @@ from .cli import demo_dataset_path
 from .config import ConfigError, DataConfig, LoraConfig, ModelConfig, PackingConfig, TrainingConfig
 from .distributed import Processes, barrier, device_of, full_state_dict, gradient_sync, start, sum_across, wrap
 from .errors import UserError
+from .extras import check_run_packages, import_tensorboard_writer
 from .lora import (
     inject_lora,
     load_adapter,
@@ -89,6 +90,7 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
             "--fsdp trains the full model and writes it at the end; LoRA and checkpoints under FSDP are not "
             "supported yet: drop --use_peft, and pass --save_steps 0."
         )
+    check_run_packages(config.model.attn_implementation, args.report_to, args.optim, config.lora.load_in_4bit)
     output_dir = Path(args.output_dir or time.strftime("outputs/run-%Y%m%d-%H%M%S"))
     resume_from = resolve_resume(output_dir, args.resume_from_checkpoint)
     check_output_dir(output_dir, args.overwrite_output_dir, resuming=resume_from is not None)
@@ -484,13 +486,7 @@ class MetricsLog:
         self.path.write_text("".join(line + "\n" for line in kept))
         self.writer = None
         if report_to == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as error:
-                raise ConfigError(
-                    "--report_to tensorboard needs the tensorboard package: pip install tensorboard"
-                ) from error
-            self.writer = SummaryWriter(str(output_dir / "runs"))
+            self.writer = import_tensorboard_writer()(str(output_dir / "runs"))
 
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as file:

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import UserError
+from .extras import import_bitsandbytes
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -360,10 +361,7 @@ def quantize_base_4bit(model: nn.Module) -> int:
     The weights are stored in 4 bits and dequantized block by block in each matmul; LoRA then
     trains in float32 beside them. Returns the number of layers quantized.
     """
-    try:
-        import bitsandbytes
-    except ImportError as error:
-        raise LoraError("--load_in_4bit needs bitsandbytes: pip install bitsandbytes") from error
+    bitsandbytes = import_bitsandbytes("--load_in_4bit")
     head = output_head_name(model)
     names = [name for name in linear_names(model) if name != head]
     for name in names:

@@ -81,22 +81,38 @@ def embedded_model_dir() -> Path:
         try:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             tokenizer.save_pretrained(work)
-            quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-            # transformers marks a GGUF-loaded model as quantized and refuses to save it.
-            # Rebuild a plain model from the same config and copy the dequantized weights in.
-            config = quantized.config
-            del config.quantization_config
-            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-            plain.load_state_dict(quantized.state_dict())
-            plain.generation_config.eos_token_id = tokenizer.eos_token_id
-            plain.generation_config.pad_token_id = tokenizer.pad_token_id
-            plain.save_pretrained(work)
+            model = dequantized_gguf_model(gguf)
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+            model.save_pretrained(work)
             if target.exists():
                 shutil.rmtree(target)
             work.rename(target)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def dequantized_gguf_model(gguf: Path):
+    """The model in a GGUF file, its weights dequantized to float32, as a plain transformers model.
+
+    `from_pretrained(gguf_file=...)` would do this too, but it insists on accelerate (for its big-model
+    loading, which a 135M model does not need) and marks the result as quantized, which save_pretrained
+    refuses. So the steps are taken one by one with transformers' own GGUF reader: the config from the
+    file's metadata, an empty model from the config, then the tensors dequantized (by the gguf package)
+    and renamed to transformers' parameter names, q and k un-permuted from llama.cpp's layout.
+    """
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    # A tied output head is stored once, as the embedding; anything else missing would be a real gap.
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise ModelSourceError(f"{gguf}: weights missing {sorted(set(missing) - tied)}, unexpected {unexpected}")
+    return model
 
 
 def resolve_model_source(name_or_path: str) -> str:

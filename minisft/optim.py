@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .extras import import_bitsandbytes
 
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -72,8 +73,7 @@ def build_optimizer(
         # against 155 ms per step for 16.8M parameters); the same update, up to float rounding.
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=True)
     if name in ("adamw_8bit", "paged_adamw_8bit"):
-        import bitsandbytes
-
+        bitsandbytes = import_bitsandbytes(f"--optim {name}")
         optimizer_class = bitsandbytes.optim.AdamW8bit if name == "adamw_8bit" else bitsandbytes.optim.PagedAdamW8bit
         keep_embedding_state_in_32_bits(model)
         try:

@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 
 from .cli import run
-from .errors import UserError
+from .extras import import_optional
 from .summary import curve, read_metrics
 
 PANELS = [
@@ -25,22 +25,14 @@ PANELS = [
 ]
 
 
-class PlotError(UserError, ImportError):
-    """Plotting needs matplotlib, which minisft does not install by default."""
-
-
 def plot(output_dir: str | Path, path: str | Path | None = None) -> Path:
     """Draw output_dir/metrics.jsonl into a PNG (default: output_dir/metrics.png) and return its path."""
     records = read_metrics(output_dir)
-    try:
-        import matplotlib
+    install = 'pip install "minisft[plot]" (or pip install matplotlib)'
+    matplotlib = import_optional("matplotlib", "python -m minisft.plot", "matplotlib", install)
+    matplotlib.use("Agg")  # files only: no display needed, as on a server
+    import matplotlib.pyplot as pyplot
 
-        matplotlib.use("Agg")  # files only: no display needed, as on a server
-        import matplotlib.pyplot as pyplot
-    except ImportError:
-        raise PlotError(
-            'python -m minisft.plot needs matplotlib: pip install "minisft[plot]" (or pip install matplotlib)'
-        ) from None
     path = Path(path) if path else Path(output_dir) / "metrics.png"
     figure, axes = pyplot.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.8), layout="constrained")
     for axis, (title, names) in zip(axes, PANELS):

@@ -4,7 +4,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from minisft.models import ModelSourceError, embedded_model_dir, load_model, load_tokenizer, tiny_model
+from minisft.models import (
+    ModelSourceError,
+    embedded_gguf_path,
+    embedded_model_dir,
+    load_model,
+    load_tokenizer,
+    tiny_model,
+)
 
 
 def test_tiny_model_covers_the_tokenizer_and_runs(tokenizer):
@@ -41,6 +48,22 @@ def test_embedded_model_answers_like_smollm2(tokenizer):
     output = model.generate(**prompt, max_new_tokens=12, do_sample=False)
     answer = tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+@pytest.mark.slow
+def test_embedded_conversion_equals_transformers_gguf_loader():
+    """The cached folder holds exactly the weights from_pretrained(gguf_file=...) gives (which needs accelerate)."""
+    pytest.importorskip("accelerate", reason="transformers' own GGUF loader needs accelerate (a test extra via TRL)")
+    gguf = embedded_gguf_path()
+    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    ours = load_model("smollm2-135m-instruct")
+    expected, found = reference.state_dict(), ours.state_dict()
+    assert set(found) == set(expected)
+    # The same dequantization of the same bytes: bit-exact, q/k un-permutation included.
+    assert all(torch.equal(found[name], expected[name]) for name in expected)
+    # The config too, but for what saving records (architectures, the path) and the GGUF marker minisft drops.
+    ignored = {"architectures": None, "_name_or_path": None, "quantization_config": None}
+    assert ours.config.to_dict() | ignored == reference.config.to_dict() | ignored
 
 
 def test_unknown_model_is_a_clear_error(tmp_path):

@@ -1,10 +1,11 @@
 """`python -m minisft.train`: flags, config files, TensorBoard, and clear errors."""
 
 import json
+import sys
 
 import pytest
 
-from minisft.cli import run
+from minisft.cli import demo_dataset_path, run
 from minisft.train import main
 
 from .test_loop import tiny_dir  # noqa: F401  (the fixture)
@@ -51,3 +52,44 @@ def test_bad_values_are_one_line(capsys):
     with pytest.raises(SystemExit):
         run(main, ["--per_device_train_batch_size", "0"])
     assert "--per_device_train_batch_size must be at least 1" in capsys.readouterr().err
+
+
+def flash_attention_2_usable() -> bool:
+    from transformers.utils import is_flash_attn_2_available
+
+    return is_flash_attn_2_available()
+
+
+@pytest.mark.parametrize(
+    "flags, hidden_module, message",
+    [
+        (["--report_to", "tensorboard"], "torch.utils.tensorboard", "--report_to tensorboard needs the tensorboard"),
+        (["--optim", "adamw_8bit"], "bitsandbytes", "--optim adamw_8bit needs the bitsandbytes package"),
+        (["--use_peft", "--load_in_4bit"], "bitsandbytes", "--load_in_4bit needs the bitsandbytes package"),
+    ],
+)
+def test_a_missing_optional_package_is_one_line_before_any_work(
+    flags, hidden_module, message, tiny_dir, tmp_path, capsys, monkeypatch  # noqa: F811
+):
+    monkeypatch.setitem(sys.modules, hidden_module, None)  # `import hidden_module` now raises ImportError
+    output_dir = tmp_path / "out"
+    common = ["--model_name_or_path", str(tiny_dir), "--dataset_name", str(demo_dataset_path()), "--output_dir"]
+    with pytest.raises(SystemExit) as exit_info:
+        run(main, common + [str(output_dir), *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "pip install" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not output_dir.exists()  # asked for before the run touched anything
+
+
+@pytest.mark.skipif(flash_attention_2_usable(), reason="flash-attn and a CUDA GPU are here: nothing is missing")
+def test_flash_attention_without_its_package_or_gpu_is_one_line(tiny_dir, tmp_path, capsys):  # noqa: F811
+    flags = ["--model_name_or_path", str(tiny_dir), "--dataset_name", str(demo_dataset_path())]
+    with pytest.raises(SystemExit) as exit_info:
+        run(main, flags + ["--output_dir", str(tmp_path / "out"), "--attn_implementation", "flash_attention_2"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--attn_implementation flash_attention_2 needs" in err and "Traceback" not in err
+    # The fix it names: the package when it is missing, a GPU (or sdpa) when the package is there.
+    assert "pip install flash-attn" in err or "CUDA GPU" in err
