@@ -146,11 +146,19 @@ def load_model(
 
 
 def _not_loadable(name_or_path: str, what: str, error: Exception) -> str:
-    return (
-        f"Cannot load the {what} {name_or_path!r}: {error}\n"
-        f"--model_name_or_path takes a local HF-format folder, a hub id (where the hub is reachable or cached), "
-        f"or {EMBEDDED_MODEL_NAME!r}, the embedded default."
-    )
+    """One line: what --model_name_or_path was taken to be, and why that did not load."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    flag = f"--model_name_or_path {name_or_path}"
+    accepted = f"it takes a local HF-format folder, a hub id, or {EMBEDDED_MODEL_NAME!r} (the embedded default)"
+    reason = " ".join(str(error).split())  # transformers' messages run over several lines
+    if Path(name_or_path).exists():
+        return f"{flag}: the folder has no loadable {what}: {reason}"
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        return f"{flag}: no such folder, and not a hub id either (a hub id looks like org/name); {accepted}."
+    return f"{flag}: not a local folder, and the hub id could not be loaded (no network, or not cached?): {reason}"
 
 
 def model_config(name_or_path: str, trust_remote_code: bool = False):

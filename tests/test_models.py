@@ -67,5 +67,12 @@ def test_embedded_conversion_equals_transformers_gguf_loader():
 
 
 def test_unknown_model_is_a_clear_error(tmp_path):
-    with pytest.raises(ModelSourceError, match="--model_name_or_path takes"):
-        load_tokenizer(str(tmp_path / "no-such-model"))
+    # A path that does not exist is not taken for a hub id: the message says both, in one line.
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(ModelSourceError) as error:
+        load_tokenizer(missing)
+    assert str(error.value).startswith(f"--model_name_or_path {missing}: no such folder, and not a hub id either")
+    assert "Repo id" not in str(error.value) and "\n" not in str(error.value)
+    # A folder that exists but holds no model says so.
+    with pytest.raises(ModelSourceError, match="the folder has no loadable tokenizer"):
+        load_tokenizer(str(tmp_path))
