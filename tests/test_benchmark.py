@@ -48,8 +48,10 @@ def test_benchmark_reports_every_figure_for_every_mode(tmp_path):
         assert all(value > 0 for value in entry["median"].values()), (mode, entry["median"])
     assert modes["trl_packed"]["ratio_to_trl_packed"]["trained_tokens_per_second"] == 1.0
     # Both bfd packers make rows of the same examples and both sides train on all of them (in their own order):
-    # the held-out loss moves from ~10.8 (untrained) by several percent, and lands at the same place.
+    # the held-out loss moves from ~10.8 (untrained, ln 49152) to 9.89, and lands at the same place. Measured: the
+    # two bfd runs end at the same float32 loss, and minisft padded (the same examples in other batches, so other
+    # roundings) 1.0e-7 relative from them; 1e-4 is 1000× that and 900× below what training moved the loss.
     packed = [modes[mode]["median"]["final_loss"] for mode in ("minisft_bfd", "trl_packed")]
-    assert packed[0] == pytest.approx(packed[1], rel=1e-2)
+    assert packed[0] == pytest.approx(packed[1], rel=1e-4)
     assert len(record["targets"]) == 4  # speed-ups over padded and over TRL, memory, MFU
     assert record["versions"]["trl"]

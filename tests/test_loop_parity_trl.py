@@ -16,16 +16,23 @@ What "equal" means here, and why it is not 1e-5 elementwise (measured, single CP
   Adam moves every weight by ~lr · m/√v whatever the gradient's size, so the sign of a rounding error decides
   the step. TRL against *itself*, with its fused head swapped for transformers' plain loss (a
   `compute_loss_func`: the same maths, other roundings), ends 4.5e-5 to 7e-5 apart in max |a-b| / max |b|
-  and 2.7e-6 in Frobenius norm; minisft against TRL ends 3e-5 to 1.7e-4 and 2e-6 to 7e-6 (per run, below).
+  and 2.7e-6 in Frobenius norm; minisft against TRL ends 3e-5 to 1.7e-4 and 2e-6 to 7e-6 (per run, below;
+  with torch 2.13, transformers 5.24, TRL 1.16 the worst run, gradient accumulation, is 1.6e-4 and 6.3e-6).
 So each tensor is checked on two criteria, both several times the measured noise and both far below what a
 real difference makes:
-- Frobenius  ‖a - b‖ / ‖b‖                ≤ FROBENIUS_RTOL (2e-5): the whole tensor, where rounding averages
-  out. Decaying the norm weights with --weight_decay 0.1 (a wrong no-decay group) moves them by 5e-4, a
-  warmup off by one step or a loss normalised per micro-batch by 1e-3 or more.
-- elementwise max |a - b| / max |b|       ≤ MAX_ABS_RTOL (5e-4): the worst single weight.
+- Frobenius  ‖a - b‖ / ‖b‖                ≤ FROBENIUS_RTOL (4e-5): the whole tensor, where rounding averages
+  out. Decaying the norm weights with --weight_decay 0.1 (a wrong no-decay group) moves them by 5e-4 (that is
+  Σ lr_t · 0.1 over the 10 steps, measured 4.9e-4), a warmup off by one step or a loss normalised per
+  micro-batch by 1e-3 or more. The tolerance sits between: 6× the worst noise and 12× below weight decay, as
+  far from both as that 80× window allows.
+- elementwise max |a - b| / max |b|       ≤ MAX_ABS_RTOL (2e-3): the worst single weight, 12× the worst noise
+  measured. No analytic bound helps here: a weight whose near-zero gradient rounds to the other sign takes
+  its Adam step (up to lr = 1e-3) the other way, 2e-3 from its twin, 3e-2 of a max |b| ≈ 0.07. This one still
+  sees an embedding row trained on one side only (up to Σ lr = 5e-3 on entries of max |b| ≈ 0.1: 5e-2).
 and the weights must have moved: ‖trained - initial‖ / ‖initial‖ ≥ 1e-3 for every trained tensor.
 The per-step logs (loss, grad_norm, learning_rate) are compared at LOG_RTOL (1e-5): they are reductions
-over the whole model, where the amplified elements do not show.
+over the whole model, where the amplified elements do not show (measured at most 1.5e-7 for the loss, 5.4e-7
+for the gradient norm, 0 for the learning rate: 18× below).
 
 Runs: full fine-tuning with adamw_torch (weight decay 0 and 0.1), with adamw_8bit, gradient accumulation of
 4 micro-batches of unequal lengths, bfd packing (TRL: padding-free rows with its own position_ids), and
@@ -57,8 +64,8 @@ from minisft.models import load_tokenizer, tiny_model  # noqa: E402
 from minisft.prepare import prepare_dataset  # noqa: E402
 from tests.trl_reference import trl_train  # noqa: E402
 
-FROBENIUS_RTOL = 2e-5
-MAX_ABS_RTOL = 5e-4
+FROBENIUS_RTOL = 4e-5
+MAX_ABS_RTOL = 2e-3
 MOVED_AT_LEAST = 1e-3
 LOG_RTOL = 1e-5
 
@@ -316,7 +323,7 @@ def test_full_finetuning_adamw_torch(workspace, weight_decay):
     """Full fine-tuning: minisft's final model equals TRL's trained model, and the per-step logs agree.
 
     With weight decay 0.1 this also checks the no-decay groups (norm weights, biases: transformers'
-    get_decay_parameter_names): decaying the norm weights would move them by ~5e-4, 25× FROBENIUS_RTOL.
+    get_decay_parameter_names): decaying the norm weights would move them by ~5e-4, 12× FROBENIUS_RTOL.
     """
     ours, theirs = workspace.minisft(weight_decay=weight_decay), workspace.trl(weight_decay=weight_decay)
     assert_moved(theirs.weights, workspace.initial, "TRL")
@@ -343,10 +350,12 @@ def test_weight_decay_is_visible_at_these_tolerances(workspace):
 # state across a code boundary, a jump of up to 1/256 of its block's scale, which shows in that weight's update
 # from then on. Measured: minisft against TRL ends 6.6e-5 apart in the worst ‖a-b‖/‖b‖ (2.4e-6 median) and 1.3e-3
 # in max|a-b|/max|b|; the same run with 32-bit states is 3.7e-3 / 1.6e-2 away, and keeping the embedding's state in
-# 8 bits (transformers keeps it in 32) is 1e-2 away on the embedding. So the 8-bit tolerances are these, with
-# Frobenius the deciding one: 3× the measured noise, ~20× below the 8-bit effect.
-FROBENIUS_RTOL_8BIT = 2e-4
-MAX_ABS_RTOL_8BIT = 5e-3
+# 8 bits (transformers keeps it in 32) is 1e-2 away on the embedding (re-measured with torch 2.13, transformers
+# 5.24, bitsandbytes 0.50: 6.65e-5 and 1.27e-3; 3.7e-3; 1.05e-2). So the 8-bit tolerances are these, with
+# Frobenius the deciding one: 4.5× the measured noise and 12× below the 32-bit states (the 55× window between
+# them allows no more on both sides); max|a-b|/max|b| at 8× its measured noise (1.6× below the 32-bit states').
+FROBENIUS_RTOL_8BIT = 3e-4
+MAX_ABS_RTOL_8BIT = 1e-2
 
 
 def test_full_finetuning_adamw_8bit(workspace):

@@ -26,6 +26,23 @@ def reference(hidden, weight, targets, softcap):
     return loss_sum, correct, entropy
 
 
+# The fused function and the reference do the same maths in other orders (per chunk, softmax then gathers, against
+# log_softmax of all logits; the head's gradient summed chunk by chunk), so they agree to float32 rounding, measured
+# over every case below (1 and 2 threads): the loss (Σ of 37 token losses, ~161) 9.5e-8 relative, each gradient
+# 2.2e-7 in max|a-b|/max|b| (the reference itself is 5.2e-7 from float64), the entropy 2.8e-8 relative. The bounds
+# are ~10× and ~20× those. Leaving the softcap's derivative out moves the hidden gradient by 0.78, dropping a chunk of
+# 8 tokens moves the head's gradient by 0.55 (measured), far beyond.
+LOSS_RTOL = 1e-6
+GRADIENT_RTOL = 5e-6
+ENTROPY_RTOL = 1e-6
+
+
+def assert_relatively_close(actual: torch.Tensor, expected: torch.Tensor, bound: float) -> None:
+    """max |a - b| / max |b| ≤ bound: elementwise rtol/atol would judge a near-zero entry by the absolute part only."""
+    difference = float((actual - expected).abs().max() / expected.abs().max())
+    assert difference <= bound, difference
+
+
 def inputs(tokens=37, hidden_size=16, vocab=101, seed=0):
     generator = torch.Generator().manual_seed(seed)
     hidden = torch.randn(tokens, hidden_size, generator=generator, dtype=torch.float64).float()
@@ -49,11 +66,11 @@ def test_loss_gradients_and_metrics_equal_autograd(chunk_tokens, softcap):
     expected_loss, correct, entropy = reference(their_hidden, their_weight, targets, softcap)
     (expected_loss * 0.5).backward()
 
-    torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(ours_hidden.grad, their_hidden.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ours_weight.grad, their_weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, expected_loss, rtol=LOSS_RTOL, atol=0)
+    assert_relatively_close(ours_hidden.grad, their_hidden.grad, GRADIENT_RTOL)
+    assert_relatively_close(ours_weight.grad, their_weight.grad, GRADIENT_RTOL)
     assert int(metrics[0]) == correct > 0
-    assert float(metrics[1]) == pytest.approx(entropy, rel=1e-5)
+    assert float(metrics[1]) == pytest.approx(entropy, rel=ENTROPY_RTOL)
 
 
 def test_frozen_head_gets_no_gradient():
@@ -63,5 +80,5 @@ def test_frozen_head_gets_no_gradient():
     ChunkedLinearCrossEntropy.apply(hidden, weight, targets, None, 8, metrics).backward()
     their_hidden = hidden.detach().clone().requires_grad_()
     reference(their_hidden, weight, targets, None)[0].backward()
-    torch.testing.assert_close(hidden.grad, their_hidden.grad, rtol=1e-5, atol=1e-6)
+    assert_relatively_close(hidden.grad, their_hidden.grad, GRADIENT_RTOL)  # measured 9.2e-8
     assert weight.grad is None

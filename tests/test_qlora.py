@@ -32,8 +32,9 @@ def test_base_linears_become_nf4_and_stay_close(tokenizer):
     ids = torch.tensor([tokenizer("The lighthouse on Vellmar Island is teal.")["input_ids"]])
     reference = logits(full, ids)
     error = (logits(quantized, ids) - reference).abs().max()
-    # 16 levels per weight move the logits (measured: 0.09), but far less than another seed's weights do (1.1):
-    # the 4-bit model is still this model.
+    # 16 levels per weight move the logits (measured: 0.089), but far less than another seed's weights do (1.12;
+    # seeds 1 to 5: 1.09 to 1.23): the 4-bit model is still this model. The bound, 0.28, is 3× the error; that
+    # error is nf4 rounding of the weights, fixed by the weights, not float32 noise (~1e-7 here).
     other = (logits(tiny_model(tokenizer, seed=1), ids) - reference).abs().max()
     assert 0 < error < other / 4, (error, other)
 
