@@ -110,6 +110,13 @@ class DataConfig:
         default=None,
         metadata={"help": "The end-of-sequence token appended to text and completions. Default: the tokenizer's."},
     )
+    pad_token: str | None = field(
+        default=None,
+        metadata={
+            "help": "The token batches are padded with, and the saved tokenizer's pad token. Default: the "
+            "tokenizer's own, else its EOS (as TRL). Padding is never trained, so it does not change the loss."
+        },
+    )
 
     def __post_init__(self):
         if self.max_length is not None and self.max_length <= 0:

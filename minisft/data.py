@@ -11,14 +11,30 @@ translated once, here, and nothing downstream ever sees a raw format:
     {"prompt": str, "completion": str}                  -> {"prompt": str, "completion": str}
     {"prompt": [msgs], "completion": [msgs]}            -> {"prompt": [msgs], "completion": [msgs]}
     {"text": str}          (or --dataset_text_field)    -> {"text": str}
+    {"input_ids": [int], "labels"?, "completion_mask"?,
+     "assistant_masks"?}                  pre-tokenized -> the same, checked: its ids are not re-made
 
 Roles are system, user, assistant, tool. Every example also carries an "origin" such as
 "train.jsonl line 17", so a later stage can say which row a problem came from. Lines count
 from 1 like an editor; rows, items and examples count from 0 like Python indexing.
 
+Conversations come as people and tools save them, and each is reduced to what a text chat
+template reads:
+- tool calling: an assistant message may hold `tool_calls` and no content (null or left out);
+  a row's `tools` (JSON-schema function definitions, as a list or a JSON string) and
+  `chat_template_kwargs` (extra template variables) travel with the example to the template;
+- content as a list of parts (the OpenAI and multimodal layout): the text parts are joined
+  with "\\n", as vLLM joins them when it serves a text-only template; any other part (an image,
+  audio) is refused, since a text model cannot be trained on it;
+- a key whose value is null is a key left out: Arrow (parquet, the hub) gives every message
+  every key that any message has, and every chat_template_kwargs every variable of any row.
+
+A row that holds `input_ids` is pre-tokenized, whatever else it holds, as TRL decides it.
+
 Sources: a local .jsonl/.json/.parquet/.csv file or a folder of them, a hub dataset name,
-a datasets.Dataset or DatasetDict, or a Python list of dicts. Bad input raises DataError
-with a message a user can act on; nothing is dropped without being counted.
+a datasets.Dataset or DatasetDict, or a Python list of dicts. Text files are read as UTF-8;
+a byte-order mark at the start (Windows editors write one) is skipped. Bad input raises
+DataError with a message a user can act on; nothing is dropped without being counted.
 """
 
 from __future__ import annotations
@@ -30,7 +46,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 # datasets and pyarrow are imported inside the readers that need them (the hub, parquet): imported here they
 # would add ~80 MB of memory and ~1 s to every run that reads JSONL, JSON or CSV.
@@ -45,6 +61,19 @@ CONVERSATION_FORMATS = {
     "conversation": ("role", ("message", "content"), ROLE_ALIASES),
     "conversations": ("from", ("value",), ROLE_ALIASES),
 }
+# Columns a pre-tokenized row may hold beside input_ids (TRL's names). labels: -100 where not trained;
+# completion_mask / assistant_masks: 1 on the tokens to train, as TRL's own tokenization writes them.
+TOKENIZED_COLUMNS = ("labels", "completion_mask", "assistant_masks")
+# apply_chat_template arguments that minisft sets itself: a row's chat_template_kwargs may not set them too.
+RESERVED_TEMPLATE_KWARGS = (
+    "conversation",
+    "tools",
+    "chat_template",
+    "add_generation_prompt",
+    "tokenize",
+    "return_dict",
+    "return_assistant_tokens_mask",
+)
 SPLIT_KEYWORDS = {  # as the `datasets` library assigns a folder's files to splits
     "train": ("train", "training"),
     "validation": ("validation", "valid", "dev", "val"),
@@ -66,6 +95,8 @@ class Splits:
 
 def dataset_format(example: dict) -> str:
     """Which canonical form a normalised example has; downstream stages branch on this."""
+    if "input_ids" in example:
+        return "tokenized"
     if "messages" in example:
         return "conversational"
     if "text" in example:
@@ -88,6 +119,9 @@ def detect_format(row: dict, origin: str, text_field: str = "text") -> str:
     """The raw format of one row, decided by its keys (and, for prompt/completion, the prompt's type)."""
     if not isinstance(row, dict):
         raise DataError(f"{origin}: expected an object with the example's fields, got {kind_of(row)}")
+    if "input_ids" in row:
+        # The columns are part of the format: every row must carry the same ones.
+        return f"tokenized ({', '.join(['input_ids', *(key for key in TOKENIZED_COLUMNS if present(row, key))])})"
     for key in CONVERSATION_FORMATS:
         if key in row:
             return key
@@ -97,8 +131,8 @@ def detect_format(row: dict, origin: str, text_field: str = "text") -> str:
         return "text"
     raise DataError(
         f"{origin}: unknown dataset format; the row has keys {sorted(row)}. Known formats: "
-        f"'messages', 'conversation', 'conversations' (ShareGPT), 'prompt' + 'completion', "
-        f"or plain text in the field {text_field!r} (choose another with --dataset_text_field)"
+        f"'messages', 'conversation', 'conversations' (ShareGPT), 'prompt' + 'completion', 'input_ids' "
+        f"(pre-tokenized), or plain text in the field {text_field!r} (choose another with --dataset_text_field)"
     )
 
 
@@ -120,14 +154,118 @@ def normalize_messages(messages, where: str, role_key: str, content_keys: tuple,
         role = aliases.get(raw_role, raw_role) if isinstance(raw_role, str) else None
         if role not in ROLES:
             raise DataError(f"{at} has unknown role {raw_role!r}; accepted roles: {accepted}")
-        content_key = next((key for key in content_keys if key in message), None)
-        if content_key is None:
-            raise DataError(f"{at} has no {' or '.join(map(repr, content_keys))} (the content)")
-        if not isinstance(message[content_key], str):
-            raise DataError(f"{at} content must be a string, got {kind_of(message[content_key])}")
-        extras = {key: value for key, value in message.items() if key != role_key and key not in content_keys}
-        normalized.append({"role": role, "content": message[content_key], **extras})
+        extras = {
+            key: value
+            for key, value in message.items()
+            if key != role_key and key not in content_keys and value is not None
+        }
+        content = next((message[key] for key in content_keys if present(message, key)), None)
+        if "tool_calls" in extras:
+            if not isinstance(extras["tool_calls"], list) or not all(isinstance(c, dict) for c in extras["tool_calls"]):
+                raise DataError(f"{at} tool_calls must be a list of objects, got {kind_of(extras['tool_calls'])}")
+        if content is None and not (role == "assistant" and extras.get("tool_calls")):
+            raise DataError(
+                f"{at} has no {' or '.join(map(repr, content_keys))} (the content); only an assistant turn "
+                "with tool_calls may leave it out"
+            )
+        if content is not None:
+            content = content_text(content, f"{at} content")
+        normalized.append({"role": role, "content": content, **extras})
     return normalized
+
+
+def present(mapping: dict, key: str) -> bool:
+    """Whether `mapping` holds `key` with a value: null means left out (see the module docstring)."""
+    return mapping.get(key) is not None
+
+
+def content_text(content, where: str) -> str:
+    """A message's content as one string: a string as it is, a list of text parts joined with "\\n"."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise DataError(f"{where} must be a string or a list of content parts, got {kind_of(content)}")
+    texts = []
+    for index, part in enumerate(content):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise DataError(
+                f"{where} must be a string, got a list whose item {index} is {kind_of(part)} rather than a content "
+                'part such as {"type": "text", "text": "..."}'
+            )
+        if part["type"] != "text":
+            raise DataError(
+                f"{where}[{index}] is of type {part['type']!r}; minisft trains text models and reads only 'text' "
+                "parts: leave the others out of this dataset"
+            )
+        if not isinstance(part.get("text"), str):
+            raise DataError(f"{where}[{index}] is a 'text' part whose 'text' is {kind_of(part.get('text'))}")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def template_inputs(row: dict, origin: str) -> dict:
+    """The row's `tools` and `chat_template_kwargs`, checked: what its chat template is given beside the messages."""
+    inputs = {}
+    tools = row.get("tools")
+    if isinstance(tools, str):  # parquet and hub datasets often hold the schemas as one JSON string, as TRL reads it
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{origin}: 'tools' is a string but not valid JSON ({error.msg} at column {error.colno})")
+    if tools is not None:
+        if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+            raise DataError(
+                f"{origin}: 'tools' must be a list of function definitions (JSON-schema objects), got {kind_of(tools)}"
+            )
+        inputs["tools"] = tools
+    kwargs = row.get("chat_template_kwargs")
+    if kwargs is not None:
+        if not isinstance(kwargs, dict):
+            raise DataError(
+                f"{origin}: 'chat_template_kwargs' must be an object of template variables, got {kind_of(kwargs)}"
+            )
+        reserved = [key for key in kwargs if key in RESERVED_TEMPLATE_KWARGS]
+        if reserved:
+            raise DataError(
+                f"{origin}: 'chat_template_kwargs' sets {', '.join(map(repr, reserved))}, which minisft sets itself"
+                + ("; give the tools in the row's 'tools' column" if "tools" in reserved else "")
+            )
+        inputs["chat_template_kwargs"] = {key: value for key, value in kwargs.items() if value is not None}
+    return inputs
+
+
+def token_column(row: dict, key: str, origin: str, length: int | None = None, bits: bool = False) -> list[int]:
+    """One column of a pre-tokenized row, checked: a list of integers (0/1 for a mask), one per token."""
+    values = row[key]
+    where = f"{origin}: {key!r}"
+    if not isinstance(values, list):
+        raise DataError(f"{where} must be a list of {'0/1 flags' if bits else 'token ids'}, got {kind_of(values)}")
+    allowed = (lambda value: value in (0, 1)) if bits else (lambda value: type(value) is int)
+    bad = next((index for index, value in enumerate(values) if not allowed(value)), None)
+    if bad is not None:
+        wanted = "0 or 1" if bits else "an integer"
+        raise DataError(f"{where}[{bad}] is {values[bad]!r}; each entry must be {wanted}")
+    if length is not None and len(values) != length:
+        raise DataError(f"{where} has {len(values)} entries but 'input_ids' has {length}; each token needs one")
+    return values
+
+
+def normalize_tokenized(row: dict, origin: str) -> dict:
+    """A pre-tokenized row: input_ids and the optional TOKENIZED_COLUMNS, checked for type and length."""
+    input_ids = token_column(row, "input_ids", origin)
+    if not input_ids:
+        raise DataError(f"{origin}: 'input_ids' is empty; there is nothing to train on")
+    example = {"input_ids": input_ids}
+    for key in TOKENIZED_COLUMNS:
+        if present(row, key):
+            example[key] = token_column(row, key, origin, len(input_ids), bits=key != "labels")
+    if present(row, "attention_mask") and 0 in token_column(row, "attention_mask", origin, len(input_ids), bits=True):
+        # TRL ignores attention_mask and would train on the padding as if it were text.
+        raise DataError(
+            f"{origin}: 'attention_mask' has zeros: the row holds padding. minisft pads batches itself; "
+            "give the rows without their padding"
+        )
+    return example
 
 
 def normalize_prompt_completion(row: dict, origin: str) -> dict:
@@ -145,16 +283,20 @@ def normalize_prompt_completion(row: dict, origin: str) -> dict:
     return {
         "prompt": normalize_messages(prompt, f"{origin}: prompt", *CONVERSATION_FORMATS["messages"]),
         "completion": normalize_messages(completion, f"{origin}: completion", *CONVERSATION_FORMATS["messages"]),
+        **template_inputs(row, origin),
     }
 
 
 def normalize_example(row: dict, origin: str, text_field: str = "text") -> dict:
-    """One raw row -> one canonical example (plus its origin). Keys outside the format are dropped."""
+    """One raw row -> one canonical example (plus its origin). Keys outside the format are dropped
+    (a conversation keeps its tools and chat_template_kwargs: the template reads them)."""
     raw_format = detect_format(row, origin, text_field)
-    if raw_format in CONVERSATION_FORMATS:
+    if raw_format.startswith("tokenized"):
+        example = normalize_tokenized(row, origin)
+    elif raw_format in CONVERSATION_FORMATS:
         role_key, content_keys, aliases = CONVERSATION_FORMATS[raw_format]
         messages = normalize_messages(row[raw_format], f"{origin}: {raw_format}", role_key, content_keys, aliases)
-        example = {"messages": messages}
+        example = {"messages": messages, **template_inputs(row, origin)}
     elif raw_format == "text":
         text = row[text_field]
         if not isinstance(text, str):
@@ -185,25 +327,50 @@ def normalize_rows(rows: Iterable[tuple[str, dict]], text_field: str = "text") -
 # Each reader returns [(origin, raw row)] and the number of blank lines it skipped.
 
 
+def text_lines(path: Path, newline: str | None = None) -> Iterator[str]:
+    """The lines of a UTF-8 text file. "utf-8-sig" skips a byte-order mark at the start, and reads the rest as UTF-8."""
+    with open(path, encoding="utf-8-sig", newline=newline) as file:
+        try:
+            yield from file
+        except UnicodeDecodeError:
+            raise DataError(not_utf8(path)) from None
+
+
+def not_utf8(path: Path) -> str:
+    """Where a file stops being UTF-8 (line, byte offset, the byte), worded so that the user can fix it."""
+    offset, where = 0, str(path)
+    with open(path, "rb") as file:
+        start = file.read(2)
+        file.seek(0)
+        for number, line in enumerate(file, start=1):
+            try:
+                line.decode("utf-8")  # no byte of a multi-byte UTF-8 character is "\n": each line decodes alone
+            except UnicodeDecodeError as error:
+                where = f"{path} line {number}: byte {offset + error.start} (0x{line[error.start]:02x})"
+                break
+            offset += len(line)
+    utf16 = " It starts like UTF-16 (what Windows calls Unicode)." if start in (b"\xff\xfe", b"\xfe\xff") else ""
+    return f"{where} is not UTF-8. minisft reads UTF-8: save the file as UTF-8 (e.g. iconv -f cp1252 -t utf-8).{utf16}"
+
+
 def read_json_lines(path: Path) -> tuple[list[tuple[str, dict]], int]:
     rows, blank_lines = [], 0
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                blank_lines += 1
-                continue
-            origin = f"{path} line {number}"
-            try:
-                rows.append((origin, json.loads(line.rstrip())))
-            except json.JSONDecodeError as error:
-                problem = f"not valid JSON ({error.msg} at column {error.colno})"
-                raise DataError(f"{origin}: {problem}; each line must hold one JSON object") from None
+    for number, line in enumerate(text_lines(path), start=1):
+        if not line.strip():
+            blank_lines += 1
+            continue
+        origin = f"{path} line {number}"
+        try:
+            rows.append((origin, json.loads(line.rstrip())))
+        except json.JSONDecodeError as error:
+            problem = f"not valid JSON ({error.msg} at column {error.colno})"
+            raise DataError(f"{origin}: {problem}; each line must hold one JSON object") from None
     return rows, blank_lines
 
 
 def read_json(path: Path) -> tuple[list[tuple[str, dict]], int]:
     """A .json file is either one JSON array of objects or JSON lines; the first character tells."""
-    text = path.read_text(encoding="utf-8")
+    text = "".join(text_lines(path))
     if not text.lstrip().startswith("["):
         return read_json_lines(path)
     try:
@@ -229,18 +396,17 @@ def read_csv(path: Path) -> tuple[list[tuple[str, dict]], int]:
     # The csv module keeps every cell a string (a text column of digits stays text) and lets
     # us count blank lines and name lines; a quoted cell may span lines, so track the start.
     rows, blank_lines = [], 0
-    with open(path, encoding="utf-8", newline="") as file:
-        reader = csv.reader(file)
-        header = next(reader, [])
-        start_line = reader.line_num + 1
-        for values in reader:
-            origin, start_line = f"{path} line {start_line}", reader.line_num + 1
-            if not values:
-                blank_lines += 1
-            elif len(values) != len(header):
-                raise DataError(f"{origin}: {len(values)} fields, but the header has {len(header)} columns")
-            else:
-                rows.append((origin, dict(zip(header, values))))
+    reader = csv.reader(text_lines(path, newline=""))  # newline="": the csv module reads the line endings itself
+    header = next(reader, [])
+    start_line = reader.line_num + 1
+    for values in reader:
+        origin, start_line = f"{path} line {start_line}", reader.line_num + 1
+        if not values:
+            blank_lines += 1
+        elif len(values) != len(header):
+            raise DataError(f"{origin}: {len(values)} fields, but the header has {len(header)} columns")
+        else:
+            rows.append((origin, dict(zip(header, values))))
     return rows, blank_lines
 
 

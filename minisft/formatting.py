@@ -17,6 +17,14 @@ Per format, as TRL does it:
                        two token lists first differ, which is usually len(prompt) but not always:
                        tokens can merge across the boundary ("Fr" + "ance" → "France").
 - text                 plain text; EOS is appended when missing, so the model learns to stop.
+- tokenized            the row's own input_ids, as they are. All this stage does for them is
+                       check that every id is a token of this tokenizer: rows tokenized with
+                       another tokenizer would train on meaningless (or out-of-range) ids.
+
+A conversation's `tools` and `chat_template_kwargs` go to the template with its messages, as
+TRL passes them. A template renders only what it mentions, so tool calls given to a template
+that never reads `tool_calls` would vanish from the training text without a word: that is
+refused, naming the example.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from jinja2 import TemplateError
 
 from .data import dataset_format
 from .errors import UserError
+from .masking import IGNORE_INDEX
 
 # The layout of SmolLM2, Qwen and many others; used for a tokenizer that has no template.
 CHATML_TEMPLATE = (
@@ -48,7 +57,10 @@ class Formatted:
 
     input_ids: list[int]
     completion_start: int | None = None  # prompt/completion: index of the first completion token
-    assistant_mask: list[int] | None = None  # 1 on tokens inside the template's {% generation %} blocks
+    # 1 on tokens inside the template's {% generation %} blocks, or a pre-tokenized row's assistant_masks
+    assistant_mask: list[int] | None = None
+    completion_mask: list[int] | None = None  # a pre-tokenized row's completion_mask: 1 on completion tokens
+    labels: list[int] | None = None  # a pre-tokenized row's own labels, trained as they are
 
 
 def has_generation_tags(chat_template: str | None) -> bool:
@@ -118,37 +130,82 @@ def common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
 def format_example(example: dict, tokenizer, eos_token: str | None, assistant_mask: bool = False) -> Formatted:
     """Render and tokenize one canonical example (see the module docstring)."""
     kind = dataset_format(example)
-    try:
-        if kind == "text":
-            text = _with_eos(example["text"], eos_token, example)
-            return Formatted(input_ids=tokenizer(text)["input_ids"])
-        if kind == "conversational":
-            ids, mask = _render(tokenizer, example["messages"], assistant_mask=assistant_mask)
-            return Formatted(input_ids=ids, assistant_mask=mask)
-        if kind == "prompt_completion":
-            completion = _with_eos(example["completion"], eos_token, example)
-            prompt_ids = tokenizer(example["prompt"])["input_ids"]
-            ids = tokenizer(example["prompt"] + completion)["input_ids"]
-            return Formatted(input_ids=ids, completion_start=common_prefix_length(prompt_ids, ids))
-        # conversational prompt/completion: the prompt is rendered as the model sees it at
-        # inference, ending with the generation prompt (e.g. "<|im_start|>assistant\n").
-        prompt_ids, _ = _render(tokenizer, example["prompt"], add_generation_prompt=True)
-        ids, mask = _render(tokenizer, example["prompt"] + example["completion"], assistant_mask=assistant_mask)
-        return Formatted(input_ids=ids, completion_start=common_prefix_length(prompt_ids, ids), assistant_mask=mask)
-    except TemplateError as error:
-        raise FormattingError(f"{_origin(example)}: the chat template rejected this conversation: {error}") from error
+    if kind == "tokenized":
+        check_token_ids(example, len(tokenizer))
+        return Formatted(
+            input_ids=list(example["input_ids"]),
+            assistant_mask=example.get("assistant_masks"),
+            completion_mask=example.get("completion_mask"),
+            labels=example.get("labels"),
+        )
+    if kind == "text":
+        text = _with_eos(example["text"], eos_token, example)
+        return Formatted(input_ids=tokenizer(text)["input_ids"])
+    if kind == "conversational":
+        ids, mask = _render(tokenizer, example, example["messages"], assistant_mask=assistant_mask)
+        return Formatted(input_ids=ids, assistant_mask=mask)
+    if kind == "prompt_completion":
+        completion = _with_eos(example["completion"], eos_token, example)
+        prompt_ids = tokenizer(example["prompt"])["input_ids"]
+        ids = tokenizer(example["prompt"] + completion)["input_ids"]
+        return Formatted(input_ids=ids, completion_start=common_prefix_length(prompt_ids, ids))
+    # conversational prompt/completion: the prompt is rendered as the model sees it at
+    # inference, ending with the generation prompt (e.g. "<|im_start|>assistant\n").
+    prompt_ids, _ = _render(tokenizer, example, example["prompt"], add_generation_prompt=True)
+    conversation = example["prompt"] + example["completion"]
+    ids, mask = _render(tokenizer, example, conversation, assistant_mask=assistant_mask)
+    return Formatted(input_ids=ids, completion_start=common_prefix_length(prompt_ids, ids), assistant_mask=mask)
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, assistant_mask: bool = False):
-    if not tokenizer.chat_template:
+def check_token_ids(example: dict, vocab_size: int) -> None:
+    """A pre-tokenized row's ids must be tokens of this tokenizer: 0 <= id < vocab_size (a label may be -100)."""
+    for key in ("input_ids", "labels"):
+        ids = example.get(key)
+        if ids is None:
+            continue
+        in_range = [token for token in ids if token != IGNORE_INDEX] if key == "labels" else ids
+        if not in_range or (min(in_range) >= 0 and max(in_range) < vocab_size):
+            continue
+        position = next(
+            index
+            for index, token in enumerate(ids)
+            if not (0 <= token < vocab_size or (key == "labels" and token == IGNORE_INDEX))
+        )
+        raise FormattingError(
+            f"{_origin(example)}: {key}[{position}] is {ids[position]}, not a token of this tokenizer (its ids "
+            f"run from 0 to {vocab_size - 1}{'; a label may also be -100' if key == 'labels' else ''}). Were these "
+            "rows tokenized with another tokenizer?"
+        )
+
+
+def _render(
+    tokenizer, example: dict, messages: list[dict], add_generation_prompt: bool = False, assistant_mask: bool = False
+):
+    """The conversation `messages` of `example` through the chat template, with the example's tools and kwargs."""
+    template = tokenizer.chat_template
+    if not template:
         raise FormattingError("The tokenizer has no chat template; call setup_chat_template first.")
-    encoded = tokenizer.apply_chat_template(
-        messages,
-        tokenize=True,
-        return_dict=True,
-        add_generation_prompt=add_generation_prompt,
-        return_assistant_tokens_mask=assistant_mask,
-    )
+    tools = example.get("tools")
+    for present, name in ((tools, "tools"), (any(message.get("tool_calls") for message in messages), "tool_calls")):
+        if present and name not in template:
+            raise FormattingError(
+                f"{_origin(example)}: this conversation has {name}, but the chat template never reads {name!r}, "
+                "so they would be left out of the training text. Pass --chat_template_path with a template "
+                "that renders tools and tool calls (the model's own, if it was trained for tool calling)."
+            )
+    try:
+        encoded = tokenizer.apply_chat_template(
+            messages,
+            tools=tools,
+            **example.get("chat_template_kwargs", {}),
+            tokenize=True,
+            return_dict=True,
+            add_generation_prompt=add_generation_prompt,
+            return_assistant_tokens_mask=assistant_mask,
+        )
+    # A template's own mistakes (a missing key, text + null) surface as TypeError as well as TemplateError.
+    except (TemplateError, TypeError) as error:
+        raise FormattingError(f"{_origin(example)}: the chat template rejected this conversation: {error}") from error
     return list(encoded["input_ids"]), (list(encoded["assistant_masks"]) if assistant_mask else None)
 
 

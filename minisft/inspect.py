@@ -27,7 +27,7 @@ from .cli import demo_dataset_path, parse_flags, run, stderr_console
 from .config import DataConfig, ModelConfig, PackingConfig
 from .masking import IGNORE_INDEX
 from .models import load_tokenizer
-from .packing import PackedDataset, pack
+from .packing import PackedDataset, pack, setup_pad_token
 from .prepare import PreparedDataset, load_and_prepare
 
 
@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(model_config.model_name_or_path, trust_remote_code=model_config.trust_remote_code)
     source = data_config.dataset_name or demo_dataset_path()
     splits = load_and_prepare(source, tokenizer, data_config, packing_config)
+    pad_note = setup_pad_token(tokenizer, data_config.pad_token)  # as training pads: checked, and said
+    if pad_note:
+        stderr_console.print(pad_note)
     prepared = splits.train if inspect_config.split == "train" else splits.eval
     if prepared is None:
         stderr_console.print("This dataset has no eval split; ask for one with --eval_split_size 0.1.")
@@ -193,6 +196,11 @@ def figures_table(prepared: PreparedDataset, splits, source: str, split: str) ->
     table.add_row("dropped (nothing to train)", f"{stats.dropped:,}" + (f" ({dropped})" if dropped else ""))
     if stats.response_template_missing:
         table.add_row("response template not found", f"{stats.response_template_missing:,}")
+    if stats.completion_mask_unused:
+        # TRL's default for pre-tokenized rows: every token trained unless --completion_only_loss says otherwise.
+        table.add_row(
+            "completion_mask not applied", f"{stats.completion_mask_unused:,} (--completion_only_loss applies it)"
+        )
     if splits.skipped_blank_lines:
         table.add_row("blank lines skipped", f"{splits.skipped_blank_lines:,}")
     if split == "train" and splits.eval is not None:

@@ -185,6 +185,30 @@ def padding_free_row(examples: list[dict]) -> dict:
 # ----------------------------------------------------------------------------- batches
 
 
+def setup_pad_token(tokenizer, pad_token: str | None = None) -> str | None:
+    """Give the tokenizer the token batches are padded with. Returns a line for the run's log when it had none.
+
+    As TRL chooses it: --pad_token, else the tokenizer's own pad token, else its EOS. Llama 3, Mistral
+    and Qwen base tokenizers have no pad token. Which token pads never changes the loss: a padded
+    position has label -100, and no real token attends to it (attention_mask 0, or a document of its
+    own in a packed row). The tokenizer keeps the choice, so the saved tokenizer pads the same way.
+    """
+    own = tokenizer.pad_token
+    chosen = pad_token or own or tokenizer.eos_token
+    if chosen is None:
+        raise PackingError(
+            "The tokenizer has neither a pad token nor an EOS token to pad batches with; pass --pad_token."
+        )
+    if chosen not in tokenizer.get_vocab():
+        raise PackingError(f"--pad_token {chosen!r} is not a token of this tokenizer's vocabulary.")
+    tokenizer.pad_token = chosen
+    if chosen == own:
+        return None
+    if own is None and pad_token is None:
+        return f"padding: the tokenizer has no pad token, so batches are padded with its EOS {chosen!r}, as TRL does"
+    return f"padding: with {chosen!r} (--pad_token)"
+
+
 def round_up(length: int, multiple: int | None) -> int:
     return length if not multiple else -(-length // multiple) * multiple
 

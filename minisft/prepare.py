@@ -6,6 +6,10 @@
 Every decision is counted, never silent: examples truncated to --max_length (and the tokens
 cut), examples dropped because no token is left to train on (and why), examples where a
 response template was never found. `python -m minisft.inspect` prints exactly this output.
+
+Pre-tokenized rows are trained as TRL 1.16 trains them: their own `labels` as they are, when
+they have them; otherwise their `assistant_masks` always, and their `completion_mask` only with
+--completion_only_loss (TRL's documented default leaves it unused: counted, so it is seen).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass, field
 
 from .config import DataConfig, PackingConfig
 from .data import dataset_format, load_splits
-from .formatting import format_example, has_generation_tags, resolve_eos_token, setup_chat_template
+from .formatting import Formatted, format_example, has_generation_tags, resolve_eos_token, setup_chat_template
 from .masking import (
     MaskingError,
     completion_mask,
@@ -37,6 +41,7 @@ class PrepareStats:
     dropped: int = 0
     drop_reasons: Counter = field(default_factory=Counter)
     response_template_missing: int = 0
+    completion_mask_unused: int = 0  # pre-tokenized rows whose completion_mask --completion_only_loss would apply
 
 
 @dataclass
@@ -64,25 +69,17 @@ def prepare_dataset(
     config = config or DataConfig()
     if not examples:
         return PreparedDataset([], PrepareStats())
-    plan = _plan_masks(dataset_format(examples[0]), tokenizer, config)
+    plan = _plan_masks(dataset_format(examples[0]), set(examples[0]), tokenizer, config)
     eos_token = resolve_eos_token(tokenizer, config.eos_token)
     stats = PrepareStats()
     prepared, origins = [], []
     for index, example in enumerate(examples):
         formatted = format_example(example, tokenizer, eos_token, assistant_mask=plan.generation_tags)
         input_ids = formatted.input_ids
-        masks = []
-        if plan.completion_only:
-            masks.append(completion_mask(len(input_ids), formatted.completion_start))
-        if plan.generation_tags:
-            masks.append([bool(bit) for bit in formatted.assistant_mask])
-        if plan.response_variants:
-            mask = response_template_mask(input_ids, plan.response_variants, plan.instruction_variants)
-            if mask is None:
-                stats.response_template_missing += 1
-                mask = [False] * len(input_ids)
-            masks.append(mask)
-        labels = labels_from_masks(input_ids, masks)
+        if formatted.labels is not None:  # a pre-tokenized row's own labels win over any mask it holds, as in TRL
+            labels = list(formatted.labels)
+        else:
+            labels = labels_from_masks(input_ids, _masks(formatted, plan, stats))
         trained_before_truncation = any(label != -100 for label in labels)
         if truncate and config.max_length is not None and len(input_ids) > config.max_length:
             stats.truncated += 1
@@ -102,15 +99,44 @@ def prepare_dataset(
     return PreparedDataset(prepared, stats, origins)
 
 
-def _plan_masks(kind: str, tokenizer, config: DataConfig) -> _MaskPlan:
+def _masks(formatted: Formatted, plan: _MaskPlan, stats: PrepareStats) -> list[list[bool]]:
+    """The masks that apply to one formatted example (True = trained); what no rule finds is counted."""
+    input_ids = formatted.input_ids
+    masks = []
+    if plan.completion_only:
+        if formatted.completion_mask is not None:
+            masks.append([bool(bit) for bit in formatted.completion_mask])
+        else:
+            masks.append(completion_mask(len(input_ids), formatted.completion_start))
+    elif formatted.completion_mask is not None:
+        stats.completion_mask_unused += 1
+    if formatted.assistant_mask is not None:  # {% generation %} tags, or a pre-tokenized row's assistant_masks
+        masks.append([bool(bit) for bit in formatted.assistant_mask])
+    if plan.response_variants:
+        mask = response_template_mask(input_ids, plan.response_variants, plan.instruction_variants)
+        if mask is None:
+            stats.response_template_missing += 1
+            mask = [False] * len(input_ids)
+        masks.append(mask)
+    return masks
+
+
+def _plan_masks(kind: str, columns: set[str], tokenizer, config: DataConfig) -> _MaskPlan:
+    """The masks for a dataset of this format; `columns` are its first example's keys (all share them)."""
     is_prompt_completion = kind in ("prompt_completion", "conversational_prompt_completion")
     is_conversation = kind in ("conversational", "conversational_prompt_completion")
-    if config.completion_only_loss and not is_prompt_completion:
-        raise MaskingError(
-            f"--completion_only_loss needs prompt/completion data; this dataset is {kind}. "
-            "For conversations use --assistant_only_loss; for text, --response_template."
-        )
-    completion_only = is_prompt_completion and config.completion_only_loss is not False
+    if kind == "tokenized":
+        _check_tokenized_flags(columns, config)
+        # As TRL decides it: "on for prompt/completion data" means rows with a prompt and a completion, which
+        # pre-tokenized rows are not, so their completion_mask needs the flag.
+        completion_only = bool(config.completion_only_loss)
+    else:
+        if config.completion_only_loss and not is_prompt_completion:
+            raise MaskingError(
+                f"--completion_only_loss needs prompt/completion data; this dataset is {kind}. "
+                "For conversations use --assistant_only_loss; for text, --response_template."
+            )
+        completion_only = is_prompt_completion and config.completion_only_loss is not False
     generation_tags = False
     response, instruction = parse_template(config.response_template), parse_template(config.instruction_template)
     if instruction is not None and response is None:
@@ -136,6 +162,34 @@ def _plan_masks(kind: str, tokenizer, config: DataConfig) -> _MaskPlan:
         instruction_variants=template_variants(tokenizer, instruction) if instruction is not None else None,
         response_template=response,
     )
+
+
+def _check_tokenized_flags(columns: set[str], config: DataConfig) -> None:
+    """Masking flags that pre-tokenized rows cannot honour are errors, not silently ignored flags."""
+    if config.assistant_only_loss:
+        raise MaskingError(
+            "--assistant_only_loss needs conversations; these rows are pre-tokenized. Their 'assistant_masks' "
+            "column, if they have one, is applied without the flag."
+        )
+    if "labels" in columns:
+        given = [
+            flag
+            for flag, value in (
+                ("--completion_only_loss", config.completion_only_loss),
+                ("--response_template", config.response_template),
+            )
+            if value
+        ]
+        if given:
+            raise MaskingError(
+                "These pre-tokenized rows carry their own labels, which are trained as they are; "
+                f"drop {' and '.join(given)}."
+            )
+    elif config.completion_only_loss and "completion_mask" not in columns:
+        raise MaskingError(
+            "--completion_only_loss on pre-tokenized rows needs their 'completion_mask' column (1 on completion "
+            "tokens); these rows have none."
+        )
 
 
 def _drop_reason(plan: _MaskPlan, trained_before_truncation: bool) -> str:

@@ -52,14 +52,24 @@ def trl_trainer(examples: list[dict], tokenizer, **sft_config_kwargs):
     `chat_template_path`, the chat template) on the object it is given, which would leak into the
     caller's tokenizer and from there into whatever minisft is compared with.
     """
+
+
+    if not examples:
+        raise ValueError("trl_prepared needs at least one example: SFTTrainer reads the first one to detect the format")
+    return trl_trainer_for_rows(
+        [{key: example[key] for key in FORMAT_KEYS if key in example} for example in examples],
+        tokenizer,
+        **sft_config_kwargs,
+    )
+
+
+def trl_trainer_for_rows(rows: list[dict], tokenizer, **sft_config_kwargs):
+    """As trl_trainer, for raw rows handed to TRL whole: tools, chat_template_kwargs, pre-tokenized columns."""
     import datasets
     import trl
 
     from minisft.models import tiny_model
 
-    if not examples:
-        raise ValueError("trl_prepared needs at least one example: SFTTrainer reads the first one to detect the format")
-    rows = [{key: example[key] for key in FORMAT_KEYS if key in example} for example in examples]
     tokenizer = copy.deepcopy(tokenizer)
     with _quiet(), tempfile.TemporaryDirectory(prefix="trl-reference-") as output_dir:
         args = trl.SFTConfig(
@@ -89,7 +99,15 @@ def trl_prepared(examples: list[dict], tokenizer, **sft_config_kwargs) -> list[d
     eos_token, chat_template_path, ...). Rows TRL drops (fully masked after truncation) are absent, the
     rest keep the input order.
     """
-    trainer = trl_trainer(examples, tokenizer, **sft_config_kwargs)
+    return prepared_rows_of(trl_trainer(examples, tokenizer, **sft_config_kwargs))
+
+
+def trl_prepared_rows(rows: list[dict], tokenizer, **sft_config_kwargs) -> list[dict]:
+    """As trl_prepared, for raw rows handed to TRL whole (see trl_trainer_for_rows)."""
+    return prepared_rows_of(trl_trainer_for_rows(rows, tokenizer, **sft_config_kwargs))
+
+
+def prepared_rows_of(trainer) -> list[dict]:
     dataset = trainer.train_dataset
     return [
         {"input_ids": list(ids), "labels": list(labels)} for ids, labels in zip(dataset["input_ids"], dataset["labels"])
