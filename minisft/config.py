@@ -257,13 +257,29 @@ class TrainingConfig:
         default=None, metadata={"help": "Evaluate every this many steps. Default: logging_steps."}
     )
     save_steps: int = field(default=500, metadata={"help": "Write a checkpoint every this many steps; 0: never."})
-    save_total_limit: int | None = field(default=None, metadata={"help": "Keep only the newest this many checkpoints."})
+    save_total_limit: int | None = field(
+        default=None,
+        metadata={
+            "help": "Keep only the newest this many checkpoints (never deleting the one just written). "
+            "Unset or 0: keep them all, as transformers reads 0."
+        },
+    )
     resume_from_checkpoint: str | None = field(
         default=None,
         metadata={
             "help": "A checkpoint folder to resume from, or true: the newest in output_dir.",
             "nargs": "?",
             "const": "true",
+        },
+    )
+    ignore_data_order_mismatch: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume even though a setting that decides which examples each step sees (batch size, "
+            "accumulation, max_length, packing, seed, the tokenized dataset) differs from the checkpoint's: the "
+            "run goes on from the checkpoint's step in the new order, no longer the run it came from. Without it "
+            "such a resume is refused. (transformers' ignore_data_skip is another thing: it restarts the data "
+            "from the beginning instead of skipping to the checkpoint's place.)"
         },
     )
     report_to: str = field(

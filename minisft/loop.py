@@ -32,7 +32,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .attention import FLATTENED, flatten_rows, packed_model_inputs, use_sdpa_by_example
-from .checkpoint import load_checkpoint, prune, resolve_resume, save_checkpoint
+from .checkpoint import (
+    WRITE_ERRORS,
+    CheckpointError,
+    check_resume,
+    data_fingerprint,
+    load_checkpoint,
+    prune,
+    remove_leftovers,
+    resolve_resume,
+    save_checkpoint,
+    write_failure,
+)
 from .cli import demo_dataset_path
 from .config import ConfigError, DataConfig, LoraConfig, ModelConfig, PackingConfig, TrainingConfig
 from .distributed import Processes, barrier, device_of, full_state_dict, gradient_sync, start, sum_across, wrap
@@ -49,8 +60,9 @@ from .lora import (
 from .loss import causal_lm_losses, count_trained_tokens
 from .models import fit_embeddings_to_tokenizer, load_model, load_tokenizer
 from .optim import build_optimizer, build_schedule, warmup_steps
-from .packing import collate_padded, collate_rows, pack, padding_free_row
+from .packing import collate_padded, collate_rows, pack, padding_free_row, setup_pad_token
 from .prepare import load_and_prepare
+from .stopping import stop_requests
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -105,6 +117,9 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
     # 1. Data: raw rows → canonical examples → input_ids and labels → packed rows or examples.
     tokenizer = load_tokenizer(config.model.model_name_or_path, trust_remote_code=config.model.trust_remote_code)
     splits = load_and_prepare(config.data.dataset_name or demo_dataset_path(), tokenizer, config.data, config.packing)
+    pad_note = setup_pad_token(tokenizer, config.data.pad_token)  # before any batch: the tokenizer may have none
+    if pad_note:
+        console.print(pad_note)
     train_units = units_for(splits.train.examples, config, "train", console)
     eval_units = units_for(splits.eval.examples, config, "eval", console) if splits.eval else None
     stats = splits.train.stats
@@ -113,6 +128,14 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
         f"({stats.truncated} truncated, {stats.dropped} dropped)"
         + (f"; {splits.eval.stats.examples:,} eval examples" if splits.eval else "")
     )
+    if stats.completion_mask_unused:  # TRL's default for pre-tokenized rows: every token trained
+        console.print("data: the rows' completion_mask is not applied; --completion_only_loss applies it")
+    order = data_order(config, train_units)
+    resumed = {"step": 0}
+    if resume_from is not None:  # refused here, before the model loads, if this run cannot continue it
+        resumed, changes = check_resume(resume_from, processes, order, args.ignore_data_order_mismatch)
+        if changes:
+            console.print(f"[yellow]warning:[/] --ignore_data_order_mismatch: resuming although {'; '.join(changes)}")
 
     # 2. Model: load, grow the embeddings if the tokenizer grew, LoRA, memory savers.
     device = device_of(processes)
@@ -152,100 +175,134 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
         f"{device}{', bf16 autocast' if autocast is not nullcontext else ''}"
     )
 
-    start_step = 0
+    start_step = resumed["step"]
     if resume_from is not None:
-        start_step = load_checkpoint(resume_from, model, optimizer, schedule, lora_settings, processes)["step"]
+        load_checkpoint(resume_from, model, optimizer, schedule, lora_settings, processes)
         console.print(f"resumed from {resume_from} at step {start_step}")
     metrics_log = MetricsLog(output_dir, start_step, args.report_to) if processes.is_main else None
 
-    # 5. The steps.
+    # 5. The steps. From here on Ctrl-C, SIGTERM and SIGUSR1 stop the run cleanly (minisft/stopping.py).
     def batch_for(units: list) -> dict:
         return collate(units, config, tokenizer.pad_token_id, device)
 
-    interval = Interval()
+    def checkpoint_now() -> Path:
+        state = {
+            "step": completed,
+            "epoch": completed / steps_per_epoch,
+            "seed": seed,
+            "world_size": processes.world_size,
+            "num_tokens": interval.total_tokens + interval.tokens,  # the trained tokens of all steps so far
+            "data_order": order,
+        }
+        base_name = config.model.model_name_or_path
+        path = save_checkpoint(
+            output_dir, completed, model, optimizer, schedule, state, lora_settings, base_name, processes
+        )
+        if processes.is_main:
+            prune(output_dir, args.save_total_limit, current=path)
+        return path
+
+    interval = Interval(resumed.get("num_tokens", 0))
     completed = start_step
+    in_output_dir = resume_from is not None and resume_from.resolve().parent == output_dir.resolve()
+    saved = resume_from if in_output_dir else None  # the checkpoint of step `completed`, if there is one
+    stopped = False
     last_metrics: dict = {}
     progress = progress_bar(console)
-    try:
-        with progress:
-            task = progress.add_task("training", total=total_steps, completed=start_step, figures="")
-            for step in range(start_step, total_steps):
-                every_micro_batch = micro_batches_of_step(
-                    step, len(train_units), config, steps_per_epoch, seed, processes.world_size
-                )
-                mine, weights = share_of(every_micro_batch, processes)
-                batches = [batch_for([train_units[index] for index in indices]) for indices in mine]
-                local_tokens = sum(
-                    count_trained_tokens(batch["labels"]) for batch, weight in zip(batches, weights) if weight
-                )
-                step_tokens = sum_across(processes, [local_tokens], device)[0]
-                # DDP and FSDP average the gradients over the processes: scaling by world_size makes it a sum.
-                scale = processes.world_size / max(step_tokens, 1)
-                learning_rate = optimizer.param_groups[0]["lr"]
-                model.train()
-                figures = torch.zeros(3, dtype=torch.float64)  # this process's loss sum, correct, entropy
-                for index, (batch, weight) in enumerate(zip(batches, weights)):
-                    with gradient_sync(backbone, sync=index == len(batches) - 1):
-                        with autocast():
-                            losses = causal_lm_losses(model, batch["inputs"], batch["labels"], backbone=backbone)
-                        (losses.loss_sum * (scale * weight)).backward()
-                    if weight:
-                        figures += torch.tensor([float(losses.loss_sum.detach()), losses.correct, losses.entropy_sum])
-                step_loss_sum, correct, entropy = sum_across(processes, figures.tolist(), device)
-                step_loss = step_loss_sum / max(step_tokens, 1)
-                max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
-                grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
-                if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-                    raise TrainingError(
-                        f"The loss (or the gradient norm) is not finite at step {step + 1}: loss {step_loss}, "
-                        f"gradient norm {grad_norm}. Nothing from this step was applied; the last good checkpoint "
-                        f"stays in {output_dir}. Try a lower --learning_rate, or --bf16 false."
+    with stop_requests(one_process=not processes.distributed, speak=processes.is_main) as stop:
+        try:
+            with progress:
+                task = progress.add_task("training", total=total_steps, completed=start_step, figures="")
+                for step in range(start_step, total_steps):
+                    every_micro_batch = micro_batches_of_step(
+                        step, len(train_units), config, steps_per_epoch, seed, processes.world_size
                     )
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                completed = step + 1
-                interval.add_step(step_loss, step_tokens, correct, entropy, grad_norm, learning_rate)
-                epoch = completed / steps_per_epoch
+                    mine, weights = share_of(every_micro_batch, processes)
+                    batches = [batch_for([train_units[index] for index in indices]) for indices in mine]
+                    local_tokens = sum(
+                        count_trained_tokens(batch["labels"]) for batch, weight in zip(batches, weights) if weight
+                    )
+                    # The stop requests travel in the step's token all-reduce: every process sees the same sum,
+                    # so all stop before the same step, even if only one of them got the signal.
+                    step_tokens, stop_votes = sum_across(
+                        processes, [local_tokens, float(stop.signal is not None)], device
+                    )
+                    if stop_votes:
+                        stopped = True
+                        break
+                    # DDP and FSDP average the gradients over the processes: scaling by world_size makes it a sum.
+                    scale = processes.world_size / max(step_tokens, 1)
+                    learning_rate = optimizer.param_groups[0]["lr"]
+                    model.train()
+                    figures = torch.zeros(3, dtype=torch.float64)  # this process's loss sum, correct, entropy
+                    with stop.abandonable():
+                        for index, (batch, weight) in enumerate(zip(batches, weights)):
+                            with gradient_sync(backbone, sync=index == len(batches) - 1):
+                                with autocast():
+                                    losses = causal_lm_losses(
+                                        model, batch["inputs"], batch["labels"], backbone=backbone
+                                    )
+                                (losses.loss_sum * (scale * weight)).backward()
+                            if weight:
+                                figures += torch.tensor(
+                                    [float(losses.loss_sum.detach()), losses.correct, losses.entropy_sum]
+                                )
+                    step_loss_sum, correct, entropy = sum_across(processes, figures.tolist(), device)
+                    step_loss = step_loss_sum / max(step_tokens, 1)
+                    max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+                    grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+                    if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                        raise TrainingError(
+                            f"The loss (or the gradient norm) is not finite at step {step + 1}: loss {step_loss}, "
+                            f"gradient norm {grad_norm}. Nothing from this step was applied; the last good "
+                            f"checkpoint stays in {output_dir}. Try a lower --learning_rate, or --bf16 false."
+                        )
+                    optimizer.step()
+                    schedule.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    completed = step + 1
+                    interval.add_step(step_loss, step_tokens, correct, entropy, grad_norm, learning_rate)
+                    epoch = completed / steps_per_epoch
 
-                record = {}
-                if completed % args.logging_steps == 0 or completed == total_steps:
-                    record = interval.figures(completed, epoch, device)
-                if evaluation_due(args, completed, steps_per_epoch, total_steps) and eval_units:
-                    record.update({"step": completed, "epoch": round(epoch, 4)})
-                    record["eval_loss"] = evaluate(model, backbone, eval_units, config, batch_for, autocast, processes)
-                if record and metrics_log is not None:
-                    metrics_log.write(record)
-                    last_metrics.update(record)
-                    progress.update(task, figures=progress_figures(last_metrics))
-                if args.save_steps > 0 and completed % args.save_steps == 0 and completed < total_steps:
-                    save(output_dir, completed, model, optimizer, schedule, epoch, lora_settings, config, processes)
-                progress.update(task, completed=completed)
-    except KeyboardInterrupt:
-        path = save(
-            output_dir,
-            completed,
-            model,
-            optimizer,
-            schedule,
-            completed / steps_per_epoch,
-            lora_settings,
-            config,
-            processes,
-        )
-        console.print(f"Interrupted after step {completed}: saved {path}. Continue with --resume_from_checkpoint true.")
+                    record = {}
+                    if completed % args.logging_steps == 0 or completed == total_steps:
+                        record = interval.figures(completed, epoch, device)
+                    if evaluation_due(args, completed, steps_per_epoch, total_steps) and eval_units:
+                        record.update({"step": completed, "epoch": round(epoch, 4)})
+                        record["eval_loss"] = evaluate(
+                            model, backbone, eval_units, config, batch_for, autocast, processes
+                        )
+                    if record and metrics_log is not None:
+                        metrics_log.write(record)
+                        last_metrics.update(record)
+                        progress.update(task, figures=progress_figures(last_metrics))
+                    if args.save_steps > 0 and completed % args.save_steps == 0 and completed < total_steps:
+                        saved = checkpoint_now()
+                    progress.update(task, completed=completed)
+        except KeyboardInterrupt:  # a second Ctrl-C (one process): the step under way is abandoned
+            optimizer.zero_grad(set_to_none=True)
+            stopped = True
         if metrics_log is not None:
             metrics_log.close()
-        return TrainResult(output_dir, completed, last_metrics, interrupted=True)
-    if metrics_log is not None:
-        metrics_log.close()
+        if stopped:
+            # Still inside stop_requests: a second SIGTERM (torchrun forwards the one SLURM sent) cannot cut this.
+            path = saved if saved is not None and saved.name == f"checkpoint-{completed}" else checkpoint_now()
+            cause = stop.signal or "a stop request"
+            console.print(
+                f"{cause}: stopped after step {completed}, saved in {path}. "
+                "Continue with --resume_from_checkpoint true."
+            )
+            return TrainResult(output_dir, completed, last_metrics, interrupted=True)
 
-    # 6. Outputs: an HF-format model (or a peft adapter), the tokenizer with its chat template.
-    state_dict = full_state_dict(model, args.fsdp)  # under FSDP every process sends its shards to rank 0
-    merged_dir = None
-    if processes.is_main:
-        merged_dir = write_outputs(model, tokenizer, output_dir, lora_settings, config, console, state_dict)
-    barrier(processes)
+        # 6. Outputs: an HF-format model (or a peft adapter), the tokenizer with its chat template.
+        state_dict = full_state_dict(model, args.fsdp)  # under FSDP every process sends its shards to rank 0
+        merged_dir = None
+        if processes.is_main:
+            try:
+                merged_dir = write_outputs(model, tokenizer, output_dir, lora_settings, config, console, state_dict)
+            except WRITE_ERRORS as error:
+                raise CheckpointError(write_failure(f"the trained model to {output_dir}", error, output_dir)) from None
+        barrier(processes)
     return TrainResult(output_dir, completed, last_metrics, merged_dir)
 
 
@@ -264,6 +321,25 @@ def prepare_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> Non
     if overwrite and not resuming and output_dir.is_dir():
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if resuming:
+        remove_leftovers(output_dir)  # what runs killed while saving left: minisft's own temporary folders
+
+
+def data_order(config: RunConfig, train_units: list[dict]) -> dict:
+    """What decides the examples of each step: every checkpoint stores it, and a resume must match it."""
+    args = config.training
+    order = {
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "seed": config.data.seed,
+        "max_length": config.data.max_length,
+        "packing": config.packing.packing,
+    }
+    if config.packing.packing:
+        order["packing_strategy"] = config.packing.packing_strategy
+    # Whatever else shapes the examples (the file's content, the split, the template, the masks) shows here.
+    order["train_data"] = data_fingerprint(train_units)
+    return order
 
 
 def units_for(examples: list[dict], config: RunConfig, split: str, console: Console) -> list[dict]:
@@ -391,16 +467,6 @@ def evaluate(model, backbone, eval_units: list[dict], config: RunConfig, batch_f
     return loss_sum / max(tokens, 1)
 
 
-def save(output_dir, step, model, optimizer, schedule, epoch, lora_settings, config: RunConfig, processes) -> Path:
-    state = {"step": step, "epoch": epoch, "seed": config.data.seed, "world_size": processes.world_size}
-    path = save_checkpoint(
-        output_dir, step, model, optimizer, schedule, state, lora_settings, config.model.model_name_or_path, processes
-    )
-    if processes.is_main:
-        prune(output_dir, config.training.save_total_limit)
-    return path
-
-
 def write_outputs(
     model, tokenizer, output_dir: Path, lora_settings, config: RunConfig, console: Console, state_dict=None
 ) -> Path | None:
@@ -433,8 +499,8 @@ def write_outputs(
 class Interval:
     """Figures summed between two log lines (over all processes)."""
 
-    def __init__(self):
-        self.total_tokens = 0
+    def __init__(self, total_tokens: int = 0):
+        self.total_tokens = total_tokens  # a resumed run goes on from the checkpoint's count
         self.reset()
 
     def reset(self):
@@ -483,7 +549,10 @@ class MetricsLog:
         if resumed_at and self.path.is_file():
             # Lines past the checkpoint belong to steps that will now be run again.
             kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resumed_at]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        # Written aside and renamed over: a kill at this moment must not leave the run's history empty.
+        fresh = self.path.with_name(self.path.name + ".tmp")
+        fresh.write_text("".join(line + "\n" for line in kept))
+        fresh.replace(self.path)
         self.writer = None
         if report_to == "tensorboard":
             self.writer = import_tensorboard_writer()(str(output_dir / "runs"))

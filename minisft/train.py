@@ -15,6 +15,8 @@ the run itself is minisft/loop.py, callable from Python as `minisft.loop.train(R
 
 from __future__ import annotations
 
+import sys
+
 import transformers
 from rich.console import Console
 from rich.markup import escape
@@ -26,6 +28,7 @@ from .data import load_splits
 from .distributed import start, stop
 from .generate import generate, load_for_chat
 from .loop import RunConfig, train
+from .stopping import STOPPED_EXIT_CODE
 from .summary import print_summary
 
 CONFIG_TYPES = (ModelConfig, DataConfig, PackingConfig, LoraConfig, TrainingConfig)
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     result = train(config, console)
     stop(processes)  # leave the process group: the other processes may exit now
     if not processes.is_main:
-        return
+        return  # exit 0 and let rank 0 finish: torchrun ends the others as soon as one exits non-zero
     state = "stopped" if result.interrupted else "done"
     console.print(f"{state}: {result.steps} steps; outputs in {result.output_dir}")
     print_summary(result.output_dir, console)
@@ -83,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         after = answers(str(result.output_dir), config.model.trust_remote_code, prompts, console)
         Console().print(before_after_table(prompts, before, after))
         console.print(f"Chat with it: python -m minisft.chat --model_name_or_path {result.output_dir}")
+    if result.interrupted:  # stopped by a signal, after its checkpoint: "try again later" (minisft/stopping.py)
+        sys.exit(STOPPED_EXIT_CODE)
 
 
 def demo_settings(flags: tuple) -> str:
