@@ -9,13 +9,89 @@ every field is a `--flag`, its `help` is what `--help` prints (argparse formats 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+import json
+import sys
+from dataclasses import dataclass, field, fields
+
+import torch
 
 from .errors import UserError
+from .optim import OPTIMIZERS, SCHEDULES, schedule_options
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(UserError, ValueError):
     """A flag value that cannot work; the message names the flag."""
+
+
+# The accepted values of the numeric flags, checked as the flags are parsed: before any data or model is read.
+# flag: (accepts the value, the accepted range in words). An unset flag (None) is not checked.
+FLAG_RANGES = {
+    "max_length": (lambda n: n >= 1, "a positive number of tokens"),
+    "eval_split_size": (lambda x: 0 <= x < 1, "a fraction in [0, 1)"),
+    "lora_r": (lambda n: n >= 1, "a rank of at least 1"),
+    "lora_alpha": (lambda x: x > 0, "positive"),
+    "lora_dropout": (lambda p: 0 <= p < 1, "a probability in [0, 1)"),
+    "learning_rate": (lambda x: x > 0, "positive"),
+    "per_device_train_batch_size": (lambda n: n >= 1, "at least 1"),
+    "per_device_eval_batch_size": (lambda n: n >= 1, "at least 1"),
+    "gradient_accumulation_steps": (lambda n: n >= 1, "at least 1"),
+    "num_train_epochs": (lambda x: x > 0, "positive"),
+    "max_steps": (lambda n: n >= -1, "a number of steps, or -1 (or 0): as many as --num_train_epochs take"),
+    "warmup_ratio": (lambda x: 0 <= x <= 1, "a fraction of the run in [0, 1]"),
+    "warmup_steps": (
+        lambda x: 0 <= x < 1 or (x >= 1 and x % 1 == 0),
+        "a whole number of steps, or a fraction of the run in [0, 1)",
+    ),
+    "weight_decay": (lambda x: x >= 0, "0 or more"),
+    "adam_beta1": (lambda x: 0 <= x < 1, "in [0, 1)"),
+    "adam_beta2": (lambda x: 0 <= x < 1, "in [0, 1)"),
+    "adam_epsilon": (lambda x: x >= 0, "0 or more"),
+    "max_grad_norm": (lambda x: x >= 0, "0 (no clipping) or more"),
+    "pad_to_multiple_of": (lambda n: n >= 1, "at least 1"),
+    "logging_steps": (lambda n: n >= 1, "at least 1"),
+    "eval_steps": (lambda n: n >= 1, "at least 1"),
+    "save_steps": (lambda n: n >= 0, "0 (never) or more"),
+    "save_total_limit": (lambda n: n >= 0, "0 (keep all) or more"),
+}
+
+
+def check_ranges(config) -> None:
+    """Refuse a flag of `config` (one of the dataclasses here) whose value is outside its range in FLAG_RANGES."""
+    for flag in fields(config):
+        value = getattr(config, flag.name)
+        if flag.name in FLAG_RANGES and value is not None:
+            accepts, accepted = FLAG_RANGES[flag.name]
+            if not accepts(value):
+                shown = f"{value:g}" if isinstance(value, float) else value  # -1, not the parser's -1.0
+                raise ConfigError(f"--{flag.name} must be {accepted}, got {shown}.")
+
+
+@functools.cache  # once per process: the demo parses its flags twice
+def notice(line: str) -> None:
+    print(f"note: {line}", file=sys.stderr)
+
+
+@functools.cache
+def checkpoint_dtype(model_name_or_path: str, trust_remote_code: bool) -> str:
+    """The dtype in a checkpoint's config.json, as transformers reads it (its dtype, or the older torch_dtype)."""
+    from .models import model_config
+
+    try:
+        dtype = model_config(model_name_or_path, trust_remote_code).dtype
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--dtype auto: cannot read the config.json of {model_name_or_path} ({error}).") from None
+    return "float32" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def refuse_float16_without_cuda(flag: str) -> None:
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"{flag}: float16 weights need a CUDA GPU, and none is visible here (a CPU computes float16 slowly, and "
+            "pure float16 training underflows without a GPU's loss scaling); use --dtype float32 (or bfloat16)."
+        )
 
 
 @dataclass
@@ -31,12 +107,20 @@ class ModelConfig:
         default=False,
         metadata={"help": "Run Python code shipped with a hub model or tokenizer. Off unless you trust it."},
     )
-    torch_dtype: str = field(
+    dtype: str = field(
         default="float32",
         metadata={
             "help": "The dtype the weights are loaded and trained in. bfloat16 is pure bf16 training, as the first "
-            "seed does; for bf16 compute over fp32 weights use --bf16 instead.",
-            "choices": ["float32", "bfloat16", "float16"],
+            "seed does; for bf16 compute over fp32 weights use --bf16 instead. float16 needs a CUDA GPU. auto: the "
+            "dtype in the checkpoint's config.json, float32 if it names none.",
+            "choices": [*DTYPE_NAMES, "auto"],
+        },
+    )
+    torch_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Deprecated: the former name of --dtype (transformers 5 and TRL renamed it); sets --dtype.",
+            "choices": [*DTYPE_NAMES, "auto"],
         },
     )
     attn_implementation: str = field(
@@ -46,6 +130,27 @@ class ModelConfig:
             "choices": ["sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"],
         },
     )
+
+    def __post_init__(self):
+        if self.torch_dtype is not None:
+            notice("--torch_dtype is deprecated (transformers 5 and TRL call it --dtype): read as --dtype")
+        if (self.torch_dtype or self.dtype) == "float16":
+            refuse_float16_without_cuda(f"--{'torch_dtype' if self.torch_dtype else 'dtype'} float16")
+
+    def resolved_dtype(self) -> str:
+        """The dtype the weights load and train in: --dtype (or the --torch_dtype of old), auto looked up."""
+        name = self.torch_dtype or self.dtype
+        if name != "auto":
+            return name
+        name = checkpoint_dtype(self.model_name_or_path, self.trust_remote_code)
+        if name not in DTYPE_NAMES:
+            raise ConfigError(
+                f"--dtype auto: the config.json of {self.model_name_or_path} says {name}, which minisft does not "
+                "train in; pass --dtype float32 (or bfloat16)."
+            )
+        if name == "float16":
+            refuse_float16_without_cuda(f"--dtype auto (float16 in the config.json of {self.model_name_or_path})")
+        return name
 
 
 @dataclass
@@ -119,8 +224,7 @@ class DataConfig:
     )
 
     def __post_init__(self):
-        if self.max_length is not None and self.max_length <= 0:
-            raise ConfigError(f"--max_length must be a positive number of tokens, got {self.max_length}.")
+        check_ranges(self)
 
 
 @dataclass
@@ -158,7 +262,8 @@ class LoraConfig:
         default=None,
         metadata={
             "help": "Linear layers to adapt: names (space- or comma-separated), one regex, or all-linear. "
-            "Default: the attention's q_proj and v_proj, as peft."
+            "Default: peft's for the model type (q_proj v_proj for most), else the attention's q_proj and v_proj "
+            "where the model has them."
         },
     )
     lora_modules_to_save: list[str] | None = field(
@@ -169,7 +274,25 @@ class LoraConfig:
         default=None, metadata={"help": "A peft-format adapter folder to continue training from."}
     )
     load_in_4bit: bool = field(
-        default=False, metadata={"help": "QLoRA: the frozen base's Linear layers in 4-bit nf4 (bitsandbytes)."}
+        default=False,
+        metadata={
+            "help": "QLoRA: the frozen base's Linear layers quantized to 4 bits (bitsandbytes) as the model loads."
+        },
+    )
+    bnb_4bit_quant_type: str = field(
+        default="nf4",
+        metadata={"help": "The 4-bit levels: nf4 (normal-float, QLoRA's) or fp4.", "choices": ["nf4", "fp4"]},
+    )
+    use_bnb_nested_quant: bool = field(
+        default=False, metadata={"help": "Also quantize the 4-bit blocks' scales (~0.4 bit per weight less)."}
+    )
+    bnb_4bit_quant_storage: str | None = field(
+        default=None,
+        metadata={
+            "help": "The dtype the packed 4-bit codes are stored in. Default: uint8. FSDP needs the dtype of the "
+            "other weights.",
+            "choices": ["uint8", "float32", "bfloat16", "float16"],
+        },
     )
     merge_lora: bool = field(
         default=False, metadata={"help": "Also write the base model with the adapter merged in, to output_dir/merged."}
@@ -187,6 +310,9 @@ class LoraConfig:
             use_rslora=self.use_rslora,
         )
 
+    def __post_init__(self):
+        check_ranges(self)
+
 
 @dataclass
 class TrainingConfig:
@@ -203,18 +329,48 @@ class TrainingConfig:
     )
     num_train_epochs: float = field(default=3.0, metadata={"help": "Passes over the training data."})
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps to run; overrides num_train_epochs if > 0."})
-    warmup_ratio: float = field(default=0.0, metadata={"help": "Warmup as a fraction of the run's steps."})
-    warmup_steps: int = field(default=0, metadata={"help": "Warmup steps; overrides --warmup_ratio if > 0."})
+    warmup_steps: float = field(
+        default=0,
+        metadata={
+            "help": "Warmup: a number of steps, or below 1 a fraction of the run, rounded up (0.03: the first 3%%), "
+            "as transformers 5 reads it."
+        },
+    )
+    warmup_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "Deprecated (transformers 5 removed it): warmup as a fraction of the run; --warmup_steps 0.03 "
+            "says the same. Counts only where --warmup_steps is 0."
+        },
+    )
     lr_scheduler_type: str = field(
         default="linear",
         metadata={
-            "help": "The schedule after warmup.",
-            "choices": ["linear", "cosine", "constant", "constant_with_warmup"],
+            "help": "The schedule after warmup (transformers' get_scheduler, step by step): linear and cosine fall "
+            "to 0; cosine_with_min_lr to a floor (min_lr or min_lr_rate); cosine_with_restarts restarts num_cycles "
+            "times; polynomial falls to lr_end with power; warmup_stable_decay holds the peak, then decays over "
+            "num_decay_steps (required) to min_lr_ratio. Settings: --lr_scheduler_kwargs.",
+            "choices": list(SCHEDULES),
+        },
+    )
+    lr_scheduler_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "The schedule's settings as JSON, e.g. '{\"min_lr_rate\": 0.1}'. cosine: num_cycles; "
+            "cosine_with_min_lr: num_cycles, min_lr | min_lr_rate; cosine_with_restarts: num_cycles; polynomial: "
+            "lr_end, power; warmup_stable_decay: num_decay_steps, num_stable_steps, warmup_type, decay_type "
+            "(linear, cosine, 1-sqrt), min_lr_ratio, num_cycles. Defaults: transformers'."
         },
     )
     optim: str = field(
-        default="adamw_torch",
-        metadata={"help": "The optimizer.", "choices": ["adamw_torch", "adamw_8bit", "paged_adamw_8bit"]},
+        default="adamw_torch_fused",
+        metadata={
+            "help": "The optimizer. adamw_torch_fused and adamw_torch: the same fused AdamW (transformers' "
+            "adamw_torch is the unfused loop); adamw_8bit, paged_adamw_8bit, paged_adamw_32bit: bitsandbytes' "
+            "(paged: state the GPU can page out to the CPU; unpaged on a CPU); adafactor: transformers' Adafactor as "
+            "its Trainer builds it (factored second moments, no first; the --adam_* flags do not apply).",
+            "choices": list(OPTIMIZERS),
+        },
     )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (never on biases and norms)."})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
@@ -287,13 +443,18 @@ class TrainingConfig:
     )
 
     def __post_init__(self):
-        for name in (
-            "per_device_train_batch_size",
-            "per_device_eval_batch_size",
-            "gradient_accumulation_steps",
-            "logging_steps",
-        ):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}.")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"--learning_rate must be positive, got {self.learning_rate}.")
+        if self.warmup_ratio is not None:
+            notice("--warmup_ratio is deprecated (transformers 5 removed it): --warmup_steps below 1 is a fraction")
+        if isinstance(self.lr_scheduler_kwargs, str):  # from the command line: JSON, as transformers reads it
+            try:
+                self.lr_scheduler_kwargs = json.loads(self.lr_scheduler_kwargs)
+            except json.JSONDecodeError as error:
+                raise ConfigError(
+                    f"--lr_scheduler_kwargs {self.lr_scheduler_kwargs}: not valid JSON ({error})."
+                ) from None
+        if not isinstance(self.lr_scheduler_kwargs, (dict, type(None))):
+            raise ConfigError(
+                f"--lr_scheduler_kwargs must be a JSON object of settings, got {json.dumps(self.lr_scheduler_kwargs)}."
+            )
+        check_ranges(self)
+        schedule_options(self.lr_scheduler_type, self.lr_scheduler_kwargs, self.learning_rate)  # refused now, if at all

@@ -79,7 +79,7 @@ def check_run_packages(attn_implementation: str, report_to: str, optim: str, loa
     check_attention_implementation(attn_implementation)
     if report_to == "tensorboard":
         import_tensorboard_writer()
-    if optim in ("adamw_8bit", "paged_adamw_8bit"):
+    if optim in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
         import_bitsandbytes(f"--optim {optim}")
     if load_in_4bit:
         import_bitsandbytes("--load_in_4bit")

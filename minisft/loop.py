@@ -51,10 +51,10 @@ from .distributed import Processes, barrier, device_of, full_state_dict, gradien
 from .errors import UserError
 from .extras import check_run_packages, import_tensorboard_writer
 from .lora import (
+    four_bit_quantization,
     inject_lora,
     load_adapter,
     merged_model,
-    quantize_base_4bit,
     read_adapter_settings,
     save_adapter,
 )
@@ -103,6 +103,8 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
             "--fsdp trains the full model and writes it at the end; LoRA and checkpoints under FSDP are not "
             "supported yet: drop --use_peft, and pass --save_steps 0."
         )
+    if config.lora.load_in_4bit and not config.lora.use_peft:
+        raise ConfigError("--load_in_4bit needs --use_peft: a 4-bit base is frozen, only LoRA can train over it.")
     check_run_packages(config.model.attn_implementation, args.report_to, args.optim, config.lora.load_in_4bit)
     output_dir = Path(args.output_dir or time.strftime("outputs/run-%Y%m%d-%H%M%S"))
     resume_from = resolve_resume(output_dir, args.resume_from_checkpoint)
@@ -118,6 +120,11 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
     # 1. Data: raw rows → canonical examples → input_ids and labels → packed rows or examples.
     tokenizer = load_tokenizer(config.model.model_name_or_path, trust_remote_code=config.model.trust_remote_code)
     splits = load_and_prepare(config.data.dataset_name or demo_dataset_path(), tokenizer, config.data, config.packing)
+    if args.eval_strategy != "no" and splits.eval is None:
+        raise ConfigError(
+            f"--eval_strategy {args.eval_strategy}: there is no eval split to evaluate on. Hold one out with "
+            "--eval_split_size 0.1, or give a dataset with a test split (--dataset_test_split), or --eval_strategy no."
+        )
     pad_note = setup_pad_token(tokenizer, config.data.pad_token)  # before any batch: the tokenizer may have none
     if pad_note:
         console.print(pad_note)
@@ -142,19 +149,31 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
 
     # 2. Model: load, grow the embeddings if the tokenizer grew, LoRA, memory savers.
     device = device_of(processes)
+    lora = config.lora
+    dtype = DTYPES[config.model.resolved_dtype()]
+    quantization = (
+        four_bit_quantization(
+            dtype, lora.bnb_4bit_quant_type, lora.use_bnb_nested_quant, lora.bnb_4bit_quant_storage, device
+        )
+        if lora.load_in_4bit
+        else None
+    )
     model = load_model(
         config.model.model_name_or_path,
-        dtype=DTYPES[config.model.torch_dtype],
+        dtype=dtype,
         attn_implementation=config.model.attn_implementation,
         trust_remote_code=config.model.trust_remote_code,
+        quantization_config=quantization,
+        device=device,
     )
+    if quantization:
+        console.print(f"QLoRA: the base's Linear layers quantized to 4-bit {lora.bnb_4bit_quant_type} as it loaded")
     fit_embeddings_to_tokenizer(model, tokenizer)
     use_sdpa_by_example(model)  # packed rows: one causal sdpa per example instead of a dense mask per row
-    model.to(device)
-    lora_settings = attach_lora(model, config.lora, console)
+    lora_settings = attach_lora(model, lora, console)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    autocast = bf16_autocast(args.bf16, device, config.model.torch_dtype)
+    autocast = bf16_autocast(args.bf16, device, config.model.resolved_dtype())
     backbone = wrap(model, processes, args.fsdp)  # None with one process; DDP or FSDP2 under torchrun
 
     # 3. How the run is cut into steps: each step covers world_size × batch × accumulation units.
@@ -167,7 +186,7 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
         model, args.optim, args.learning_rate, args.weight_decay, (args.adam_beta1, args.adam_beta2), args.adam_epsilon
     )
     warmup = warmup_steps(total_steps, args.warmup_steps, args.warmup_ratio)
-    schedule = build_schedule(optimizer, args.lr_scheduler_type, warmup, total_steps)
+    schedule = build_schedule(optimizer, args.lr_scheduler_type, warmup, total_steps, args.lr_scheduler_kwargs)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     console.print(
         f"run: {total_steps} steps of {args.gradient_accumulation_steps} × {args.per_device_train_batch_size} "
@@ -358,13 +377,11 @@ def units_for(examples: list[dict], config: RunConfig, split: str, console: Cons
 
 
 def attach_lora(model, lora: LoraConfig, console: Console):
-    """Inject LoRA (on a 4-bit base for QLoRA), or start from an existing adapter. None: full fine-tuning."""
+    """Inject LoRA, or start from an existing adapter. None: full fine-tuning."""
     if not lora.use_peft:
-        if lora.load_in_4bit or lora.lora_adapter or lora.merge_lora:
-            raise ConfigError("--load_in_4bit, --lora_adapter and --merge_lora need --use_peft.")
+        if lora.lora_adapter or lora.merge_lora:
+            raise ConfigError("--lora_adapter and --merge_lora need --use_peft.")
         return None
-    if lora.load_in_4bit:
-        console.print(f"QLoRA: {quantize_base_4bit(model)} Linear layers quantized to 4-bit nf4")
     if lora.lora_adapter:
         settings = read_adapter_settings(lora.lora_adapter)
         load_adapter(model, lora.lora_adapter)
@@ -431,7 +448,7 @@ def collate(units: list[dict], config: RunConfig, pad_token_id: int, device: tor
     if "seq_lengths" in units[0] or args.padding_free:
         rows = units if "seq_lengths" in units[0] else [padding_free_row(units)]
         batch = on_device(collate_rows(rows, pad_token_id, args.pad_to_multiple_of), device)
-        inputs = packed_model_inputs(batch, implementation, DTYPES[config.model.torch_dtype])
+        inputs = packed_model_inputs(batch, implementation, DTYPES[config.model.resolved_dtype()])
         labels = flatten_rows(batch)["labels"] if implementation in FLATTENED else batch["labels"]
     else:
         batch = on_device(collate_padded(units, pad_token_id, args.pad_to_multiple_of), device)
@@ -485,7 +502,7 @@ def write_outputs(
     if config.lora.load_in_4bit:
         # A 4-bit base cannot take the update exactly: merge into the full-precision base instead.
         model = load_model(
-            base_name, dtype=DTYPES[config.model.torch_dtype], trust_remote_code=config.model.trust_remote_code
+            base_name, dtype=DTYPES[config.model.resolved_dtype()], trust_remote_code=config.model.trust_remote_code
         )
         fit_embeddings_to_tokenizer(model, tokenizer)
         load_adapter(model, output_dir)

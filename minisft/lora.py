@@ -37,8 +37,28 @@ from .extras import import_bitsandbytes
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-# peft's default targets when none are given, for the model types minisft is tested on.
-DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"]}
+# peft's default targets when none are given (peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING), for
+# the model types that transformers has a causal LM for; tests/test_lora_targets.py checks every entry against peft.
+PEFT_DEFAULT_TARGETS = {
+    **dict.fromkeys(
+        ["bart", "opt", "gptj", "gpt_neo", "llama", "llama4", "mistral", "mixtral", "stablelm", "gemma", "gemma2"]
+        + ["gemma3_text", "qwen2", "qwen3"],
+        ["q_proj", "v_proj"],
+    ),
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra"], ["query", "value"]),
+    **dict.fromkeys(["bloom", "gpt_neox", "falcon"], ["query_key_value"]),
+    **dict.fromkeys(["gpt2", "gpt_bigcode"], ["c_attn"]),
+    "mpt": ["Wqkv"],
+    "codegen": ["qkv_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "rwkv": ["key", "value", "receptance", "output"],
+}
+# Where peft has no default (Qwen3-MoE, OLMo 2, SmolLM3, Granite, ... most of transformers' 190-odd causal LMs), the
+# attention's query and value projections are what peft picks for every family that names them so: minisft
+# does the same when the model has them, and says so.
+FALLBACK_TARGETS = ["q_proj", "v_proj"]
 
 
 class LoraError(UserError, ValueError):
@@ -62,13 +82,15 @@ class LoraSettings:
 @dataclass
 class LoraReport:
     targeted: list[str]
+    source: str  # why these layers: the flag, peft's default for the model type, or minisft's fallback
     trainable: int
     total: int
 
     def __str__(self) -> str:
+        names = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in self.targeted}))
         return (
-            f"LoRA on {len(self.targeted)} Linear layers; trainable parameters {self.trainable:,} of "
-            f"{self.total:,} ({self.trainable / self.total:.2%})"
+            f"LoRA on {len(self.targeted)} Linear layers ({names}; {self.source}); trainable parameters "
+            f"{self.trainable:,} of {self.total:,} ({self.trainable / self.total:.2%})"
         )
 
 
@@ -147,14 +169,23 @@ def parse_target_modules(values: list[str] | str | None) -> list[str] | str | No
     return names
 
 
-def find_targets(model: nn.Module, settings: LoraSettings) -> list[str]:
+def default_targets(model: nn.Module) -> tuple[list[str] | str, str]:
+    """The targets when --lora_target_modules is not given, and where they come from (for the run's opening lines)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in PEFT_DEFAULT_TARGETS:
+        return PEFT_DEFAULT_TARGETS[model_type], f"peft's default for {model_type}"
+    short_names = {name.rsplit(".", 1)[-1] for name in linear_names(model)}
+    if short_names >= set(FALLBACK_TARGETS):
+        return FALLBACK_TARGETS, f"peft has no default for {model_type}: its attention's q_proj and v_proj"
+    raise LoraError(
+        f"No default LoRA targets for model type {model_type!r} (peft has none, and it has no q_proj and v_proj): "
+        f"pass --lora_target_modules with some of its Linear layers, {', '.join(sorted(short_names))}; "
+        "or all-linear."
+    )
+
+
+def find_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
     linears = linear_names(model)
-    targets = settings.target_modules
-    if targets is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_TARGETS:
-            raise LoraError(f"No default LoRA targets for model type {model_type!r}: pass --lora_target_modules.")
-        targets = DEFAULT_TARGETS[model_type]
     if targets == "all-linear":
         head = output_head_name(model)
         return [name for name in linears if name != head]
@@ -175,7 +206,11 @@ def inject_lora(model: nn.Module, settings: LoraSettings) -> LoraReport:
         raise LoraError(f"--lora_r must be a positive rank, got {settings.r}.")
     if settings.alpha <= 0:
         raise LoraError(f"--lora_alpha must be positive, got {settings.alpha}.")
-    targeted = find_targets(model, settings)
+    if settings.target_modules is None:
+        targets, source = default_targets(model)
+    else:
+        targets, source = settings.target_modules, "--lora_target_modules"
+    targeted = find_targets(model, targets)
     model.requires_grad_(False)
     for name in targeted:
         parent, child = _parent(model, name)
@@ -188,7 +223,7 @@ def inject_lora(model: nn.Module, settings: LoraSettings) -> LoraReport:
         setattr(parent, child, trained)
     trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
     total = sum(parameter.numel() for parameter in model.parameters())
-    return LoraReport(targeted, trainable, total)
+    return LoraReport(targeted, source, trainable, total)
 
 
 def _modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
@@ -355,36 +390,42 @@ def merged_model(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------- QLoRA
 
 
-def quantize_base_4bit(model: nn.Module) -> int:
-    """QLoRA's base: every Linear but the output head becomes a bitsandbytes nf4 Linear4bit.
+def four_bit_quantization(
+    compute_dtype: torch.dtype,
+    quant_type: str = "nf4",
+    nested: bool = False,
+    storage: str | None = None,
+    device: torch.device | str = "cpu",
+):
+    """QLoRA's base: how transformers is to quantize every Linear but the output head to 4 bits as it loads.
 
-    The weights are stored in 4 bits and dequantized block by block in each matmul; LoRA then
-    trains in float32 beside them. Returns the number of layers quantized.
+    Each weight is cut into blocks of 64 numbers; a block keeps one scale (its largest |w|) and
+    each number becomes one of 16 levels times that scale, 4 bits instead of 32:
+
+        w ≈ scale · level[code]        levels: nf4, spaced as a normal distribution's quantiles,
+                                       or fp4, a tiny float format
+
+    The matmul dequantizes block by block into `compute_dtype`; LoRA trains in float32 beside it.
+    Quantizing while loading is the point: transformers reads each weight from the checkpoint,
+    quantizes it and frees it, so the float model never exists as a whole. Nested quantization
+    (`nested`) also stores the blocks' scales in 8 bits (~0.4 bit per weight saved);
+    `storage` is the dtype the packed codes are kept in (FSDP shards them as such).
     """
     bitsandbytes = import_bitsandbytes("--load_in_4bit")
-    head = output_head_name(model)
-    names = [name for name in linear_names(model) if name != head]
-    for name in names:
-        parent, child = _parent(model, name)
-        linear = getattr(parent, child)
-        quantized = bitsandbytes.nn.Linear4bit(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            compute_dtype=linear.weight.dtype,
-            quant_type="nf4",
-            device="meta",
-        )
-        try:
-            quantized.weight = bitsandbytes.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4").to(
-                linear.weight.device
-            )
-        except (RuntimeError, NotImplementedError) as error:
-            raise LoraError(
-                f"bitsandbytes cannot quantize to 4 bits on {linear.weight.device}: {error}. "
-                "Run without --load_in_4bit, or on a device bitsandbytes supports."
-            ) from error
-        if linear.bias is not None:
-            quantized.bias = nn.Parameter(linear.bias.data, requires_grad=False)
-        setattr(parent, child, quantized)
-    return len(names)
+    from transformers import BitsAndBytesConfig
+
+    try:  # one small block first: a device bitsandbytes cannot serve fails here with its own reason, in one line
+        bitsandbytes.nn.Params4bit(torch.ones(64, 64), requires_grad=False, quant_type=quant_type).to(device)
+    except (RuntimeError, NotImplementedError) as error:
+        raise LoraError(
+            f"--load_in_4bit: bitsandbytes cannot quantize to 4 bits on {device}: {' '.join(str(error).split())}. "
+            "Run without --load_in_4bit, or on a device bitsandbytes supports."
+        ) from error
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=nested,
+        bnb_4bit_quant_storage=storage or "uint8",
+    )

@@ -96,9 +96,8 @@ def embedded_model_dir() -> Path:
 def dequantized_gguf_model(gguf: Path):
     """The model in a GGUF file, its weights dequantized to float32, as a plain transformers model.
 
-    `from_pretrained(gguf_file=...)` would do this too, but it insists on accelerate (for its big-model
-    loading, which a 135M model does not need) and marks the result as quantized, which save_pretrained
-    refuses. So the steps are taken one by one with transformers' own GGUF reader: the config from the
+    `from_pretrained(gguf_file=...)` would do this too, but it marks the result as quantized, which
+    save_pretrained refuses. So the steps are taken one by one with transformers' own GGUF reader: the config from the
     file's metadata, an empty model from the config, then the tensors dequantized (by the gguf package)
     and renamed to transformers' parameter names, q and k un-permuted from llama.cpp's layout.
     """
@@ -135,14 +134,25 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str | None = "sdpa",
     trust_remote_code: bool = False,
+    quantization_config=None,
+    device: torch.device | str = "cpu",
 ):
+    """The model, on `device`. With a quantization_config (QLoRA's, lora.four_bit_quantization) each weight
+    is quantized as it is read, straight onto the device: the full-precision model is never built."""
     source = resolve_model_source(name_or_path)
+    # device_map places each weight as it is read; transformers needs it (and accelerate) to quantize on the way.
+    quantized = {"quantization_config": quantization_config, "device_map": {"": str(device)}}
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            **(quantized if quantization_config else {}),
         )
     except (OSError, ValueError) as error:
         raise ModelSourceError(_not_loadable(name_or_path, "model", error)) from error
+    return model.to(device)
 
 
 def _not_loadable(name_or_path: str, what: str, error: Exception) -> str:

@@ -1,5 +1,5 @@
-"""QLoRA: the frozen base in 4-bit nf4 (bitsandbytes Linear4bit, which runs on the CPU since bitsandbytes 0.49),
-LoRA in float32 on top."""
+"""QLoRA: the frozen base quantized to 4 bits by bitsandbytes as it loads (Linear4bit, which runs on the CPU since
+bitsandbytes 0.49), LoRA in float32 on top."""
 
 import json
 
@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from minisft.config import DataConfig, LoraConfig, ModelConfig, PackingConfig, TrainingConfig
 from minisft.loop import RunConfig, train
-from minisft.lora import LoraError, LoraSettings, inject_lora, quantize_base_4bit
-from minisft.models import tiny_model
+from minisft.lora import LoraError, LoraSettings, four_bit_quantization, inject_lora
+from minisft.models import load_model, tiny_model
 
 
 def logits(model, ids):
@@ -19,15 +19,33 @@ def logits(model, ids):
         return model(input_ids=ids).logits
 
 
-def test_base_linears_become_nf4_and_stay_close(tokenizer):
-    full, quantized = tiny_model(tokenizer), tiny_model(tokenizer)  # the same seed: the same weights
-    count = quantize_base_4bit(quantized)
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("tiny-for-4bit")
+    tiny_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def load_4bit(folder, **settings):
+    return load_model(str(folder), quantization_config=four_bit_quantization(torch.float32, **settings))
+
+
+def test_base_linears_are_quantized_as_they_load_and_stay_close(tokenizer, tiny_folder):
+    full = tiny_model(tokenizer)  # the weights saved in tiny_folder
+    quantized = load_4bit(tiny_folder)
 
     linears = [name for name, module in full.named_modules() if isinstance(module, torch.nn.Linear)]
     four_bit = [name for name, module in quantized.named_modules() if isinstance(module, bitsandbytes.nn.Linear4bit)]
-    assert count == len(four_bit) == len(linears) - 1 and "lm_head" not in four_bit  # every Linear but the head
+    assert len(four_bit) == len(linears) - 1 and "lm_head" not in four_bit  # every Linear but the head
     weight = quantized.model.layers[0].mlp.up_proj.weight
     assert weight.dtype == torch.uint8 and weight.quant_state.quant_type == "nf4"  # stored as packed 4-bit codes
+    # The codes are exactly those bitsandbytes makes of the saved float weight: quantizing on the way in loses nothing
+    # beyond the 4-bit rounding itself.
+    saved = full.model.layers[0].mlp.up_proj.weight.data
+    direct = bitsandbytes.nn.Params4bit(saved, requires_grad=False, compress_statistics=False, quant_type="nf4")
+    direct = direct.to("cpu")  # quantized as it moves to the device
+    assert torch.equal(weight.data, direct.data) and torch.equal(weight.quant_state.absmax, direct.quant_state.absmax)
 
     ids = torch.tensor([tokenizer("The lighthouse on Vellmar Island is teal.")["input_ids"]])
     reference = logits(full, ids)
@@ -39,9 +57,16 @@ def test_base_linears_become_nf4_and_stay_close(tokenizer):
     assert 0 < error < other / 4, (error, other)
 
 
-def test_only_lora_weights_train_over_a_4bit_base(tokenizer):
-    model = tiny_model(tokenizer)
-    quantize_base_4bit(model)
+def test_quant_type_nesting_and_storage_reach_bitsandbytes(tiny_folder):
+    model = load_4bit(tiny_folder, quant_type="fp4", nested=True, storage="bfloat16")
+    weight = model.model.layers[0].mlp.up_proj.weight
+    assert weight.quant_state.quant_type == "fp4"
+    assert weight.quant_state.nested  # the blocks' scales are themselves quantized
+    assert weight.dtype == torch.bfloat16  # the packed codes, two per byte, viewed as bf16 for FSDP
+
+
+def test_only_lora_weights_train_over_a_4bit_base(tokenizer, tiny_folder):
+    model = load_4bit(tiny_folder)
     inject_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0, target_modules="all-linear"))
     ids = torch.tensor([tokenizer("Only the adapter learns.")["input_ids"]])
     model(input_ids=ids, labels=ids).loss.backward()
@@ -82,10 +107,10 @@ def test_qlora_run_writes_adapter_and_full_precision_merge(tokenizer, tmp_path):
     assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
 
 
-def test_unsupported_device_is_a_clear_error(tokenizer, monkeypatch):
+def test_unsupported_device_is_a_clear_error(tiny_folder, monkeypatch):
     def unsupported(self, *args, **kwargs):
         raise NotImplementedError("no 4-bit kernel for this device")
 
     monkeypatch.setattr(bitsandbytes.nn.Params4bit, "to", unsupported)
     with pytest.raises(LoraError, match="bitsandbytes cannot quantize to 4 bits on cpu: no 4-bit kernel"):
-        quantize_base_4bit(tiny_model(tokenizer))
+        load_4bit(tiny_folder)
