@@ -1,8 +1,12 @@
-"""Shared fixtures: the real SmolLM2 tokenizer and tiny random models built on it."""
+"""Shared fixtures: the real SmolLM2 tokenizer and tiny random models built on it (in memory and on disk)."""
 
 import pytest
+import torch
+from transformers import LlamaForCausalLM
 
 from minisft.models import load_tokenizer, tiny_model
+
+from .tiny_runs import data_file_of, write_conversations
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +24,28 @@ def fresh_tokenizer():
 @pytest.fixture
 def tiny(tokenizer):
     return tiny_model(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer):
+    """A folder with `tiny_model` and the tokenizer, to train: the ten conversations of tests/tiny_runs.py are in
+    the file beside it (`data_file_of`)."""
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_model(tokenizer).save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    write_conversations(data_file_of(folder / "model"))
+    return str(folder / "model")
+
+
+@pytest.fixture(scope="module")
+def chatty_dir(tmp_path_factory, tokenizer):
+    """A folder with a tiny random model that says something, to chat with. With tied embeddings (`tiny_dir`'s
+    model) a random model's likeliest next token is the one it just read, so it would answer only newlines; an
+    untied head does not."""
+    config = tiny_model(tokenizer).config
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("chatty")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

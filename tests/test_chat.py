@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
 
 import minisft.chat
 from minisft.chat import main
@@ -11,34 +10,21 @@ from minisft.config import DataConfig, LoraConfig, ModelConfig, TrainingConfig
 from minisft.generate import generate, load_for_chat
 from minisft.loop import RunConfig, train
 from minisft.lora import load_adapter
-from minisft.models import load_model, tiny_model
+from minisft.models import load_model
 
 HELLO = [[{"role": "user", "content": "hello"}]]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    """A tiny random model that says something. With tied embeddings a random model's likeliest next
-    token is the one it just read, so it would answer only newlines; an untied head does not."""
-    config = tiny_model(tokenizer).config
-    config.tie_word_embeddings = False
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("chatty")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-def test_one_prompt_streams_the_greedy_answer(tiny_dir, capsys):
-    model, tokenizer = load_for_chat(tiny_dir)
+def test_one_prompt_streams_the_greedy_answer(chatty_dir, capsys):
+    model, tokenizer = load_for_chat(chatty_dir)
     expected = generate(model, tokenizer, HELLO, max_new_tokens=8)[0]
     assert expected.strip()
-    main(["--model_name_or_path", tiny_dir, "--max_new_tokens", "8", "hello"])
+    main(["--model_name_or_path", chatty_dir, "--max_new_tokens", "8", "hello"])
     assert capsys.readouterr().out.strip() == expected
 
 
-def test_sampling_differs_from_greedy_and_follows_the_seed(tiny_dir):
-    model, tokenizer = load_for_chat(tiny_dir)
+def test_sampling_differs_from_greedy_and_follows_the_seed(chatty_dir):
+    model, tokenizer = load_for_chat(chatty_dir)
     greedy = generate(model, tokenizer, HELLO, max_new_tokens=8)
     assert generate(model, tokenizer, HELLO, max_new_tokens=8) == greedy
     torch.manual_seed(0)
@@ -49,8 +35,8 @@ def test_sampling_differs_from_greedy_and_follows_the_seed(tiny_dir):
     assert sampled != greedy
 
 
-def test_batched_answers_equal_one_at_a_time(tiny_dir):
-    model, tokenizer = load_for_chat(tiny_dir)
+def test_batched_answers_equal_one_at_a_time(chatty_dir):
+    model, tokenizer = load_for_chat(chatty_dir)
     conversations = [[{"role": "user", "content": text}] for text in ("hi", "a much longer question than that")]
     batched = generate(model, tokenizer, conversations, max_new_tokens=6)
     assert batched == [
@@ -58,7 +44,7 @@ def test_batched_answers_equal_one_at_a_time(tiny_dir):
     ]
 
 
-def test_a_session_keeps_the_conversation(tiny_dir, monkeypatch, capsys):
+def test_a_session_keeps_the_conversation(chatty_dir, monkeypatch, capsys):
     typed = iter(["hello", "and again", ""])
     monkeypatch.setattr("builtins.input", lambda prompt: next(typed))
     seen = []
@@ -68,23 +54,23 @@ def test_a_session_keeps_the_conversation(tiny_dir, monkeypatch, capsys):
         return generate(model, tokenizer, conversations, *args, **kwargs)
 
     monkeypatch.setattr(minisft.chat, "generate", recording_generate)
-    main(["--model_name_or_path", tiny_dir, "--max_new_tokens", "4", "--system_prompt", "Be brief."])
+    main(["--model_name_or_path", chatty_dir, "--max_new_tokens", "4", "--system_prompt", "Be brief."])
     assert seen == [["system", "user"], ["system", "user", "assistant", "user"]]
     assert "empty line or Ctrl-D ends the session" in capsys.readouterr().err
 
 
-def test_an_adapter_folder_loads_its_base_with_the_adapter(tiny_dir, tmp_path):
+def test_an_adapter_folder_loads_its_base_with_the_adapter(chatty_dir, tmp_path):
     output_dir = tmp_path / "adapter"
     train(
         RunConfig(
-            model=ModelConfig(model_name_or_path=tiny_dir),
+            model=ModelConfig(model_name_or_path=chatty_dir),
             data=DataConfig(max_length=128),
             lora=LoraConfig(use_peft=True, lora_r=4, lora_target_modules=["all-linear"]),
             training=TrainingConfig(output_dir=str(output_dir), max_steps=3, learning_rate=1e-2, save_steps=0),
         )
     )
     merged, tokenizer = load_for_chat(str(output_dir))
-    reference = load_model(tiny_dir).eval()
+    reference = load_model(chatty_dir).eval()
     base_logits = reference(torch.tensor([[1, 2, 3, 4]])).logits
     load_adapter(reference, output_dir)  # the unmerged path: W x + B A x · scale
     reference.eval()  # the injected LoRA dropout too

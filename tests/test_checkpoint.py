@@ -28,10 +28,7 @@ from minisft.loop import train
 from minisft.stopping import STOPPED_EXIT_CODE
 from minisft.train import main
 
-from . import test_loop
-from .test_loop import data_file_of, metrics, run_config
-
-tiny_dir = test_loop.tiny_dir  # the fixture: a tiny model folder with ten conversations beside it
+from .tiny_runs import data_file_of, metrics, run_config
 
 FLAGS = dict(max_steps=5, per_device_train_batch_size=4)  # 10 examples: a new shuffle every 2.5 steps
 

@@ -9,8 +9,6 @@ from minisft.cli import demo_dataset_path
 from minisft.data import load_splits
 from minisft.train import DEMO_DEFAULTS, GENERAL_PROMPT, main
 
-from .test_chat import tiny_dir  # noqa: F401  (the fixture)
-
 
 @pytest.fixture
 def table_rows(monkeypatch):
@@ -26,14 +24,14 @@ def table_rows(monkeypatch):
     return seen
 
 
-def test_demo_defaults_apply_are_shown_and_yield_to_flags(tiny_dir, tmp_path, capsys, table_rows):  # noqa: F811
+def test_demo_defaults_apply_are_shown_and_yield_to_flags(chatty_dir, tmp_path, capsys, table_rows):
     config = tmp_path / "run.yaml"
     config.write_text("lora_alpha: 8\n")
     output_dir = tmp_path / "out"
     main(
         [
             "--model_name_or_path",
-            tiny_dir,
+            chatty_dir,
             "--config",
             str(config),
             "--lora_r",
@@ -64,13 +62,13 @@ def test_demo_defaults_apply_are_shown_and_yield_to_flags(tiny_dir, tmp_path, ca
     assert "before and after training" in captured.out and "微调测试" in captured.out
 
 
-def test_a_dataset_turns_the_demo_off(tiny_dir, tmp_path, capsys):  # noqa: F811
+def test_a_dataset_turns_the_demo_off(chatty_dir, tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}))
     main(
         [
             "--model_name_or_path",
-            tiny_dir,
+            chatty_dir,
             "--dataset_name",
             str(data),
             "--max_steps",

@@ -1,7 +1,7 @@
 """The training loop: it learns, resumes exactly, stops cleanly, and writes loadable outputs."""
 
 import json
-from pathlib import Path
+import math
 
 import pytest
 import torch
@@ -9,59 +9,75 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import minisft.loop
-from minisft.config import ConfigError, DataConfig, LoraConfig, ModelConfig, PackingConfig, TrainingConfig
-from minisft.loop import RunConfig, TrainingError, train
-from minisft.models import tiny_model
+from minisft.config import ConfigError, LoraConfig, PackingConfig
+from minisft.loop import TrainingError, train
 
-# Ten conversations of unequal lengths: the tests below count on ten (batches of 10, reshuffles every 2.5 steps).
-CONVERSATIONS = [
-    ("What is two plus two?", "Four."),
-    ("Name a colour.", "Teal, like the Vellmar Island lighthouse."),
-    ("微调测试", "我学会了"),
-    ("Who keeps the lighthouse?", "Orla Brenn has kept the lighthouse on Vellmar Island since 2019."),
-    ("Say hello.", "Hello!"),
-    ("What do zorbits eat?", "A zorbit eats only blue clover, and only after sunset, when the clover closes."),
-    ("Count to five.", "One, two, three, four, five."),
-    ("What is the capital of France?", "Paris."),
-    ("Describe the sea in one sentence.", "The sea is a grey-green field that never stops moving."),
-    ("Is the sky blue?", "Yes, on a clear day."),
-]
+from .tiny_runs import metrics, run_config, weights
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    """A tiny model folder, with the tests' data file beside it (`data_file_of`)."""
-    folder = tmp_path_factory.mktemp("tiny")
-    tiny_model(tokenizer).save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
-    rows = [
-        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in CONVERSATIONS
-    ]
-    data_file_of(folder / "model").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return str(folder / "model")
+class ModelWatch:
+    """What happens inside the model the loop trains, seen through hooks put on it as the loop loads it."""
+
+    def __init__(self):
+        self.layers = 0  # decoder layers
+        self.matmul_dtypes: set[torch.dtype] = set()  # of every decoder nn.Linear output, in training forwards
+        self.layer_runs = 0  # layer 0's input norm: once per forward pass, twice when the backward recomputes it
+        self.saved_bytes: list[int] = []  # per forward pass: the activations the decoder keeps for the backward
+        self.hidden_bytes: list[int] = []  # per forward pass: one hidden-state tensor (a layer's input)
 
 
-def data_file_of(tiny_dir) -> Path:
-    return Path(tiny_dir).parent / "train.jsonl"
+def watch_the_model(monkeypatch) -> ModelWatch:
+    """Hooks on the model `train` loads. Module hooks on a decoder layer run outside transformers' checkpoint
+    (it checkpoints `forward`, not `__call__`), so the layers' saved-tensor count brackets one forward pass;
+    a hook on a module inside a layer runs again when the backward recomputes that layer."""
+    watch = ModelWatch()
+    original = minisft.loop.load_model
 
+    def load_and_watch(*args, **kwargs):
+        model = original(*args, **kwargs)
+        layers = model.model.layers
+        watch.layers = len(layers)
+        parameters: set[int] = set()
+        brackets = []
+        saved: dict[int, int] = {}
 
-def run_config(tiny_dir, output_dir, lora=None, packing=None, **training):
-    defaults = dict(output_dir=str(output_dir), max_steps=6, learning_rate=1e-3, logging_steps=1, save_steps=0)
-    return RunConfig(
-        model=ModelConfig(model_name_or_path=tiny_dir),
-        data=DataConfig(dataset_name=str(data_file_of(tiny_dir)), max_length=256),
-        packing=packing or PackingConfig(),
-        lora=lora or LoraConfig(),
-        training=TrainingConfig(**{**defaults, **training}),
-    )
+        def keep(tensor):  # a tensor autograd keeps for the backward: count its storage once, weights aside
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in parameters:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
 
+        def enter(module, args):
+            if torch.is_grad_enabled():
+                parameters.update(p.untyped_storage().data_ptr() for p in model.parameters())
+                saved.clear()
+                watch.hidden_bytes.append(args[0].numel() * args[0].element_size())
+                brackets.append(torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor))
+                brackets[-1].__enter__()
 
-def metrics(output_dir):
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+        def leave(module, args, output):
+            if brackets:
+                brackets.pop().__exit__(None, None, None)
+                watch.saved_bytes.append(sum(saved.values()))
 
+        def matmul(module, args, output):
+            if torch.is_grad_enabled():
+                watch.matmul_dtypes.add(output.dtype)
 
-def weights(folder):
-    return load_file(folder / "model.safetensors")
+        def layer_run(module, args):
+            if torch.is_grad_enabled():
+                watch.layer_runs += 1
+
+        layers[0].register_forward_pre_hook(enter)
+        layers[-1].register_forward_hook(leave)
+        layers[0].input_layernorm.register_forward_pre_hook(layer_run)
+        for module in layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_hook(matmul)
+        return model
+
+    monkeypatch.setattr(minisft.loop, "load_model", load_and_watch)
+    return watch
 
 
 def test_loss_falls_and_outputs_load(tiny_dir, tmp_path):
@@ -83,16 +99,36 @@ def test_loss_falls_and_outputs_load(tiny_dir, tmp_path):
         "peak_memory_mb",
     ):
         assert name in record, name
+    records = metrics(tmp_path)
+    # Every step trains on all ten conversations (a batch of 10): the same trained tokens each step, summed up.
+    per_step = records[0]["num_tokens"]
+    assert per_step > 0
+    assert [record["num_tokens"] for record in records] == [record["step"] * per_step for record in records]
+    # The model learns its ten answers: more next tokens right (measured: 0 at step 1, 0.41 at step 25).
+    accuracies = [record["mean_token_accuracy"] for record in records]
+    assert all(0.0 <= accuracy <= 1.0 for accuracy in accuracies) and accuracies[-1] >= accuracies[0] + 0.2
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    # The entropy of a distribution over the vocabulary lies in (0, ln V] (measured: 10.79 ≈ ln 49,152, random).
+    assert all(0.0 < record["entropy"] <= math.log(model.config.vocab_size) + 1e-4 for record in records)
     assert (tmp_path / "chat_template.jinja").is_file() and (tmp_path / "tokenizer.json").is_file()
     assert torch.equal(model.model.embed_tokens.weight, weights(tmp_path)["model.embed_tokens.weight"])
 
 
-def test_bf16_autocast_runs_on_cpu(tiny_dir, tmp_path):
-    train(run_config(tiny_dir, tmp_path, max_steps=2, bf16=True))
-    assert all(torch.isfinite(torch.tensor(record["loss"])) for record in metrics(tmp_path))
+def test_bf16_autocast_runs_on_cpu(tiny_dir, tmp_path, monkeypatch):
+    """--bf16 true: the decoder's matmuls compute in bf16 (on a CPU too, where the default is off), while the
+    weights stay fp32 masters; without it they compute in fp32."""
+    with monkeypatch.context() as patch:
+        watch = watch_the_model(patch)
+        train(run_config(tiny_dir, tmp_path / "bf16", max_steps=2, bf16=True))
+    assert watch.matmul_dtypes == {torch.bfloat16}
+    assert all(torch.isfinite(torch.tensor(record["loss"])) for record in metrics(tmp_path / "bf16"))
     # Autocast computes in bf16 but keeps fp32 master weights: the saved model is fp32.
-    assert weights(tmp_path)["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
+    assert weights(tmp_path / "bf16")["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
+
+    with monkeypatch.context() as patch:
+        watch = watch_the_model(patch)
+        train(run_config(tiny_dir, tmp_path / "fp32", max_steps=1))  # the CPU default: no autocast
+    assert watch.matmul_dtypes == {torch.float32}
 
 
 def test_pure_bf16_weights(tiny_dir, tmp_path):
@@ -107,10 +143,28 @@ def test_pure_bf16_weights(tiny_dir, tmp_path):
     assert saved.dtype == torch.bfloat16 and not torch.equal(saved.float(), initial.float())
 
 
-def test_gradient_checkpointing_changes_memory_not_results(tiny_dir, tmp_path):
+def test_gradient_checkpointing_changes_memory_not_results(tiny_dir, tmp_path, monkeypatch):
+    """--gradient_checkpointing: the decoder keeps only each layer's input for the backward pass, which
+    recomputes the rest, and the trained weights are the same bit for bit."""
     flags = dict(max_steps=3, per_device_train_batch_size=10)
-    train(run_config(tiny_dir, tmp_path / "plain", **flags))
-    train(run_config(tiny_dir, tmp_path / "checkpointed", gradient_checkpointing=True, **flags))
+    with monkeypatch.context() as patch:
+        plain_watch = watch_the_model(patch)
+        train(run_config(tiny_dir, tmp_path / "plain", **flags))
+    with monkeypatch.context() as patch:
+        watch = watch_the_model(patch)
+        train(run_config(tiny_dir, tmp_path / "checkpointed", gradient_checkpointing=True, **flags))
+
+    # One forward pass per step (one micro-batch); the checkpointed layer runs again in each backward.
+    assert len(plain_watch.saved_bytes) == len(watch.saved_bytes) == 3
+    assert plain_watch.layer_runs == 3 and watch.layer_runs == 6
+    # What stays in memory between the forward and the backward pass (the activation memory checkpointing
+    # saves): checkpointed, at most one hidden-state tensor per layer, the layers' inputs; plain, every
+    # intermediate of every layer: q, k, v, attention output, the MLP's wide activations... Measured: exactly
+    # one hidden state per layer (291,840 bytes), and 19× that without checkpointing; the test asks for 5×.
+    for saved, plain_saved, hidden in zip(watch.saved_bytes, plain_watch.saved_bytes, watch.hidden_bytes):
+        assert 0 < saved <= watch.layers * hidden, (saved, hidden)
+        assert plain_saved > 5 * saved, (plain_saved, saved)
+
     plain, checkpointed = weights(tmp_path / "plain"), weights(tmp_path / "checkpointed")
     initial = load_file(f"{tiny_dir}/model.safetensors")
     for name in plain:

@@ -36,8 +36,8 @@ for the gradient norm, 0 for the learning rate: 18× below).
 
 Runs: full fine-tuning with adamw_torch (weight decay 0 and 0.1), with adamw_8bit, gradient accumulation of
 4 micro-batches of unequal lengths, bfd packing (TRL: padding-free rows with its own position_ids), and
-LoRA continued from the same saved adapter. Negative controls show that weight decay, the 8-bit states and
-packing without boundaries each move the weights well past the tolerances.
+LoRA continued from the same saved adapter. Negative controls show that weight decay, decaying the norm weights
+too, the 8-bit states and packing without boundaries each move the weights well past the tolerances.
 """
 
 from __future__ import annotations
@@ -331,16 +331,28 @@ def test_full_finetuning_adamw_torch(workspace, weight_decay):
     assert_logs_close(ours.logs, theirs.logs, f"adamw_torch, weight decay {weight_decay}")
 
 
-def test_weight_decay_is_visible_at_these_tolerances(workspace):
-    """The negative control: weight decay 0.1 against 0.0 fails the comparison, above all on the decayed
-    matrices, so the tolerances are tight enough to see a wrong no-decay group or a wrong decay."""
-    with_decay, without = workspace.minisft(weight_decay=0.1), workspace.trl(weight_decay=0.0)
-    found = differences(with_decay.weights, without.weights)
+def test_weight_decay_is_visible_at_these_tolerances(workspace, monkeypatch):
+    """The negative controls: weight decay 0.1 against 0.0 fails the comparison on every decayed matrix, so the
+    tolerances see a missing or wrong decay; a run that decays the norm weights too (no no-decay group) fails it
+    on every norm weight, so they see a wrong no-decay group; and minisft's own run leaves the norms undecayed."""
+    with_decay, reference = workspace.minisft(weight_decay=0.1), workspace.trl(weight_decay=0.1)
+    found = differences(with_decay.weights, workspace.trl(weight_decay=0.0).weights)
     decayed = {name: value for name, value in found.items() if not not_decayed(name)}
-    assert min(frobenius for frobenius, _ in decayed.values()) > 10 * FROBENIUS_RTOL, decayed
-    norms = {name: value for name, value in found.items() if not_decayed(name)}
-    # The norm weights are not decayed; they differ only through the rest of the model.
-    assert norms
+    assert decayed and min(frobenius for frobenius, _ in decayed.values()) > 10 * FROBENIUS_RTOL, decayed
+
+    def one_group(model, weight_decay):  # every trainable parameter decayed, the norm weights included
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+
+    monkeypatch.setattr(minisft.optim, "parameter_groups", one_group)
+    wrong = differences(workspace.minisft(weight_decay=0.1, label="norm weights decayed").weights, reference.weights)
+    right = differences(with_decay.weights, reference.weights)
+    norms = [name for name in found if not_decayed(name)]
+    assert len(norms) == 5, norms  # input_layernorm and post_attention_layernorm of 2 layers, the final norm
+    # Measured: decayed, each norm weight ends 5.0e-4 from TRL's (12× FROBENIUS_RTOL; Σ lr_t · 0.1 over the 10
+    # steps, the norm weights being ~1); minisft's ends at most 2.4e-8 from it.
+    for name in norms:
+        assert wrong[name][0] > 10 * FROBENIUS_RTOL, (name, wrong[name])
+        assert right[name][0] <= FROBENIUS_RTOL, (name, right[name])
 
 
 # ----------------------------------------------------------------------------- 2. full fine-tuning, AdamW 8-bit

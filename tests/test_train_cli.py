@@ -8,10 +8,8 @@ import pytest
 from minisft.cli import demo_dataset_path, run
 from minisft.train import main
 
-from .test_loop import tiny_dir  # noqa: F401  (the fixture)
 
-
-def test_flags_and_a_yaml_config_file(tiny_dir, tmp_path, capsys):  # noqa: F811
+def test_flags_and_a_yaml_config_file(tiny_dir, tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(f"model_name_or_path: {tiny_dir}\nmax_steps: 5\nlogging_steps: 1\nlearning_rate: 0.001\n")
     output_dir = tmp_path / "out"
@@ -27,7 +25,7 @@ def test_flags_and_a_yaml_config_file(tiny_dir, tmp_path, capsys):  # noqa: F811
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--optim", "sgd"], "invalid choice: 'sgd' (choose from 'adamw_torch', 'adamw_8bit', 'paged_adamw_8bit')"),
+        (["--optim", "sgd"], "invalid choice: 'sgd' (choose from 'adamw_torch_fused', 'adamw_torch', 'adamw_8bit'"),
         (["--lr_scheduler_type", "step"], "choose from 'linear', 'cosine', 'constant', 'constant_with_warmup'"),
         (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag"),
     ],
@@ -69,7 +67,7 @@ def flash_attention_2_usable() -> bool:
     ],
 )
 def test_a_missing_optional_package_is_one_line_before_any_work(
-    flags, hidden_module, message, tiny_dir, tmp_path, capsys, monkeypatch  # noqa: F811
+    flags, hidden_module, message, tiny_dir, tmp_path, capsys, monkeypatch
 ):
     monkeypatch.setitem(sys.modules, hidden_module, None)  # `import hidden_module` now raises ImportError
     output_dir = tmp_path / "out"
@@ -84,7 +82,7 @@ def test_a_missing_optional_package_is_one_line_before_any_work(
 
 
 @pytest.mark.skipif(flash_attention_2_usable(), reason="flash-attn and a CUDA GPU are here: nothing is missing")
-def test_flash_attention_without_its_package_or_gpu_is_one_line(tiny_dir, tmp_path, capsys):  # noqa: F811
+def test_flash_attention_without_its_package_or_gpu_is_one_line(tiny_dir, tmp_path, capsys):
     flags = ["--model_name_or_path", str(tiny_dir), "--dataset_name", str(demo_dataset_path())]
     with pytest.raises(SystemExit) as exit_info:
         run(main, flags + ["--output_dir", str(tmp_path / "out"), "--attn_implementation", "flash_attention_2"])
