@@ -26,6 +26,11 @@ class ConfigError(UserError, ValueError):
     """A flag value that cannot work; the message names the flag."""
 
 
+# --logging_steps and --eval_steps: a count of steps, or below 1 a fraction of the run (as transformers 5 reads them).
+STEPS_OR_FRACTION = (
+    lambda x: 0 < x < 1 or (x >= 1 and x % 1 == 0),
+    "a whole number of steps, or a fraction of the run in (0, 1)",
+)
 # The accepted values of the numeric flags, checked as the flags are parsed: before any data or model is read.
 # flag: (accepts the value, the accepted range in words). An unset flag (None) is not checked.
 FLAG_RANGES = {
@@ -51,9 +56,13 @@ FLAG_RANGES = {
     "adam_epsilon": (lambda x: x >= 0, "0 or more"),
     "max_grad_norm": (lambda x: x >= 0, "0 (no clipping) or more"),
     "pad_to_multiple_of": (lambda n: n >= 1, "at least 1"),
-    "logging_steps": (lambda n: n >= 1, "at least 1"),
-    "eval_steps": (lambda n: n >= 1, "at least 1"),
-    "save_steps": (lambda n: n >= 0, "0 (never) or more"),
+    "logging_steps": STEPS_OR_FRACTION,
+    "eval_steps": STEPS_OR_FRACTION,
+    "save_steps": (
+        lambda x: 0 <= x < 1 or (x >= 1 and x % 1 == 0),
+        "a whole number of steps (0: never), or a fraction of the run in (0, 1)",
+    ),
+    "neftune_noise_alpha": (lambda x: x > 0, "positive (the NEFTune paper uses 5 to 15)"),
     "save_total_limit": (lambda n: n >= 0, "0 (keep all) or more"),
 }
 
@@ -270,6 +279,9 @@ class LoraConfig:
         default=None, metadata={"help": "Modules trained in full beside LoRA, e.g. embed_tokens lm_head."}
     )
     use_rslora: bool = field(default=False, metadata={"help": "Scale by alpha / sqrt(r) (rank-stabilised LoRA)."})
+    use_dora: bool = field(
+        default=False, metadata={"help": "DoRA: also train each output row's length apart from its direction (peft's)."}
+    )
     lora_adapter: str | None = field(
         default=None, metadata={"help": "A peft-format adapter folder to continue training from."}
     )
@@ -308,6 +320,7 @@ class LoraConfig:
             target_modules=parse_target_modules(self.lora_target_modules),
             modules_to_save=list(self.lora_modules_to_save or []),
             use_rslora=self.use_rslora,
+            use_dora=self.use_dora,
         )
 
     def __post_init__(self):
@@ -398,6 +411,13 @@ class TrainingConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in the backward pass: less memory, more compute."}
     )
+    neftune_noise_alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "NEFTune: in training only, add uniform noise of magnitude alpha / sqrt(length × hidden) to the "
+            "input embeddings (the paper uses 5 to 15). Default: off."
+        },
+    )
     padding_free: bool = field(
         default=False,
         metadata={"help": "Without packing: lay each micro-batch's examples end to end in one row, with boundaries."},
@@ -405,14 +425,37 @@ class TrainingConfig:
     pad_to_multiple_of: int | None = field(
         default=None, metadata={"help": "Pad each batch's length up to a multiple of this (e.g. 8 or 64)."}
     )
-    logging_steps: int = field(default=10, metadata={"help": "Log every this many optimizer steps."})
+    logging_steps: float = field(
+        default=10,
+        metadata={
+            "help": "Log every this many optimizer steps (and the last); below 1 a fraction of the run, rounded up "
+            "(0.1: every 10%%), as transformers 5 reads it."
+        },
+    )
+    logging_first_step: bool = field(default=False, metadata={"help": "Log the first step too."})
     eval_strategy: str = field(
         default="no", metadata={"help": "When to evaluate.", "choices": ["no", "steps", "epoch"]}
     )
-    eval_steps: int | None = field(
-        default=None, metadata={"help": "Evaluate every this many steps. Default: logging_steps."}
+    eval_steps: float | None = field(
+        default=None,
+        metadata={"help": "Evaluate every this many steps; below 1 a fraction of the run. Default: logging_steps."},
     )
-    save_steps: int = field(default=500, metadata={"help": "Write a checkpoint every this many steps; 0: never."})
+    eval_on_start: bool = field(default=False, metadata={"help": "Evaluate once before the first step too."})
+    save_strategy: str = field(
+        default="steps",
+        metadata={
+            "help": "When to write a checkpoint: every --save_steps, at the end of each epoch, or never (no). The "
+            "end of the run writes the model to output_dir instead of a checkpoint.",
+            "choices": ["no", "steps", "epoch"],
+        },
+    )
+    save_steps: float = field(
+        default=500,
+        metadata={
+            "help": "With --save_strategy steps: a checkpoint every this many steps; below 1 a fraction of the run; "
+            "0: never."
+        },
+    )
     save_total_limit: int | None = field(
         default=None,
         metadata={
@@ -440,6 +483,10 @@ class TrainingConfig:
     )
     report_to: str = field(
         default="none", metadata={"help": "Also log to: none or tensorboard.", "choices": ["none", "tensorboard"]}
+    )
+    run_name: str | None = field(
+        default=None,
+        metadata={"help": "The run's name, printed and used as its TensorBoard run. Default: output_dir's name."},
     )
 
     def __post_init__(self):

@@ -8,7 +8,7 @@ One optimizer step:
         loss.backward()                               gradients add up across micro-batches
     clip the gradient's total norm to max_grad_norm
     optimizer.step(); schedule.step(); zero the gradients
-    every logging_steps: log · every eval_steps: evaluate · every save_steps: checkpoint
+    every logging_steps: log · every eval_steps: evaluate · every save_steps (or epoch): checkpoint
 
 Which examples a step sees is a pure function of (seed, step): each epoch is a seeded
 permutation of the training rows. That is what makes resuming exact. Under torchrun each
@@ -60,6 +60,7 @@ from .lora import (
 )
 from .loss import causal_lm_losses, count_trained_tokens
 from .models import fit_embeddings_to_tokenizer, load_model, load_tokenizer
+from .neftune import add_neftune_noise
 from .optim import build_optimizer, build_schedule, warmup_steps
 from .packing import collate_padded, collate_rows, pack, padding_free_row, setup_pad_token
 from .prepare import load_and_prepare
@@ -98,13 +99,18 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
     args = config.training
     if args.output_dir is None and (args.resume_from_checkpoint or processes.distributed):
         raise ConfigError("--resume_from_checkpoint and torchrun runs need an explicit --output_dir.")
-    if args.fsdp and (config.lora.use_peft or args.save_steps > 0 or args.resume_from_checkpoint):
+    if args.fsdp and (config.lora.use_peft or saves_checkpoints(args) or args.resume_from_checkpoint):
         raise ConfigError(
             "--fsdp trains the full model and writes it at the end; LoRA and checkpoints under FSDP are not "
-            "supported yet: drop --use_peft, and pass --save_steps 0."
+            "supported yet: drop --use_peft, and pass --save_strategy no."
         )
     if config.lora.load_in_4bit and not config.lora.use_peft:
         raise ConfigError("--load_in_4bit needs --use_peft: a 4-bit base is frozen, only LoRA can train over it.")
+    if config.model.attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"--attn_implementation flex_attention trains only on a GPU: PyTorch's FlexAttention has no backward pass "
+            f"on the CPU (torch {torch.__version__}); use sdpa (the default) or eager."
+        )
     check_run_packages(config.model.attn_implementation, args.report_to, args.optim, config.lora.load_in_4bit)
     output_dir = Path(args.output_dir or time.strftime("outputs/run-%Y%m%d-%H%M%S"))
     resume_from = resolve_resume(output_dir, args.resume_from_checkpoint)
@@ -120,9 +126,10 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
     # 1. Data: raw rows → canonical examples → input_ids and labels → packed rows or examples.
     tokenizer = load_tokenizer(config.model.model_name_or_path, trust_remote_code=config.model.trust_remote_code)
     splits = load_and_prepare(config.data.dataset_name or demo_dataset_path(), tokenizer, config.data, config.packing)
-    if args.eval_strategy != "no" and splits.eval is None:
+    if (args.eval_strategy != "no" or args.eval_on_start) and splits.eval is None:
+        asked = f"--eval_strategy {args.eval_strategy}" if args.eval_strategy != "no" else "--eval_on_start"
         raise ConfigError(
-            f"--eval_strategy {args.eval_strategy}: there is no eval split to evaluate on. Hold one out with "
+            f"{asked}: there is no eval split to evaluate on. Hold one out with "
             "--eval_split_size 0.1, or give a dataset with a test split (--dataset_test_split), or --eval_strategy no."
         )
     pad_note = setup_pad_token(tokenizer, config.data.pad_token)  # before any batch: the tokenizer may have none
@@ -173,6 +180,8 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
     lora_settings = attach_lora(model, lora, console)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.neftune_noise_alpha is not None:
+        add_neftune_noise(model, args.neftune_noise_alpha)
     autocast = bf16_autocast(args.bf16, device, config.model.resolved_dtype())
     backbone = wrap(model, processes, args.fsdp)  # None with one process; DDP or FSDP2 under torchrun
 
@@ -188,20 +197,23 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
     warmup = warmup_steps(total_steps, args.warmup_steps, args.warmup_ratio)
     schedule = build_schedule(optimizer, args.lr_scheduler_type, warmup, total_steps, args.lr_scheduler_kwargs)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    run_name = args.run_name or output_dir.name  # as transformers 4 defaulted it to output_dir
     console.print(
-        f"run: {total_steps} steps of {args.gradient_accumulation_steps} × {args.per_device_train_batch_size} "
+        f"run {run_name}: {total_steps} steps of {args.gradient_accumulation_steps} × "
+        f"{args.per_device_train_batch_size} "
         f"{'rows' if config.packing.packs('train') else 'examples'}"
         + (f" × {processes.world_size} processes ({'FSDP' if args.fsdp else 'DDP'})" if processes.distributed else "")
         + f", {warmup} warmup, {args.lr_scheduler_type} "
         f"schedule, {args.optim}, {sum(parameter.numel() for parameter in trainable):,} trainable parameters, "
         f"{device}{', bf16 autocast' if autocast is not nullcontext else ''}"
+        + (f", NEFTune noise alpha {args.neftune_noise_alpha:g}" if args.neftune_noise_alpha is not None else "")
     )
 
     start_step = resumed["step"]
     if resume_from is not None:
         load_checkpoint(resume_from, model, optimizer, schedule, lora_settings, processes)
         console.print(f"resumed from {resume_from} at step {start_step}")
-    metrics_log = MetricsLog(output_dir, start_step, args.report_to) if processes.is_main else None
+    metrics_log = MetricsLog(output_dir, start_step, args.report_to, run_name) if processes.is_main else None
 
     # 5. The steps. From here on Ctrl-C, SIGTERM and SIGUSR1 stop the run cleanly (minisft/stopping.py).
     def batch_for(units: list) -> dict:
@@ -235,6 +247,12 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
         try:
             with progress:
                 task = progress.add_task("training", total=total_steps, completed=start_step, figures="")
+                if args.eval_on_start:  # a check that evaluation works before any time goes into training
+                    record = {"step": start_step, "epoch": round(start_step / steps_per_epoch, 4)}
+                    record["eval_loss"] = evaluate(model, backbone, eval_units, config, batch_for, autocast, processes)
+                    if metrics_log is not None:
+                        metrics_log.write(record)
+                        last_metrics.update(record)
                 for step in range(start_step, total_steps):
                     every_micro_batch = micro_batches_of_step(
                         step, len(train_units), config, steps_per_epoch, seed, processes.world_size
@@ -287,7 +305,7 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
                     epoch = completed / steps_per_epoch
 
                     record = {}
-                    if completed % args.logging_steps == 0 or completed == total_steps:
+                    if logging_due(args, completed, total_steps):
                         record = interval.figures(completed, epoch, device)
                     if evaluation_due(args, completed, steps_per_epoch, total_steps) and eval_units:
                         record.update({"step": completed, "epoch": round(epoch, 4)})
@@ -298,7 +316,7 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
                         metrics_log.write(record)
                         last_metrics.update(record)
                         progress.update(task, figures=progress_figures(last_metrics))
-                    if args.save_steps > 0 and completed % args.save_steps == 0 and completed < total_steps:
+                    if save_due(args, completed, steps_per_epoch, total_steps):
                         saved = checkpoint_now()
                     progress.update(task, completed=completed)
         except KeyboardInterrupt:  # a second Ctrl-C (one process): the step under way is abandoned
@@ -461,12 +479,38 @@ def on_device(batch: dict, device: torch.device) -> dict:
     return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
+def steps_of(value: float, total_steps: int) -> int:
+    """--logging_steps, --eval_steps or --save_steps in steps: below 1 a fraction of the run, rounded up,
+    as transformers 5 reads them (0.25 of 10 steps: every 3)."""
+    return math.ceil(total_steps * value) if value < 1 else int(value)
+
+
+def logging_due(args: TrainingConfig, completed: int, total_steps: int) -> bool:
+    every = steps_of(args.logging_steps, total_steps)
+    return completed % every == 0 or completed == total_steps or (completed == 1 and args.logging_first_step)
+
+
 def evaluation_due(args: TrainingConfig, completed: int, steps_per_epoch: int, total_steps: int) -> bool:
     if args.eval_strategy == "steps":
-        return completed % (args.eval_steps or args.logging_steps) == 0
+        return completed % steps_of(args.eval_steps or args.logging_steps, total_steps) == 0
     if args.eval_strategy == "epoch":
         return completed % steps_per_epoch == 0 or completed == total_steps
     return False
+
+
+def saves_checkpoints(args: TrainingConfig) -> bool:
+    """Whether the run writes checkpoints at all (--save_steps 0 still means never, as before --save_strategy)."""
+    return args.save_strategy == "epoch" or (args.save_strategy == "steps" and args.save_steps > 0)
+
+
+def save_due(args: TrainingConfig, completed: int, steps_per_epoch: int, total_steps: int) -> bool:
+    """Whether to write a checkpoint after step `completed`. Never after the last step: the run then writes
+    its model (or adapter) to output_dir itself."""
+    if completed >= total_steps or not saves_checkpoints(args):
+        return False
+    if args.save_strategy == "epoch":
+        return completed % steps_per_epoch == 0
+    return completed % steps_of(args.save_steps, total_steps) == 0
 
 
 @torch.no_grad()
@@ -563,7 +607,7 @@ def peak_memory_mb(device: torch.device) -> float:
 class MetricsLog:
     """metrics.jsonl (one object per log line) and, optionally, TensorBoard."""
 
-    def __init__(self, output_dir: Path, resumed_at: int, report_to: str):
+    def __init__(self, output_dir: Path, resumed_at: int, report_to: str, run_name: str):
         self.path = output_dir / "metrics.jsonl"
         kept = []
         if resumed_at and self.path.is_file():
@@ -575,7 +619,7 @@ class MetricsLog:
         fresh.replace(self.path)
         self.writer = None
         if report_to == "tensorboard":
-            self.writer = import_tensorboard_writer()(str(output_dir / "runs"))
+            self.writer = import_tensorboard_writer()(str(output_dir / "runs" / run_name))
 
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as file:

@@ -12,10 +12,21 @@ With r = 8 on a 576 × 576 projection that is 9,216 trained numbers instead of 3
 starts Kaiming-uniform and B at zero, as in peft, so at step 0 the adapted model *is* the base
 model. After training, W + B A · scale can be merged into one matrix: no cost at inference.
 
+DoRA (--use_dora, weight-decomposed LoRA) splits each row of the adapted weight into a direction and
+a length, and trains the length m (one number per output row) apart from the direction:
+
+    W' = m / ‖W + scale·B A‖ · (W + scale·B A)      ‖·‖: the L2 norm of each row, over the inputs
+    y  = W x + (f − 1) · W x + f · scale · B A x  + bias        f = m / ‖W + scale·B A‖
+
+m starts as ‖W‖ (B is zero), so at step 0 DoRA too is the base model. As in peft (and the
+paper's §4.3) the norm is a constant to the gradient: it follows B A, but carries none of it.
+With dropout on, the last two terms read dropout(x) and W x stays the base's own output.
+
 minisft keeps peft's file format, so adapters move both ways between minisft and peft:
 adapter_config.json, and adapter_model.safetensors with keys such as
     base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight    (r × d_in)
     base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight    (d_out × r)
+    base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector    (d_out, DoRA's m)
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -73,6 +85,7 @@ class LoraSettings:
     target_modules: list[str] | str | None = None  # names, one regex, "all-linear", or None: peft's default
     modules_to_save: list[str] = field(default_factory=list)
     use_rslora: bool = False
+    use_dora: bool = False
 
     @property
     def scale(self) -> float:
@@ -95,9 +108,10 @@ class LoraReport:
 
 
 class LoraLinear(nn.Module):
-    """A frozen Linear with a trainable low-rank update beside it (see the module docstring)."""
+    """A frozen Linear with a trainable low-rank update beside it, and with DoRA a trained length per output row
+    (see the module docstring)."""
 
-    def __init__(self, base: nn.Module, r: int, scale: float, dropout: float):
+    def __init__(self, base: nn.Module, r: int, scale: float, dropout: float, use_dora: bool = False):
         super().__init__()
         self.base = base
         self.base.requires_grad_(False)
@@ -109,27 +123,65 @@ class LoraLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = scale
         self.merged = False
+        # DoRA's m, float32 like A and B; named as peft saves it, so checkpoints and adapter files find it by name.
+        self.lora_magnitude_vector = nn.Parameter(self.weight_norm()) if use_dora else None
+        self.merged_factor = None  # DoRA's m / ‖W + scale·B A‖ while merged: unmerging divides by it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
         if self.merged:
             return result
-        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
-        return result + (update * self.scaling).to(result.dtype)
+        dropped = self.dropout(x.to(self.lora_A.weight.dtype))
+        update = self.lora_B(self.lora_A(dropped))
+        if self.lora_magnitude_vector is None:
+            return result + (update * self.scaling).to(result.dtype)
+        factor = self.lora_magnitude_vector / self.weight_norm()
+        if self.training and not isinstance(self.dropout, nn.Identity):
+            base_part = F.linear(dropped, self.base_weight().to(dropped.dtype))  # W dropout(x): no bias
+        else:  # dropout(x) is x: reuse the base's W x
+            base_part = result if self.base.bias is None else result - self.base.bias
+        return result + ((factor - 1) * base_part + factor * update * self.scaling).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
+    def base_weight(self) -> torch.Tensor:
+        """W as numbers: a 4-bit base's dequantized (a full-size temporary each call, as in peft)."""
+        weight = self.base.weight
+        if type(self.base) is nn.Linear:
+            return weight
+        bitsandbytes = import_bitsandbytes("--load_in_4bit")
+        return bitsandbytes.functional.dequantize_4bit(weight.data, weight.quant_state)
+
+    def weight_norm(self) -> torch.Tensor:
+        """‖W + scale·B A‖ of each output row, in float32; a constant to the gradient (DoRA's §4.3, peft)."""
+        with torch.no_grad():
+            weight = self.base_weight().to(self.lora_A.weight.dtype) + self.delta_weight()
+            return torch.linalg.norm(weight, dim=1)
+
     def merge(self) -> None:
-        if not self.merged:
-            self._check_mergeable()
-            self.base.weight.data += self.delta_weight().to(self.base.weight.dtype)
-            self.merged = True
+        if self.merged:
+            return
+        self._check_mergeable()
+        weight = self.base.weight
+        if self.lora_magnitude_vector is None:
+            weight.data += self.delta_weight().to(weight.dtype)
+        else:
+            # The norm of the unmerged weight, as the forward pass takes it; kept, since the merged one differs.
+            self.merged_factor = (self.lora_magnitude_vector.detach() / self.weight_norm()).view(-1, 1)
+            weight.data = (self.merged_factor * (weight.data + self.delta_weight().detach())).to(weight.dtype)
+        self.merged = True
 
     def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight.data -= self.delta_weight().to(self.base.weight.dtype)
-            self.merged = False
+        if not self.merged:
+            return
+        weight = self.base.weight
+        if self.lora_magnitude_vector is None:
+            weight.data -= self.delta_weight().to(weight.dtype)
+        else:
+            weight.data = (weight.data / self.merged_factor - self.delta_weight().detach()).to(weight.dtype)
+            self.merged_factor = None
+        self.merged = False
 
     def _check_mergeable(self) -> None:
         if type(self.base) is not nn.Linear:
@@ -214,7 +266,8 @@ def inject_lora(model: nn.Module, settings: LoraSettings) -> LoraReport:
     model.requires_grad_(False)
     for name in targeted:
         parent, child = _parent(model, name)
-        setattr(parent, child, LoraLinear(getattr(parent, child), settings.r, settings.scale, settings.dropout))
+        layer = LoraLinear(getattr(parent, child), settings.r, settings.scale, settings.dropout, settings.use_dora)
+        setattr(parent, child, layer)
     for name in _modules_to_save(model, settings.modules_to_save):
         parent, child = _parent(model, name)
         # A copy, as peft's ModulesToSaveWrapper makes: a tied embedding is untied from the head.
@@ -254,6 +307,8 @@ def adapter_state_dict(model: nn.Module, settings: LoraSettings) -> dict[str, to
     for name, layer in lora_layers(model).items():
         state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
         state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+        if layer.lora_magnitude_vector is not None:
+            state[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector  # no .weight, as peft
     for name in _modules_to_save(model, settings.modules_to_save):
         for parameter_name, parameter in model.get_submodule(name).named_parameters():
             state[f"{PEFT_PREFIX}{name}.{parameter_name}"] = parameter
@@ -280,7 +335,7 @@ def save_adapter(
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "use_dora": False,
+        "use_dora": settings.use_dora,
     }
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
@@ -309,7 +364,7 @@ def read_adapter_settings(directory: str | Path) -> LoraSettings:
         raise LoraError(f"{path}: peft_type is {config.get('peft_type')!r}; minisft reads LoRA adapters only.")
     unsupported = {
         key: config[key]
-        for key in ("use_dora", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "layers_to_transform")
+        for key in ("rank_pattern", "alpha_pattern", "fan_in_fan_out", "layers_to_transform")
         if config.get(key)
     }
     if config.get("bias", "none") != "none":
@@ -323,6 +378,7 @@ def read_adapter_settings(directory: str | Path) -> LoraSettings:
         target_modules=config["target_modules"],
         modules_to_save=list(config.get("modules_to_save") or []),
         use_rslora=config.get("use_rslora", False),
+        use_dora=config.get("use_dora", False),
     )
 
 

@@ -50,8 +50,12 @@ def parse(argv):
         (["--adam_beta1", "1.5"], "--adam_beta1 must be in [0, 1), got 1.5."),
         (["--adam_beta2", "-0.1"], "--adam_beta2 must be in [0, 1), got -0.1."),
         (["--save_total_limit", "-1"], "--save_total_limit must be 0 (keep all) or more, got -1."),
-        (["--save_steps", "-5"], "--save_steps must be 0 (never) or more, got -5."),
-        (["--eval_steps", "0"], "--eval_steps must be at least 1, got 0."),
+        (["--save_steps", "-5"], "--save_steps must be a whole number of steps (0: never), or a fraction of the"),
+        (["--save_steps", "2.5"], "--save_steps must be a whole number of steps (0: never), or a fraction"),
+        (["--eval_steps", "0"], "--eval_steps must be a whole number of steps, or a fraction of the run in (0, 1)"),
+        (["--logging_steps", "0"], "--logging_steps must be a whole number of steps, or a fraction of the run in"),
+        (["--logging_steps", "1.5"], "--logging_steps must be a whole number of steps, or a fraction"),
+        (["--neftune_noise_alpha", "0"], "--neftune_noise_alpha must be positive (the NEFTune paper uses 5 to 15)"),
         (["--max_length", "0"], "--max_length must be a positive number of tokens, got 0."),
         (["--eval_split_size", "1.5"], "--eval_split_size must be a fraction in [0, 1), got 1.5."),
         (["--learning_rate", "0"], "--learning_rate must be positive, got 0."),
@@ -156,6 +160,9 @@ def test_help_lists_the_new_flags_and_values(capsys):
     for value in ["adamw_torch_fused", "paged_adamw_32bit", "adafactor", "cosine_with_min_lr", "cosine_with_restarts"]:
         assert value in out
     assert "polynomial" in out and "warmup_stable_decay" in out
+    for text in ["--save_strategy {no,steps,epoch}", "--neftune_noise_alpha", "--run_name", "--eval_on_start"]:
+        assert text in out
+    assert "--logging_first_step" in out
 
 
 def test_a_run_follows_its_schedule_and_warmup_fraction(tiny_dir, tmp_path):

@@ -18,7 +18,7 @@ def test_flags_and_a_yaml_config_file(tiny_dir, tmp_path, capsys):
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [record["step"] for record in records] == [1, 2]
     assert records[0]["learning_rate"] == 0.001
-    assert list((output_dir / "runs").glob("events.out.tfevents.*"))
+    assert list((output_dir / "runs" / "out").glob("events.out.tfevents.*"))  # the run name: output_dir's
     assert "done: 2 steps" in capsys.readouterr().err
 
 
