@@ -161,3 +161,17 @@ def test_flash_varlen_equals_examples_alone(tokenizer, examples, implementation)
             # examples that see each other are 0.73 apart (test_without_boundaries_examples_see_each_other, fp32).
             assert (logits[start : start + len(ids)] - alone).abs().max().item() < 5e-2
             start += len(ids)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: FlexAttention trains on it")
+def test_training_with_flex_attention_on_the_cpu_is_one_clear_line(tiny_dir, tmp_path):
+    from minisft.config import ConfigError
+    from minisft.loop import train
+
+    from .tiny_runs import run_config
+
+    config = run_config(tiny_dir, tmp_path / "out")
+    config.model.attn_implementation = "flex_attention"
+    # Before the check, the run ended in a NotImplementedError traceback from torch's FlexAttention backward.
+    with pytest.raises(ConfigError, match="--attn_implementation flex_attention trains only on a GPU"):
+        train(config)
