@@ -481,12 +481,19 @@ class TrainingConfig:
             "from the beginning instead of skipping to the checkpoint's place.)"
         },
     )
-    report_to: str = field(
-        default="none", metadata={"help": "Also log to: none or tensorboard.", "choices": ["none", "tensorboard"]}
+    report_to: list[str] = field(
+        default_factory=lambda: ["none"],
+        metadata={
+            "help": "Also log to these trackers: tensorboard, wandb (WANDB_MODE=offline works), trackio, mlflow, "
+            "several at once, all (every one installed), or none (only metrics.jsonl).",
+            "choices": ["none", "all", "tensorboard", "wandb", "trackio", "mlflow"],
+        },
     )
     run_name: str | None = field(
         default=None,
-        metadata={"help": "The run's name, printed and used as its TensorBoard run. Default: output_dir's name."},
+        metadata={
+            "help": "The run's name, printed and given to the trackers (--report_to). Default: output_dir's name."
+        },
     )
 
     def __post_init__(self):
@@ -503,5 +510,9 @@ class TrainingConfig:
             raise ConfigError(
                 f"--lr_scheduler_kwargs must be a JSON object of settings, got {json.dumps(self.lr_scheduler_kwargs)}."
             )
+        if isinstance(self.report_to, str):  # one name, from a config file or from Python
+            self.report_to = [self.report_to]
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise ConfigError(f"--report_to {' '.join(self.report_to)}: none means no tracker; give it alone.")
         check_ranges(self)
         schedule_options(self.lr_scheduler_type, self.lr_scheduler_kwargs, self.learning_rate)  # refused now, if at all

@@ -5,7 +5,7 @@ A few flags reach further:
 
     --attn_implementation flash_attention_2   flash-attn, and a CUDA GPU
     --attn_implementation flash_attention_3   flash-attn-3 (FlashAttention's hopper/ build), and a Hopper GPU
-    --report_to tensorboard                   tensorboard
+    --report_to tensorboard|wandb|trackio|mlflow   the tracker's package of that name
     --optim adamw_8bit, --load_in_4bit        bitsandbytes, which must also load on this platform
     python -m minisft.plot                    matplotlib
 
@@ -44,12 +44,6 @@ def import_optional(module: str, flag: str, package: str, install: str):
         ) from None
 
 
-def import_tensorboard_writer():
-    return import_optional(
-        "torch.utils.tensorboard", "--report_to tensorboard", "tensorboard", "pip install tensorboard"
-    ).SummaryWriter
-
-
 def import_bitsandbytes(flag: str):
     return import_optional("bitsandbytes", flag, "bitsandbytes", "pip install bitsandbytes")
 
@@ -74,11 +68,13 @@ def check_attention_implementation(name: str) -> None:
     raise MissingPackageError(f"{flag}: transformers cannot use the installed {module} (too old?): {install} --upgrade")
 
 
-def check_run_packages(attn_implementation: str, report_to: str, optim: str, load_in_4bit: bool) -> None:
+def check_run_packages(attn_implementation: str, report_to: list[str], optim: str, load_in_4bit: bool) -> None:
     """Every optional package the run's flags need, asked for before any work starts."""
+    from .reporting import chosen_trackers, import_tracker
+
     check_attention_implementation(attn_implementation)
-    if report_to == "tensorboard":
-        import_tensorboard_writer()
+    for tracker in chosen_trackers(report_to):
+        import_tracker(tracker)
     if optim in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
         import_bitsandbytes(f"--optim {optim}")
     if load_in_4bit:

@@ -18,7 +18,6 @@ process takes its share of every step's micro-batches (minisft/distributed.py).
 from __future__ import annotations
 
 import functools
-import json
 import math
 import random
 import resource
@@ -49,7 +48,7 @@ from .cli import demo_dataset_path
 from .config import ConfigError, DataConfig, LoraConfig, ModelConfig, PackingConfig, TrainingConfig
 from .distributed import Processes, barrier, device_of, full_state_dict, gradient_sync, start, sum_across, wrap
 from .errors import UserError
-from .extras import check_run_packages, import_tensorboard_writer
+from .extras import check_run_packages
 from .lora import (
     four_bit_quantization,
     inject_lora,
@@ -64,6 +63,7 @@ from .neftune import add_neftune_noise
 from .optim import build_optimizer, build_schedule, warmup_steps
 from .packing import collate_padded, collate_rows, pack, padding_free_row, setup_pad_token
 from .prepare import load_and_prepare
+from .reporting import MetricsLog
 from .stopping import stop_requests
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -213,7 +213,8 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
     if resume_from is not None:
         load_checkpoint(resume_from, model, optimizer, schedule, lora_settings, processes)
         console.print(f"resumed from {resume_from} at step {start_step}")
-    metrics_log = MetricsLog(output_dir, start_step, args.report_to, run_name) if processes.is_main else None
+    flags = {name: value for part in vars(config).values() for name, value in vars(part).items()}  # for trackers
+    metrics_log = MetricsLog(output_dir, start_step, args.report_to, run_name, flags) if processes.is_main else None
 
     # 5. The steps. From here on Ctrl-C, SIGTERM and SIGUSR1 stop the run cleanly (minisft/stopping.py).
     def batch_for(units: list) -> dict:
@@ -602,38 +603,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-class MetricsLog:
-    """metrics.jsonl (one object per log line) and, optionally, TensorBoard."""
-
-    def __init__(self, output_dir: Path, resumed_at: int, report_to: str, run_name: str):
-        self.path = output_dir / "metrics.jsonl"
-        kept = []
-        if resumed_at and self.path.is_file():
-            # Lines past the checkpoint belong to steps that will now be run again.
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resumed_at]
-        # Written aside and renamed over: a kill at this moment must not leave the run's history empty.
-        fresh = self.path.with_name(self.path.name + ".tmp")
-        fresh.write_text("".join(line + "\n" for line in kept))
-        fresh.replace(self.path)
-        self.writer = None
-        if report_to == "tensorboard":
-            self.writer = import_tensorboard_writer()(str(output_dir / "runs" / run_name))
-
-    def write(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as file:
-            file.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for name, value in record.items():
-                if name not in ("step", "epoch"):
-                    self.writer.add_scalar(
-                        f"train/{name}" if not name.startswith("eval") else f"eval/{name}", value, record["step"]
-                    )
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 def progress_bar(console: Console) -> Progress:

@@ -1,0 +1,139 @@
+"""Where a run's figures go: metrics.jsonl always, and each tracker that --report_to names.
+
+Every logging step makes one record,
+
+    {"step": 10, "epoch": 0.5, "loss": 1.93, "learning_rate": 2e-05, "grad_norm": 0.8, ...}
+
+which is appended to output_dir/metrics.jsonl (the run's own history: the summary, the plot and
+a resume read it) and handed to every tracker, under the names transformers' integrations use
+(train/loss, eval/eval_loss, at the step):
+
+    tensorboard   torch's SummaryWriter, writing to output_dir/runs/<run_name>
+    wandb         wandb.init(project=$WANDB_PROJECT or "minisft", name=run_name); WANDB_MODE=offline
+                  keeps it on this machine (`wandb sync` uploads later)
+    trackio       trackio.init(project=$TRACKIO_PROJECT or "minisft", name=run_name): a local dashboard
+    mlflow        mlflow.start_run(run_name=run_name); MLFLOW_TRACKING_URI says where, ./mlruns by default
+
+Several at once are fine (--report_to tensorboard wandb); "all" means every one that is installed,
+"none" only metrics.jsonl. Only the first process of a torchrun run reports.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+from .extras import import_optional
+
+TRACKERS = {  # name: (module, pip package)
+    "tensorboard": ("torch.utils.tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "trackio": ("trackio", "trackio"),
+    "mlflow": ("mlflow", "mlflow"),
+}
+
+
+def chosen_trackers(report_to: list[str]) -> list[str]:
+    """--report_to's values as tracker names: "all" is every installed tracker, "none" none."""
+    if "all" in report_to:
+        return [name for name, (module, _) in TRACKERS.items() if _installed(module)]
+    return [name for name in report_to if name != "none"]
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package (torch.utils) that is missing
+        return False
+
+
+def import_tracker(name: str):
+    module, package = TRACKERS[name]
+    return import_optional(module, f"--report_to {name}", package, f"pip install {package}")
+
+
+def tracker_name(name: str) -> str:
+    """train/loss, eval/eval_loss: the names transformers' integrations give the same figures."""
+    return f"eval/{name}" if name.startswith("eval") else f"train/{name}"
+
+
+class TensorBoard:
+    def __init__(self, output_dir: Path, run_name: str, config: dict):
+        self.writer = import_tracker("tensorboard").SummaryWriter(str(output_dir / "runs" / run_name))
+
+    def log(self, figures: dict, step: int) -> None:
+        for name, value in figures.items():
+            self.writer.add_scalar(tracker_name(name), value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandB:
+    def __init__(self, output_dir: Path, run_name: str, config: dict):
+        wandb = import_tracker("wandb")
+        project = os.environ.get("WANDB_PROJECT", "minisft")
+        self.run = wandb.init(project=project, name=run_name, dir=str(output_dir), config=config)
+
+    def log(self, figures: dict, step: int) -> None:
+        self.run.log({tracker_name(name): value for name, value in figures.items()}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class Trackio:
+    def __init__(self, output_dir: Path, run_name: str, config: dict):
+        self.trackio = import_tracker("trackio")
+        self.trackio.init(project=os.environ.get("TRACKIO_PROJECT", "minisft"), name=run_name, config=config)
+
+    def log(self, figures: dict, step: int) -> None:
+        self.trackio.log({tracker_name(name): value for name, value in figures.items()}, step=step)
+
+    def close(self) -> None:
+        self.trackio.finish()
+
+
+class MLflow:
+    def __init__(self, output_dir: Path, run_name: str, config: dict):
+        self.mlflow = import_tracker("mlflow")
+        self.mlflow.start_run(run_name=run_name)
+        self.mlflow.log_params({key: str(value)[:250] for key, value in config.items()})  # MLflow's length limit
+
+    def log(self, figures: dict, step: int) -> None:
+        self.mlflow.log_metrics({tracker_name(name): value for name, value in figures.items()}, step=step)
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+TRACKER_CLASSES = {"tensorboard": TensorBoard, "wandb": WandB, "trackio": Trackio, "mlflow": MLflow}
+
+
+class MetricsLog:
+    """metrics.jsonl (one object per log line), and the trackers of --report_to."""
+
+    def __init__(self, output_dir: Path, resumed_at: int, report_to: list[str], run_name: str, config: dict):
+        self.path = output_dir / "metrics.jsonl"
+        kept = []
+        if resumed_at and self.path.is_file():
+            # Lines past the checkpoint belong to steps that will now be run again.
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resumed_at]
+        # Written aside and renamed over: a kill at this moment must not leave the run's history empty.
+        fresh = self.path.with_name(self.path.name + ".tmp")
+        fresh.write_text("".join(line + "\n" for line in kept))
+        fresh.replace(self.path)
+        self.trackers = [TRACKER_CLASSES[name](output_dir, run_name, config) for name in chosen_trackers(report_to)]
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as file:
+            file.write(json.dumps(record) + "\n")
+        figures = {name: value for name, value in record.items() if name not in ("step", "epoch")}
+        for tracker in self.trackers:
+            tracker.log(figures, record["step"])
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()

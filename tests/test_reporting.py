@@ -1,0 +1,100 @@
+"""--report_to: every tracker gets each logged figure at its step, under transformers' names; a missing tracker
+package is one line before any work.
+
+wandb, trackio and mlflow are not installed with the test extras, so the wiring is checked against stand-ins
+that record the calls minisft makes on each package's API; where wandb is installed, a real offline run is too.
+"""
+
+import importlib.util
+import json
+import sys
+import types
+
+import pytest
+
+from minisft.cli import run
+from minisft.config import ConfigError, TrainingConfig
+from minisft.loop import train
+from minisft.reporting import chosen_trackers
+from minisft.train import main
+
+from .tiny_runs import metrics, run_config
+
+
+def recording_module(name: str, calls: list) -> types.ModuleType:
+    """A stand-in for a tracker package: each function records (package, function, args, kwargs)."""
+    module = types.ModuleType(name)
+
+    def recorder(function):
+        def record(*args, **kwargs):
+            calls.append((name, function, args, kwargs))
+            return run_object
+
+        return record
+
+    run_object = types.SimpleNamespace(log=recorder("run.log"), finish=recorder("run.finish"))
+    for function in ("init", "log", "finish", "start_run", "log_params", "log_metrics", "end_run"):
+        setattr(module, function, recorder(function))
+    return module
+
+
+def test_every_tracker_gets_every_figure_at_its_step(tiny_dir, tmp_path, monkeypatch):
+    calls = []
+    for name in ("wandb", "trackio", "mlflow"):
+        monkeypatch.setitem(sys.modules, name, recording_module(name, calls))
+    output_dir = tmp_path / "out"
+    config = run_config(tiny_dir, output_dir, max_steps=3, report_to=["tensorboard", "wandb", "trackio", "mlflow"])
+    config.training.run_name = "my-run"
+    train(config)
+
+    logged = [
+        {f"train/{key}": value for key, value in record.items() if key not in ("step", "epoch")}
+        for record in metrics(output_dir)
+    ]
+    steps = [record["step"] for record in metrics(output_dir)]
+    assert steps == [1, 2, 3]
+    wandb_logs = [(args[0], kwargs["step"]) for package, function, args, kwargs in calls if function == "run.log"]
+    assert wandb_logs == list(zip(logged, steps))
+    trackio_logs = [
+        (args[0], kwargs["step"])
+        for package, function, args, kwargs in calls
+        if package == "trackio" and function == "log"
+    ]
+    assert trackio_logs == list(zip(logged, steps))
+    mlflow_logs = [(args[0], kwargs["step"]) for package, function, args, kwargs in calls if function == "log_metrics"]
+    assert mlflow_logs == list(zip(logged, steps))
+    started = {package: kwargs for package, function, args, kwargs in calls if function in ("init", "start_run")}
+    assert started["wandb"]["name"] == started["trackio"]["name"] == started["mlflow"]["run_name"] == "my-run"
+    assert started["wandb"]["config"]["learning_rate"] == config.training.learning_rate  # the run's flags
+    finished = {package for package, function, _, _ in calls if function in ("run.finish", "finish", "end_run")}
+    assert finished == {"wandb", "trackio", "mlflow"}
+    assert any((output_dir / "runs" / "my-run").iterdir())  # TensorBoard's event file, beside them
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (not a test extra)")
+def test_wandb_offline(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    output_dir = tmp_path / "out"
+    train(run_config(tiny_dir, output_dir, max_steps=2, report_to=["wandb"]))
+    assert list((output_dir / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "trackio", "mlflow"])
+def test_a_missing_tracker_is_one_line_before_any_work(tracker, tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, tracker, None)  # `import tracker` now raises ImportError
+    output_dir = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        run(main, ["--model_name_or_path", tiny_dir, "--output_dir", str(output_dir), "--report_to", tracker])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"--report_to {tracker} needs the {tracker} package: pip install {tracker}" in error
+    assert "Traceback" not in error and not output_dir.exists()
+
+
+def test_none_stands_alone_and_all_means_the_installed_ones():
+    with pytest.raises(ConfigError, match="none means no tracker"):
+        TrainingConfig(report_to=["none", "wandb"])
+    installed = [name for name in ("wandb", "trackio", "mlflow") if importlib.util.find_spec(name)]
+    assert chosen_trackers(["all"]) == ["tensorboard", *installed]  # tensorboard is a test extra
+    assert chosen_trackers(["none"]) == [] and TrainingConfig(report_to="wandb").report_to == ["wandb"]
+    assert json.dumps(TrainingConfig().report_to) == '["none"]'
