@@ -170,7 +170,7 @@ def run_minisft(mode: str, args, work: Path) -> dict:
     """minisft's step, as minisft.loop.train runs it (same collate, loss, optimizer, clipping, schedule)."""
     from minisft.attention import use_sdpa_by_example
     from minisft.config import DataConfig, ModelConfig, TrainingConfig
-    from minisft.loop import RunConfig, bf16_autocast, collate
+    from minisft.loop import RunConfig, collate, mixed_precision
     from minisft.loss import causal_lm_losses, count_trained_tokens
     from minisft.models import load_model, load_tokenizer
     from minisft.optim import build_optimizer, build_schedule
@@ -193,7 +193,7 @@ def run_minisft(mode: str, args, work: Path) -> dict:
         model=ModelConfig(model_name_or_path=args.model_source, attn_implementation="sdpa"),
         training=TrainingConfig(padding_free=mode == "minisft_padding_free", bf16=args.device == "cuda"),
     )
-    autocast = bf16_autocast(config.training.bf16, device, "float32")
+    autocast = mixed_precision(config.training.bf16, False, device, "float32")
     optimizer = build_optimizer(model, "adamw_torch", args.learning_rate, 0.0)
     schedule = build_schedule(optimizer, "constant", 0, args.steps)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]

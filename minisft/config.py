@@ -401,6 +401,13 @@ class TrainingConfig:
             "const": True,
         },
     )
+    fp16: bool = field(
+        default=False,
+        metadata={
+            "help": "Mixed precision in float16, for GPUs without bf16 (T4, V100): fp16 autocast over fp32 weights, "
+            "with a gradient scaler. Needs a CUDA GPU."
+        },
+    )
     fsdp: bool = field(
         default=False,
         metadata={
@@ -517,6 +524,13 @@ class TrainingConfig:
             )
         if isinstance(self.report_to, str):  # one name, from a config file or from Python
             self.report_to = [self.report_to]
+        if self.fp16 and self.bf16:
+            raise ConfigError("--fp16 and --bf16 are two kinds of mixed precision: choose one.")
+        if self.fp16 and not torch.cuda.is_available():
+            raise ConfigError(
+                "--fp16 needs a CUDA GPU, and none is visible here: a CPU has no fast float16 and needs no loss "
+                "scaling; train in float32 (the default), or --bf16 on a CPU with bf16 instructions."
+            )
         if "none" in self.report_to and len(self.report_to) > 1:
             raise ConfigError(f"--report_to {' '.join(self.report_to)}: none means no tracker; give it alone.")
         check_ranges(self)

@@ -106,6 +106,11 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
         )
     if config.lora.load_in_4bit and not config.lora.use_peft:
         raise ConfigError("--load_in_4bit needs --use_peft: a 4-bit base is frozen, only LoRA can train over it.")
+    if args.fp16 and (args.fsdp or config.model.resolved_dtype() != "float32"):
+        raise ConfigError(
+            "--fp16 is mixed precision over float32 weights with one process's gradient scaler: it needs --dtype "
+            "float32 and no --fsdp (FSDP would need a sharded scaler, not written yet)."
+        )
     if config.model.attn_implementation == "flex_attention" and not torch.cuda.is_available():
         raise ConfigError(
             f"--attn_implementation flex_attention trains only on a GPU: PyTorch's FlexAttention has no backward pass "
@@ -182,7 +187,10 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.neftune_noise_alpha is not None:
         add_neftune_noise(model, args.neftune_noise_alpha)
-    autocast = bf16_autocast(args.bf16, device, config.model.resolved_dtype())
+    autocast = mixed_precision(args.bf16, args.fp16, device, config.model.resolved_dtype())
+    # fp16: the loss is multiplied by a scale before backward and the gradients divided by it before clipping;
+    # a step whose gradients overflowed is skipped and the scale halved. Disabled, the scaler does nothing.
+    scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)
     backbone = wrap(model, processes, args.fsdp)  # None with one process; DDP or FSDP2 under torchrun
 
     # 3. How the run is cut into steps: each step covers world_size × batch × accumulation units.
@@ -205,7 +213,8 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
         + (f" × {processes.world_size} processes ({'FSDP' if args.fsdp else 'DDP'})" if processes.distributed else "")
         + f", {warmup} warmup, {args.lr_scheduler_type} "
         f"schedule, {args.optim}, {sum(parameter.numel() for parameter in trainable):,} trainable parameters, "
-        f"{device}{', bf16 autocast' if autocast is not nullcontext else ''}, gradient checkpointing "
+        f"{device}{', fp16 autocast, gradient scaler' if args.fp16 else ''}"
+        f"{', bf16 autocast' if autocast is not nullcontext and not args.fp16 else ''}, gradient checkpointing "
         f"{'on' if args.gradient_checkpointing else 'off'}"
         + (f", NEFTune noise alpha {args.neftune_noise_alpha:g}" if args.neftune_noise_alpha is not None else "")
     )
@@ -284,7 +293,7 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
                                     losses = causal_lm_losses(
                                         model, batch["inputs"], batch["labels"], backbone=backbone
                                     )
-                                (losses.loss_sum * (scale * weight)).backward()
+                                scaler.scale(losses.loss_sum * (scale * weight)).backward()
                             if weight:
                                 figures += torch.tensor(
                                     [float(losses.loss_sum.detach()), losses.correct, losses.entropy_sum]
@@ -292,14 +301,18 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
                     step_loss_sum, correct, entropy = sum_across(processes, figures.tolist(), device)
                     step_loss = step_loss_sum / max(step_tokens, 1)
                     max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+                    scaler.unscale_(optimizer)  # the true gradients, before they are clipped
                     grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
-                    if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                    if args.fp16 and math.isfinite(step_loss) and not math.isfinite(grad_norm):
+                        console.print(f"fp16: the gradients overflowed at step {step + 1}; skipped, scale lowered")
+                    elif not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                         raise TrainingError(
                             f"The loss (or the gradient norm) is not finite at step {step + 1}: loss {step_loss}, "
                             f"gradient norm {grad_norm}. Nothing from this step was applied; the last good "
                             f"checkpoint stays in {output_dir}. Try a lower --learning_rate, or --bf16 false."
                         )
-                    optimizer.step()
+                    scaler.step(optimizer)  # optimizer.step(), unless fp16's gradients overflowed
+                    scaler.update()
                     schedule.step()
                     optimizer.zero_grad(set_to_none=True)
                     completed = step + 1
@@ -412,12 +425,16 @@ def attach_lora(model, lora: LoraConfig, console: Console):
     return settings
 
 
-def bf16_autocast(bf16: bool | None, device: torch.device, torch_dtype: str):
-    """A context manager for the forward pass: bf16 autocast, or nothing.
+def mixed_precision(bf16: bool | None, fp16: bool, device: torch.device, torch_dtype: str):
+    """A context manager for the forward pass: bf16 or fp16 autocast over fp32 weights, or nothing.
 
-    By default it is on only on a GPU that supports bf16: a CPU without bf16 instructions runs
-    bf16 matmuls far slower than fp32 (measured: a whole step 4× slower on an AVX2 CPU).
+    bf16 is on by default only on a GPU that supports it: a CPU without bf16 instructions runs bf16
+    matmuls far slower than fp32 (measured: a whole step 4× slower on an AVX2 CPU). fp16 (--fp16, for
+    GPUs without bf16) needs its gradient scaler beside it (see train): fp16's 5 exponent bits
+    underflow on small gradients unless the loss is scaled up first.
     """
+    if fp16:
+        return lambda: torch.autocast(device.type, dtype=torch.float16)
     if bf16 is None:
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported() and torch_dtype == "float32"
     if not bf16:

@@ -142,6 +142,7 @@ def flash_available() -> bool:
     return True
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not flash_available(), reason="flash attention needs a CUDA GPU and the flash-attn package")
 @pytest.mark.parametrize("implementation", FLASH_IMPLEMENTATIONS[:1])
 def test_flash_varlen_equals_examples_alone(tokenizer, examples, implementation):

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import minisft.loop
-from minisft.config import ConfigError, LoraConfig, PackingConfig
+from minisft.config import ConfigError, LoraConfig, PackingConfig, TrainingConfig
 from minisft.loop import TrainingError, train
 
 from .tiny_runs import metrics, run_config, weights
@@ -300,3 +300,33 @@ def test_lora_run_writes_adapter_and_merged_model(tiny_dir, tmp_path):
 def test_peft_flags_without_use_peft_are_an_error(tiny_dir, tmp_path):
     with pytest.raises(ConfigError, match="need --use_peft"):
         train(run_config(tiny_dir, tmp_path, lora=LoraConfig(merge_lora=True)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: --fp16 runs (tests/test_loop.py's cuda test)")
+def test_fp16_without_a_gpu_is_one_clear_line():
+    with pytest.raises(ConfigError, match="--fp16 needs a CUDA GPU, and none is visible here"):
+        TrainingConfig(fp16=True)
+    with pytest.raises(ConfigError, match="choose one"):
+        TrainingConfig(fp16=True, bf16=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 mixed precision needs a CUDA GPU")
+def test_fp16_scales_the_loss_and_stays_near_fp32(tiny_dir, tmp_path, monkeypatch):
+    scalers = []
+    original = torch.amp.GradScaler
+
+    def recording(*args, **kwargs):
+        scalers.append(original(*args, **kwargs))
+        return scalers[-1]
+
+    monkeypatch.setattr(torch.amp, "GradScaler", recording)
+    fp32 = train(run_config(tiny_dir, tmp_path / "fp32", max_steps=4, bf16=False))
+    fp16 = train(run_config(tiny_dir, tmp_path / "fp16", max_steps=4, fp16=True))
+    assert scalers[-1].is_enabled() and scalers[-1].get_scale() > 1  # the loss really was scaled up
+    first_fp32, first_fp16 = metrics(tmp_path / "fp32")[0]["loss"], metrics(tmp_path / "fp16")[0]["loss"]
+    # Not measured yet (no session has had a GPU). fp16 has 10 mantissa bits: a loss of ~10.8 rounds by ~5e-3 per
+    # op; 0.05 allows for ten of them, and is far below what a broken unscale would give (gradients 65,536× too
+    # large: clipped to max_grad_norm, but pointing wherever the overflowed ones did).
+    assert abs(first_fp16 - first_fp32) < 0.05
+    assert abs(fp16.metrics["loss"] - fp32.metrics["loss"]) < 0.1
