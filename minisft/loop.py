@@ -57,7 +57,7 @@ from .lora import (
     read_adapter_settings,
     save_adapter,
 )
-from .loss import causal_lm_losses, count_trained_tokens
+from .loss import causal_lm_losses, count_trained_tokens_of
 from .models import fit_embeddings_to_tokenizer, load_model, load_tokenizer
 from .neftune import add_neftune_noise
 from .optim import build_optimizer, build_schedule, warmup_steps
@@ -269,9 +269,11 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
                         step, len(train_units), config, steps_per_epoch, seed, processes.world_size
                     )
                     mine, weights = share_of(every_micro_batch, processes)
-                    batches = [batch_for([train_units[index] for index in indices]) for indices in mine]
+                    # Counted before any micro-batch is collated: each is collated just before its forward pass,
+                    # so memory does not grow with --gradient_accumulation_steps.
+                    micro_batches = [[train_units[index] for index in indices] for indices in mine]
                     local_tokens = sum(
-                        count_trained_tokens(batch["labels"]) for batch, weight in zip(batches, weights) if weight
+                        count_trained_tokens_of(units) for units, weight in zip(micro_batches, weights) if weight
                     )
                     # The stop requests travel in the step's token all-reduce: every process sees the same sum,
                     # so all stop before the same step, even if only one of them got the signal.
@@ -287,8 +289,9 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
                     model.train()
                     figures = torch.zeros(3, dtype=torch.float64)  # this process's loss sum, correct, entropy
                     with stop.abandonable():
-                        for index, (batch, weight) in enumerate(zip(batches, weights)):
-                            with gradient_sync(backbone, sync=index == len(batches) - 1):
+                        for index, (units, weight) in enumerate(zip(micro_batches, weights)):
+                            batch = batch_for(units)
+                            with gradient_sync(backbone, sync=index == len(micro_batches) - 1):
                                 with autocast():
                                     losses = causal_lm_losses(
                                         model, batch["inputs"], batch["labels"], backbone=backbone

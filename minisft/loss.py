@@ -16,7 +16,9 @@ token, 200 KB in fp32. So:
         ∂loss/∂h = (∂loss/∂z) W          ∂loss/∂W = (∂loss/∂z)ᵀ h
 
    Those two are kept (as big as h and W), the logits are freed, and backward() only scales
-   them: no logits are stored for the backward pass and none are recomputed.
+   them: no logits are stored for the backward pass and none are recomputed. That fusion is a
+   speed trick; `plain_losses` below is the same loss as the formula reads, and evaluation
+   (no gradients wanted) uses it.
 
 Gradient accumulation: one optimizer step covers several micro-batches. Its loss is
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
@@ -54,6 +57,15 @@ class TokenLosses:
 
 def count_trained_tokens(labels: torch.Tensor) -> int:
     return int((labels[..., 1:] != IGNORE_INDEX).sum())
+
+
+def count_trained_tokens_of(units: list[dict]) -> int:
+    """count_trained_tokens of the batch these examples or packed rows collate to, counted before collating.
+
+    Each unit's first label never has a predecessor to predict it; inside a packed or padding-free row
+    every example's first label is -100 already (packing.make_row), so the sums agree.
+    """
+    return sum(sum(label != IGNORE_INDEX for label in unit["labels"][1:]) for unit in units)
 
 
 def causal_lm_losses(
@@ -80,7 +92,10 @@ def losses_from_hidden(
     chunk_tokens = chunk_tokens or CHUNK_TOKENS.get(hidden.device.type, CHUNK_TOKENS["cuda"])
     # Filled by the forward (correct, entropy sum) on the device, and read once: one host sync per micro-batch.
     metrics = torch.zeros(2, dtype=torch.float64, device=hidden.device)
-    loss_sum = ChunkedLinearCrossEntropy.apply(hidden, weight, targets, softcap, chunk_tokens, metrics)
+    if torch.is_grad_enabled():
+        loss_sum = ChunkedLinearCrossEntropy.apply(hidden, weight, targets, softcap, chunk_tokens, metrics)
+    else:  # evaluation: the fused version would compute the head's gradients for nothing
+        loss_sum = plain_losses(hidden, weight, targets, softcap, chunk_tokens, metrics)
     correct, entropy_sum = metrics.tolist()
     return TokenLosses(loss_sum, int(targets.numel()), int(correct), entropy_sum)
 
@@ -97,6 +112,24 @@ def head_weight(model) -> torch.Tensor:
     if getattr(head, "bias", None) is not None:
         raise UserError("minisft's loss assumes an output head without bias, as in the models it supports.")
     return head.weight
+
+
+def plain_losses(hidden, weight, targets, softcap, chunk_tokens: int, metrics: torch.Tensor) -> torch.Tensor:
+    """Σ CE(h Wᵀ, targets) as the formula reads, chunk by chunk; `metrics` gains (correct, Σ entropy).
+
+        CE(z, t) = −log softmax(z)[t]          entropy(z) = −Σ softmax(z) · log softmax(z)
+    """
+    loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, targets.numel(), chunk_tokens):
+        chunk, chunk_targets = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
+        logits = (chunk @ weight.to(chunk.dtype).T).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        log_probabilities = torch.log_softmax(logits, dim=-1)
+        loss_sum += F.nll_loss(log_probabilities, chunk_targets, reduction="sum")
+        metrics[0] += (logits.argmax(dim=-1) == chunk_targets).sum()
+        metrics[1] += -(log_probabilities.exp() * log_probabilities).sum()
+    return loss_sum
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):

@@ -330,3 +330,36 @@ def test_fp16_scales_the_loss_and_stays_near_fp32(tiny_dir, tmp_path, monkeypatc
     # large: clipped to max_grad_norm, but pointing wherever the overflowed ones did).
     assert abs(first_fp16 - first_fp32) < 0.05
     assert abs(fp16.metrics["loss"] - fp32.metrics["loss"]) < 0.1
+
+
+@pytest.mark.parametrize("mode", ["padded", "packed", "padding_free"])
+def test_trained_tokens_are_counted_before_collating(tokenizer, mode):
+    from minisft.loop import RunConfig, collate
+    from minisft.loss import count_trained_tokens, count_trained_tokens_of
+    from minisft.packing import pack
+
+    texts = ["a first example", "the second one is a little longer", "three", "and a fourth to pack beside them"]
+    examples = [{"input_ids": ids, "labels": ids} for ids in (tokenizer(text)["input_ids"] for text in texts)]
+    examples[1]["labels"] = [-100] * 3 + examples[1]["labels"][3:]  # a prompt that is not trained
+    units = pack(examples, 16, "bfd").rows if mode == "packed" else examples
+    config = RunConfig(training=TrainingConfig(padding_free=mode == "padding_free"))
+    for implementation in ("sdpa", "eager"):
+        config.model.attn_implementation = implementation
+        batch = collate(units, config, tokenizer.pad_token_id, torch.device("cpu"))
+        assert count_trained_tokens_of(units) == count_trained_tokens(batch["labels"]) > 0
+
+
+def test_each_micro_batch_is_collated_just_before_its_forward(tiny_dir, tmp_path, monkeypatch):
+    events = []
+    original_collate, original_losses = minisft.loop.collate, minisft.loop.causal_lm_losses
+    monkeypatch.setattr(minisft.loop, "collate", lambda *a, **k: events.append("collate") or original_collate(*a, **k))
+    monkeypatch.setattr(
+        minisft.loop, "causal_lm_losses", lambda *a, **k: events.append("forward") or original_losses(*a, **k)
+    )
+    train(
+        run_config(
+            tiny_dir, tmp_path / "out", max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=3
+        )
+    )
+    # Collating all of a step's micro-batches first (as before) would read collate, collate, collate, forward, ...
+    assert events == ["collate", "forward"] * 5  # ten conversations in micro-batches of 2: 3 in step 1, 2 in step 2

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minisft.loss import ChunkedLinearCrossEntropy
+from minisft.loss import ChunkedLinearCrossEntropy, losses_from_hidden, plain_losses
 
 
 def reference(hidden, weight, targets, softcap):
@@ -82,3 +82,35 @@ def test_frozen_head_gets_no_gradient():
     reference(their_hidden, weight, targets, None)[0].backward()
     assert_relatively_close(hidden.grad, their_hidden.grad, GRADIENT_RTOL)  # measured 9.2e-8
     assert weight.grad is None
+
+
+@pytest.mark.parametrize("chunk_tokens", [8, 1024])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_the_plain_formula_gives_the_same_sums(chunk_tokens, softcap):
+    """plain_losses (what evaluation runs) against the unchunked reference: the same maths summed in chunks."""
+    hidden, weight, targets = inputs()
+    metrics = torch.zeros(2, dtype=torch.float64)
+    loss = plain_losses(hidden, weight, targets, softcap, chunk_tokens, metrics)
+    expected_loss, correct, entropy = reference(hidden, weight, targets, softcap)
+    torch.testing.assert_close(loss, expected_loss, rtol=LOSS_RTOL, atol=0)
+    assert int(metrics[0]) == correct > 0
+    assert float(metrics[1]) == pytest.approx(entropy, rel=ENTROPY_RTOL)
+
+
+def test_evaluation_computes_no_head_gradient(monkeypatch):
+    """Under no_grad the fused function (which computes the gradients in its forward) is not called at all."""
+    hidden, weight, targets = inputs()
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    head.weight.data = weight
+    model = type("Model", (), {"config": object(), "get_output_embeddings": lambda self: head})()
+    labels = torch.cat([torch.tensor([-100]), targets])[None]
+    with_gradients = losses_from_hidden(model, torch.cat([hidden, hidden[:1]])[None], labels, chunk_tokens=8)
+
+    def refuse(*args):
+        raise AssertionError("the fused loss ran under no_grad")
+
+    monkeypatch.setattr(ChunkedLinearCrossEntropy, "apply", refuse)
+    with torch.no_grad():
+        without = losses_from_hidden(model, torch.cat([hidden, hidden[:1]])[None], labels, chunk_tokens=8)
+    torch.testing.assert_close(without.loss_sum, with_gradients.loss_sum.detach(), rtol=LOSS_RTOL, atol=0)
+    assert (without.tokens, without.correct) == (with_gradients.tokens, with_gradients.correct)
