@@ -145,7 +145,11 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
     stats = splits.train.stats
     console.print(
         f"data: {stats.examples:,} train examples, {stats.trained_tokens:,} trained tokens "
-        f"({stats.truncated} truncated, {stats.dropped} dropped)"
+        + (
+            f"before packing ({stats.dropped} dropped; what the packer cut is above)"
+            if config.packing.packs("train")
+            else f"({stats.truncated} truncated, {stats.dropped} dropped)"
+        )
         + (f"; {splits.eval.stats.examples:,} eval examples" if splits.eval else "")
     )
     if stats.completion_mask_unused:  # TRL's default for pre-tokenized rows: every token trained
@@ -401,13 +405,23 @@ def data_order(config: RunConfig, train_units: list[dict]) -> dict:
 
 
 def units_for(examples: list[dict], config: RunConfig, split: str, console: Console) -> list[dict]:
-    """What a batch is made of: packed rows, or the examples themselves."""
+    """What a batch is made of: packed rows, or the examples themselves.
+
+    A split that is packed was not truncated by preparation: the packer cuts (bfd) or splits (bfd_split,
+    wrapped) what is longer than max_length, and says so here.
+    """
     if not config.packing.packs(split):
         return examples
     packed = pack(examples, config.data.max_length, config.packing.packing_strategy)
+    stats = packed.stats
+    cut = (
+        f"{stats.truncated_examples:,} examples truncated ({stats.truncated_tokens:,} tokens cut)"
+        if config.packing.packing_strategy == "bfd"
+        else f"{stats.split_examples:,} examples split over rows, nothing cut"
+    )
     console.print(
-        f"packing ({split}): {packed.stats.rows:,} rows of {config.data.max_length}, "
-        f"efficiency {packed.stats.efficiency:.1%}"
+        f"packing ({split}): {stats.rows:,} rows of {config.data.max_length}, efficiency {stats.efficiency:.1%}; "
+        f"{cut}"
     )
     return packed.rows
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from transformers import AutoModelForCausalLM
 import minisft.loop
 from minisft.config import ConfigError, LoraConfig, PackingConfig, TrainingConfig
 from minisft.loop import TrainingError, train
+from minisft.models import tiny_model
 
 from .tiny_runs import metrics, run_config, weights
 
@@ -363,3 +365,28 @@ def test_each_micro_batch_is_collated_just_before_its_forward(tiny_dir, tmp_path
     )
     # Collating all of a step's micro-batches first (as before) would read collate, collate, collate, forward, ...
     assert events == ["collate", "forward"] * 5  # ten conversations in micro-batches of 2: 3 in step 1, 2 in step 2
+
+
+@pytest.mark.parametrize(
+    "strategy, said", [("bfd", r"1 examples truncated \(\d+ tokens cut\)"), ("wrapped", "1 examples split over rows")]
+)
+def test_what_the_packer_cuts_is_reported(tokenizer, tmp_path, strategy, said):
+    """Under packing, preparation does not truncate (the packer does): the run must say what the packer cut."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    long = " ".join(["word"] * 100)
+    rows = [{"text": long}] + [{"text": f"short example {n}"} for n in range(5)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    model_dir = tmp_path / "model"
+    tiny_model(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    config = run_config(str(model_dir), tmp_path / "out", max_steps=1, packing=PackingConfig(packing=True))
+    config.data.dataset_name, config.data.max_length = str(data), 64
+    config.packing.packing_strategy = strategy
+    log = StringIO()
+    train(config, console=Console(file=log, width=300))
+    printed = log.getvalue()
+    assert re.search(said, printed) and "0 truncated" not in printed, printed
