@@ -14,6 +14,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from minisft.attention import flatten_rows, packed_model_inputs, use_sdpa_by_example
 from minisft.cli import demo_dataset_path
 from minisft.config import DataConfig, LoraConfig, PackingConfig, TrainingConfig
 from minisft.data import load_splits
@@ -86,17 +87,31 @@ def main() -> None:
         f"B {tuple(q_proj.lora_B.weight.shape)} (all zeros: {bool((q_proj.lora_B.weight == 0).all())})"
     )
 
-    stage("6. loss (minisft/loss.py): cross-entropy on the trained tokens of one packed batch")
+    stage("6. attention boundaries (minisft/attention.py): each packed example attends only to itself")
+    use_sdpa_by_example(model)  # sdpa runs once per example of a row, as the loop sets it up
     batch = collate_rows(packed.rows[:1], tokenizer.pad_token_id)
-    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    inputs = packed_model_inputs(batch, "sdpa")  # the row laid flat, and where each example starts
+    console.print(
+        f"row 0 holds examples of {batch['seq_lengths'][0]} tokens: cu_seq_lens {inputs['cu_seq_lens_q'].tolist()}, "
+        f"position_ids restart at each: {inputs['position_ids'][0, :8].tolist()} …"
+    )
+
+    stage("7. loss (minisft/loss.py): cross-entropy on the trained tokens of that packed batch")
     with torch.no_grad():
-        losses = causal_lm_losses(model, inputs, batch["labels"])
+        losses = causal_lm_losses(model, inputs, flatten_rows(batch)["labels"])
     console.print(
         f"sum of token losses {float(losses.loss_sum):.2f} over {losses.tokens} trained tokens "
         f"= loss {float(losses.loss_sum) / losses.tokens:.3f}"
     )
+    alone, start = 0.0, 0  # the boundaries' promise: the packed row's sum is the sum of its examples run alone
+    for length in batch["seq_lengths"][0]:
+        ids, labels = batch["input_ids"][:, start : start + length], batch["labels"][:, start : start + length]
+        with torch.no_grad():
+            alone += float(causal_lm_losses(model, {"input_ids": ids}, labels).loss_sum)
+        start += length
+    console.print(f"the same examples run one by one: sum of token losses {alone:.2f}")
 
-    stage("7. loop (minisft/loop.py): all of the above, then steps, logs, eval, outputs")
+    stage("8. loop (minisft/loop.py): all of the above, then steps, logs, eval, outputs")
     result = train(
         RunConfig(
             data=DataConfig(assistant_only_loss=True, max_length=256),

@@ -1,6 +1,7 @@
 """Each example in examples/ runs as it stands (the longer ones shortened by their own flags) and does what it says."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,8 +51,12 @@ def test_smollm2_walkthrough_monitors_the_run(tmp_path):
 @pytest.mark.slow
 def test_api_stage_by_stage_prints_every_stage(tmp_path):
     output = run_example("03_api_stage_by_stage.py", str(tmp_path))
-    for stage in ("1. data", "2. format", "3. mask", "4. pack", "5. LoRA", "6. loss", "7. loop"):
+    for stage in ("1. data", "2. format", "3. mask", "4. pack", "5. LoRA", "6. attention", "7. loss", "8. loop"):
         assert stage in output, stage
+    # The packed row's loss is its examples' losses run alone: the attention boundaries hold in the example too.
+    packed = re.search(r"sum of token losses ([\d.]+) over", output).group(1)
+    alone = re.search(r"run one by one: sum of token losses ([\d.]+)", output).group(1)
+    assert packed == alone
     assert "<|im_start|>assistant\n我学会了<|im_end|>" in output  # the formatted conversation
     assert "all zeros: True" in output  # LoRA's B starts at zero
     assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "metrics.jsonl").is_file()
