@@ -57,7 +57,7 @@ from .lora import (
     read_adapter_settings,
     save_adapter,
 )
-from .loss import causal_lm_losses, count_trained_tokens_of
+from .loss import causal_lm_losses, check_head, count_trained_tokens_of
 from .models import fit_embeddings_to_tokenizer, load_model, load_tokenizer
 from .neftune import add_neftune_noise
 from .optim import build_optimizer, build_schedule, warmup_steps
@@ -187,6 +187,7 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
     fit_embeddings_to_tokenizer(model, tokenizer)
     use_sdpa_by_example(model)  # packed rows: one causal sdpa per example instead of a dense mask per row
     lora_settings = attach_lora(model, lora, console)
+    check_head(model)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.neftune_noise_alpha is not None:

@@ -100,24 +100,36 @@ def losses_from_hidden(
     return TokenLosses(loss_sum, int(targets.numel()), int(correct), entropy_sum)
 
 
+def check_head(model) -> None:
+    """What head_weight assumes, checked once when the run is set up rather than on every micro-batch."""
+    from .lora import LoraLinear
+
+    head = model.get_output_embeddings()
+    if isinstance(head, LoraLinear) and (
+        not isinstance(head.dropout, nn.Identity) or head.lora_magnitude_vector is not None
+    ):
+        raise UserError(
+            "LoRA on the output head needs --lora_dropout 0 and no --use_dora: the loss folds its update into the "
+            "head's matrix."
+        )
+    if getattr(head, "bias", None) is not None:
+        raise UserError("minisft's loss assumes an output head without bias, as in the models it supports.")
+
+
 def head_weight(model) -> torch.Tensor:
-    """The output head as one matrix (vocabulary × hidden), LoRA on the head merged into it."""
+    """The output head as one matrix (vocabulary × hidden), LoRA on the head merged into it (see check_head)."""
     from .lora import LoraLinear
 
     head = model.get_output_embeddings()
     if isinstance(head, LoraLinear):
-        if not isinstance(head.dropout, nn.Identity):
-            raise UserError("LoRA on the output head needs --lora_dropout 0 (its update is folded into the head).")
         return head.base.weight + head.delta_weight().to(head.base.weight.dtype)
-    if getattr(head, "bias", None) is not None:
-        raise UserError("minisft's loss assumes an output head without bias, as in the models it supports.")
     return head.weight
 
 
 def plain_losses(hidden, weight, targets, softcap, chunk_tokens: int, metrics: torch.Tensor) -> torch.Tensor:
     """Σ CE(h Wᵀ, targets) as the formula reads, chunk by chunk; `metrics` gains (correct, Σ entropy).
 
-        CE(z, t) = −log softmax(z)[t]          entropy(z) = −Σ softmax(z) · log softmax(z)
+    CE(z, t) = −log softmax(z)[t]          entropy(z) = −Σ softmax(z) · log softmax(z)
     """
     loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, targets.numel(), chunk_tokens):

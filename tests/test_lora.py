@@ -567,3 +567,25 @@ def test_adapter_for_another_base_is_an_error_naming_the_module(tokenizer, tmp_p
     # peft refuses it too (a size mismatch from load_state_dict).
     with pytest.raises(RuntimeError, match="size mismatch"):
         quiet(peft.PeftModel.from_pretrained, tiny_model(tokenizer), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "settings, refused",
+    [
+        (dict(dropout=0.0), False),
+        (dict(dropout=0.1), True),  # dropout on the head's LoRA input cannot be folded into one matrix
+        (dict(dropout=0.0, use_dora=True), True),  # nor can DoRA's per-row magnitude
+    ],
+)
+def test_lora_on_the_head_is_checked_when_the_run_is_set_up(tokenizer, settings, refused):
+    from minisft.errors import UserError
+    from minisft.loss import check_head
+
+    model = tiny_model(tokenizer)
+    model.config.tie_word_embeddings = False
+    inject_lora(model, LoraSettings(r=4, alpha=8, target_modules=["lm_head"], **settings))
+    if refused:
+        with pytest.raises(UserError, match="LoRA on the output head needs --lora_dropout 0 and no --use_dora"):
+            check_head(model)
+    else:
+        check_head(model)
