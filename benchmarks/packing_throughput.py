@@ -167,11 +167,11 @@ def micro_batch_figures(input_ids: torch.Tensor, labels: torch.Tensor, attention
 
 
 def run_minisft(mode: str, args, work: Path) -> dict:
-    """minisft's step, as minisft.loop.train runs it (same collate, loss, optimizer, clipping, schedule)."""
+    """minisft's own training step (minisft.loop.train_step, the function the loop calls), over this mode's units."""
     from minisft.attention import use_sdpa_by_example
     from minisft.config import DataConfig, ModelConfig, TrainingConfig
-    from minisft.loop import RunConfig, collate, mixed_precision
-    from minisft.loss import causal_lm_losses, count_trained_tokens
+    from minisft.loop import RunConfig, collate, mixed_precision, train_step
+    from minisft.loss import count_trained_tokens_of
     from minisft.models import load_model, load_tokenizer
     from minisft.optim import build_optimizer, build_schedule
     from minisft.packing import pack
@@ -196,34 +196,30 @@ def run_minisft(mode: str, args, work: Path) -> dict:
     autocast = mixed_precision(config.training.bf16, False, device, "float32")
     optimizer = build_optimizer(model, "adamw_torch", args.learning_rate, 0.0)
     schedule = build_schedule(optimizer, "constant", 0, args.steps)
-    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     per_step, micro_batch = units_per_step(mode, len(units), args)
     order = torch.randperm(len(units), generator=torch.Generator().manual_seed(args.seed)).tolist()
 
+    scaler = torch.amp.GradScaler(device.type, enabled=False)  # fp32 or bf16: no loss scaling, as the loop
+    figures: list[tuple[int, int, int]] = []
+
+    def collate_and_count(group: list[dict]) -> dict:  # the step collates; the figures are counted on the way
+        batch = collate(group, config, tokenizer.pad_token_id, device)
+        figures.append(
+            micro_batch_figures(batch["inputs"]["input_ids"], batch["labels"], batch["inputs"].get("attention_mask"))
+        )
+        return batch
+
     steps, step_end = [], time.perf_counter()
-    model.train()
     for step in range(args.steps):
         indices = order[step * per_step : (step + 1) * per_step]
-        groups = [indices[start : start + micro_batch] for start in range(0, len(indices), micro_batch)]
-        batches = [
-            collate([units[index] for index in group], config, tokenizer.pad_token_id, device) for group in groups
+        groups = [
+            [units[index] for index in indices[start : start + micro_batch]]
+            for start in range(0, len(indices), micro_batch)
         ]
-        figures = [
-            micro_batch_figures(batch["inputs"]["input_ids"], batch["labels"], batch["inputs"].get("attention_mask"))
-            for batch in batches
-        ]
-        step_tokens = sum(count_trained_tokens(batch["labels"]) for batch in batches)
-        step_loss = 0.0
-        for batch in batches:
-            with autocast():
-                losses = causal_lm_losses(model, batch["inputs"], batch["labels"])
-            loss = losses.loss_sum / max(step_tokens, 1)
-            loss.backward()
-            step_loss += loss.item()
-        float(torch.nn.utils.clip_grad_norm_(trainable, 1.0))
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        figures.clear()
+        step_tokens = sum(count_trained_tokens_of(group) for group in groups)
+        weights = [1.0] * len(groups)
+        train_step(model, groups, weights, step_tokens, collate_and_count, optimizer, schedule, scaler, autocast, 1.0)
         if device.type == "cuda":
             torch.cuda.synchronize()
         now = time.perf_counter()

@@ -1,6 +1,6 @@
 """The training loop, top to bottom: data → model → optimizer → steps → outputs.
 
-One optimizer step:
+One optimizer step (train_step below; the benchmark calls the same function):
 
     for each micro-batch of the step:                 (gradient_accumulation_steps of them)
         hidden = backbone(batch)                      forward, boundaries kept for packed rows
@@ -288,41 +288,20 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
                     if stop_votes:
                         stopped = True
                         break
-                    # DDP and FSDP average the gradients over the processes: scaling by world_size makes it a sum.
-                    scale = processes.world_size / max(step_tokens, 1)
                     learning_rate = optimizer.param_groups[0]["lr"]
-                    model.train()
-                    figures = torch.zeros(3, dtype=torch.float64)  # this process's loss sum, correct, entropy
-                    with stop.abandonable():
-                        for index, (units, weight) in enumerate(zip(micro_batches, weights)):
-                            batch = batch_for(units)
-                            with gradient_sync(backbone, sync=index == len(micro_batches) - 1):
-                                with autocast():
-                                    losses = causal_lm_losses(
-                                        model, batch["inputs"], batch["labels"], backbone=backbone
-                                    )
-                                scaler.scale(losses.loss_sum * (scale * weight)).backward()
-                            if weight:
-                                figures += torch.tensor(
-                                    [float(losses.loss_sum.detach()), losses.correct, losses.entropy_sum]
-                                )
-                    step_loss_sum, correct, entropy = sum_across(processes, figures.tolist(), device)
-                    step_loss = step_loss_sum / max(step_tokens, 1)
-                    max_norm = args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
-                    scaler.unscale_(optimizer)  # the true gradients, before they are clipped
-                    grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
-                    if args.fp16 and math.isfinite(step_loss) and not math.isfinite(grad_norm):
-                        console.print(f"fp16: the gradients overflowed at step {step + 1}; skipped, scale lowered")
-                    elif not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                    try:
+                        step_loss, correct, entropy, grad_norm = train_step(
+                            model, micro_batches, weights, step_tokens, batch_for, optimizer, schedule, scaler,
+                            autocast, args.max_grad_norm, processes, backbone, passes=stop.abandonable,
+                        )  # fmt: skip
+                    except NonFiniteStep as error:
                         raise TrainingError(
-                            f"The loss (or the gradient norm) is not finite at step {step + 1}: loss {step_loss}, "
-                            f"gradient norm {grad_norm}. Nothing from this step was applied; the last good "
-                            f"checkpoint stays in {output_dir}. Try a lower --learning_rate, or --bf16 false."
-                        )
-                    scaler.step(optimizer)  # optimizer.step(), unless fp16's gradients overflowed
-                    scaler.update()
-                    schedule.step()
-                    optimizer.zero_grad(set_to_none=True)
+                            f"The loss (or the gradient norm) is not finite at step {step + 1}: {error}. Nothing "
+                            f"from this step was applied; the last good checkpoint stays in {output_dir}. Try a "
+                            "lower --learning_rate, or --bf16 false."
+                        ) from None
+                    if not math.isfinite(grad_norm):
+                        console.print(f"fp16: the gradients overflowed at step {step + 1}; skipped, scale lowered")
                     completed = step + 1
                     interval.add_step(step_loss, step_tokens, correct, entropy, grad_norm, learning_rate)
                     epoch = completed / steps_per_epoch
@@ -458,6 +437,52 @@ def mixed_precision(bf16: bool | None, fp16: bool, device: torch.device, torch_d
     if not bf16:
         return nullcontext
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+class NonFiniteStep(ArithmeticError):
+    """The step's loss or gradient norm is not finite (and not fp16's overflow, which the scaler handles)."""
+
+
+def train_step(
+    model, micro_batches, weights, step_tokens, collate_fn, optimizer, schedule, scaler, autocast,
+    max_grad_norm: float, processes: Processes = Processes(), backbone=None, passes=nullcontext,
+) -> tuple[float, float, float, float]:  # fmt: skip
+    """One optimizer step:  loss = Σ token losses of the step's micro-batches / the step's trained tokens.
+
+    Each micro-batch is collated, run forward, and its share of that loss (its sum / step_tokens, which
+    counts every process's trained tokens) goes backward, so the gradients add up to the whole step's.
+    Then the gradient is clipped, the optimizer steps and the schedule moves on. `weights` are 1, or 0
+    for a padding micro-batch (share_of); `passes` wraps the forward and backward passes (a second
+    Ctrl-C may cut them short). Returns the step's loss, correct predictions, entropy sum and gradient
+    norm, every process's together; the norm is inf when fp16's gradients overflowed and the step was skipped.
+    """
+    # DDP and FSDP average the gradients over the processes: scaling by world_size makes it a sum.
+    scale = processes.world_size / max(step_tokens, 1)
+    model.train()
+    figures = torch.zeros(3, dtype=torch.float64)  # this process's loss sum, correct, entropy
+    with passes():
+        for index, (units, weight) in enumerate(zip(micro_batches, weights)):
+            batch = collate_fn(units)  # just before its forward: memory does not grow with accumulation
+            with gradient_sync(backbone, sync=index == len(micro_batches) - 1):
+                with autocast():
+                    losses = causal_lm_losses(model, batch["inputs"], batch["labels"], backbone=backbone)
+                scaler.scale(losses.loss_sum * (scale * weight)).backward()
+            if weight:
+                figures += torch.tensor([float(losses.loss_sum.detach()), losses.correct, losses.entropy_sum])
+    device = next(model.parameters()).device
+    loss_sum, correct, entropy = sum_across(processes, figures.tolist(), device)
+    step_loss = loss_sum / max(step_tokens, 1)
+    scaler.unscale_(optimizer)  # the true gradients, before they are clipped (fp16; otherwise nothing)
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm if max_grad_norm > 0 else math.inf))
+    overflowed = scaler.is_enabled() and math.isfinite(step_loss) and not math.isfinite(grad_norm)
+    if not overflowed and not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+        raise NonFiniteStep(f"loss {step_loss}, gradient norm {grad_norm}")
+    scaler.step(optimizer)  # optimizer.step(), unless fp16's gradients overflowed
+    scaler.update()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, correct, entropy, grad_norm
 
 
 def micro_batches_of_step(
