@@ -20,6 +20,7 @@ Several at once are fine (--report_to tensorboard wandb); "all" means every one 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -71,29 +72,20 @@ class TensorBoard:
         self.writer.close()
 
 
-class WandB:
-    def __init__(self, output_dir: Path, run_name: str, config: dict):
-        wandb = import_tracker("wandb")
-        project = os.environ.get("WANDB_PROJECT", "minisft")
-        self.run = wandb.init(project=project, name=run_name, dir=str(output_dir), config=config)
+class WandbStyle:
+    """wandb, and trackio, which copies its API: init(project, name, config), log(figures, step), finish()."""
+
+    def __init__(self, package: str, output_dir: Path, run_name: str, config: dict):
+        self.package = import_tracker(package)
+        project = os.environ.get(f"{package.upper()}_PROJECT", "minisft")  # WANDB_PROJECT, TRACKIO_PROJECT
+        extra = {"dir": str(output_dir)} if package == "wandb" else {}  # wandb's files beside the run's
+        self.package.init(project=project, name=run_name, config=config, **extra)
 
     def log(self, figures: dict, step: int) -> None:
-        self.run.log({tracker_name(name): value for name, value in figures.items()}, step=step)
+        self.package.log({tracker_name(name): value for name, value in figures.items()}, step=step)
 
     def close(self) -> None:
-        self.run.finish()
-
-
-class Trackio:
-    def __init__(self, output_dir: Path, run_name: str, config: dict):
-        self.trackio = import_tracker("trackio")
-        self.trackio.init(project=os.environ.get("TRACKIO_PROJECT", "minisft"), name=run_name, config=config)
-
-    def log(self, figures: dict, step: int) -> None:
-        self.trackio.log({tracker_name(name): value for name, value in figures.items()}, step=step)
-
-    def close(self) -> None:
-        self.trackio.finish()
+        self.package.finish()
 
 
 class MLflow:
@@ -109,7 +101,12 @@ class MLflow:
         self.mlflow.end_run()
 
 
-TRACKER_CLASSES = {"tensorboard": TensorBoard, "wandb": WandB, "trackio": Trackio, "mlflow": MLflow}
+TRACKER_CLASSES = {
+    "tensorboard": TensorBoard,
+    "wandb": functools.partial(WandbStyle, "wandb"),
+    "trackio": functools.partial(WandbStyle, "trackio"),
+    "mlflow": MLflow,
+}
 
 
 class MetricsLog:
