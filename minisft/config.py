@@ -36,6 +36,7 @@ STEPS_OR_FRACTION = (
 FLAG_RANGES = {
     "max_length": (lambda n: n >= 1, "a positive number of tokens"),
     "eval_split_size": (lambda x: 0 <= x < 1, "a fraction in [0, 1)"),
+    "dataset_num_proc": (lambda n: n >= 1, "at least 1"),
     "lora_r": (lambda n: n >= 1, "a rank of at least 1"),
     "lora_alpha": (lambda x: x > 0, "positive"),
     "lora_dropout": (lambda p: 0 <= p < 1, "a probability in [0, 1)"),
@@ -229,6 +230,20 @@ class DataConfig:
         metadata={
             "help": "The token batches are padded with, and the saved tokenizer's pad token. Default: the "
             "tokenizer's own, else its EOS (as TRL). Padding is never trained, so it does not change the loss."
+        },
+    )
+    dataset_num_proc: int | None = field(
+        default=None,
+        metadata={
+            "help": "Processes that tokenize the dataset. Default: one for data under 8 MB, else one per CPU "
+            "core (at most 8). Any number gives the same examples."
+        },
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where prepared datasets are kept and reused while the data files, tokenizer and data flags "
+            "stay the same. Default: $MINISFT_CACHE/prepared. none: prepare afresh every run, keep nothing."
         },
     )
 

@@ -307,24 +307,31 @@ def normalize_example(row: dict, origin: str, text_field: str = "text") -> dict:
     return {**example, "origin": origin}
 
 
-def normalize_rows(rows: Iterable[tuple[str, dict]], text_field: str = "text") -> list[dict]:
-    """Normalise (origin, raw row) pairs, insisting that all rows share the first row's format."""
-    examples, first = [], None
+def check_same_format(row, origin: str, text_field: str, first: tuple[str, str]) -> None:
+    """A row must share the format of the dataset's first row; `first` is (that format, its origin)."""
+    row_format = detect_format(row, origin, text_field)
+    if row_format != first[0]:
+        raise DataError(
+            f"{origin}: this row is in the {row_format!r} format, but the first row ({first[1]}) is in the "
+            f"{first[0]!r} format; all rows of a dataset must share one format"
+        )
+
+
+def normalize_rows(
+    rows: Iterable[tuple[str, dict]], text_field: str = "text", first: tuple[str, str] | None = None
+) -> list[dict]:
+    """Normalise (origin, raw row) pairs, insisting that all rows share the format of the first (or of `first`)."""
+    examples = []
     for origin, row in rows:
-        row_format = detect_format(row, origin, text_field)
         if first is None:
-            first = (row_format, origin)
-        elif row_format != first[0]:
-            raise DataError(
-                f"{origin}: this row is in the {row_format!r} format, but the first row ({first[1]}) is in the "
-                f"{first[0]!r} format; all rows of a dataset must share one format"
-            )
+            first = (detect_format(row, origin, text_field), origin)
+        check_same_format(row, origin, text_field, first)
         examples.append(normalize_example(row, origin, text_field))
     return examples
 
 
 # ----------------------------------------------------------------------------- reading files
-# Each reader returns [(origin, raw row)] and the number of blank lines it skipped.
+# Each reader yields (origin, raw row) as it reads, and (origin, None) for a blank line: skipped, but counted.
 
 
 def text_lines(path: Path, newline: str | None = None) -> Iterator[str]:
@@ -353,61 +360,63 @@ def not_utf8(path: Path) -> str:
     return f"{where} is not UTF-8. minisft reads UTF-8: save the file as UTF-8 (e.g. iconv -f cp1252 -t utf-8).{utf16}"
 
 
-def read_json_lines(path: Path) -> tuple[list[tuple[str, dict]], int]:
-    rows, blank_lines = [], 0
+def read_json_lines(path: Path) -> Iterator[tuple[str, dict | None]]:
     for number, line in enumerate(text_lines(path), start=1):
-        if not line.strip():
-            blank_lines += 1
-            continue
         origin = f"{path} line {number}"
+        if not line.strip():
+            yield origin, None
+            continue
         try:
-            rows.append((origin, json.loads(line.rstrip())))
+            yield origin, json.loads(line.rstrip())
         except json.JSONDecodeError as error:
             problem = f"not valid JSON ({error.msg} at column {error.colno})"
             raise DataError(f"{origin}: {problem}; each line must hold one JSON object") from None
-    return rows, blank_lines
 
 
-def read_json(path: Path) -> tuple[list[tuple[str, dict]], int]:
-    """A .json file is either one JSON array of objects or JSON lines; the first character tells."""
-    text = "".join(text_lines(path))
-    if not text.lstrip().startswith("["):
-        return read_json_lines(path)
+def read_json(path: Path) -> Iterator[tuple[str, dict | None]]:
+    """A .json file is either one JSON array of objects (read whole: JSON has no stream) or JSON lines."""
+    with open(path, "rb") as file:  # bytes: a file that is not UTF-8 is reported by text_lines, with its line
+        is_array = file.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
+    if not is_array:
+        yield from read_json_lines(path)
+        return
     try:
-        items = json.loads(text)
+        items = json.loads("".join(text_lines(path)))
     except json.JSONDecodeError as error:
         problem = f"not valid JSON ({error.msg} at column {error.colno})"
         raise DataError(f"{path} line {error.lineno}: {problem}") from None
-    return [(f"{path} item {index}", item) for index, item in enumerate(items)], 0
+    yield from ((f"{path} item {index}", item) for index, item in enumerate(items))
 
 
-def read_parquet(path: Path) -> tuple[list[tuple[str, dict]], int]:
+def read_parquet(path: Path) -> Iterator[tuple[str, dict | None]]:
     import pyarrow
     import pyarrow.parquet
 
     try:
-        table = pyarrow.parquet.read_table(path)
+        batches = pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=1024)
+        index = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                yield f"{path} row {index}", row
+                index += 1
     except pyarrow.ArrowException as error:
         raise DataError(f"{path}: not a readable parquet file ({error})") from None
-    return [(f"{path} row {index}", row) for index, row in enumerate(table.to_pylist())], 0
 
 
-def read_csv(path: Path) -> tuple[list[tuple[str, dict]], int]:
+def read_csv(path: Path) -> Iterator[tuple[str, dict | None]]:
     # The csv module keeps every cell a string (a text column of digits stays text) and lets
     # us count blank lines and name lines; a quoted cell may span lines, so track the start.
-    rows, blank_lines = [], 0
     reader = csv.reader(text_lines(path, newline=""))  # newline="": the csv module reads the line endings itself
     header = next(reader, [])
     start_line = reader.line_num + 1
     for values in reader:
         origin, start_line = f"{path} line {start_line}", reader.line_num + 1
         if not values:
-            blank_lines += 1
+            yield origin, None
         elif len(values) != len(header):
             raise DataError(f"{origin}: {len(values)} fields, but the header has {len(header)} columns")
         else:
-            rows.append((origin, dict(zip(header, values))))
-    return rows, blank_lines
+            yield origin, dict(zip(header, values))
 
 
 READERS = {".jsonl": read_json_lines, ".json": read_json, ".parquet": read_parquet, ".csv": read_csv}
@@ -419,32 +428,62 @@ def split_of(relative_path: Path) -> str:
     return next((split for split, keywords in SPLIT_KEYWORDS.items() if set(keywords) & set(words)), "train")
 
 
-def read_local(path: Path, train_split: str) -> tuple[dict[str, list], int]:
-    is_folder = path.is_dir()
-    if is_folder:
-        files = sorted(
-            file
-            for file in path.rglob("*")
-            if file.is_file()
-            and file.suffix.lower() in READERS
-            and not any(part.startswith(".") for part in file.relative_to(path).parts)
-        )
-        if not files:
-            raise DataError(f"{path}: no {', '.join(READERS)} files in this folder")
-    elif path.suffix.lower() not in READERS:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(READERS)}")
-    else:
-        files = [path]
-    splits, blank_lines = {}, 0
-    for file in files:
-        rows, skipped = READERS[file.suffix.lower()](file)
-        split = split_of(file.relative_to(path)) if is_folder else train_split
-        splits.setdefault(split, []).extend(rows)
-        blank_lines += skipped
-    return splits, blank_lines
+def local_files(path: Path) -> list[Path]:
+    """The data files of a file or folder source (a folder's hidden files and folders left out)."""
+    if not path.is_dir():
+        if path.suffix.lower() not in READERS:
+            raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(READERS)}")
+        return [path]
+    files = sorted(
+        file
+        for file in path.rglob("*")
+        if file.is_file()
+        and file.suffix.lower() in READERS
+        and not any(part.startswith(".") for part in file.relative_to(path).parts)
+    )
+    if not files:
+        raise DataError(f"{path}: no {', '.join(READERS)} files in this folder")
+    return files
+
+
+def read_local(path: Path, train_split: str) -> dict[str, list]:
+    splits: dict[str, list] = {}
+    for file in local_files(path):
+        split = split_of(file.relative_to(path)) if path.is_dir() else train_split
+        splits.setdefault(split, []).append(FilePart(file))
+    return splits
 
 
 # ----------------------------------------------------------------------------- sources and splits
+
+
+@dataclass
+class FilePart:
+    """A data file, read as a stream each time its rows are asked for."""
+
+    path: Path
+
+    def rows(self) -> Iterator[tuple[str, dict | None]]:
+        return READERS[self.path.suffix.lower()](self.path)
+
+    def count(self) -> int:
+        if self.path.suffix.lower() == ".jsonl":  # one row per non-blank line: counted without parsing JSON
+            return sum(1 for line in text_lines(self.path) if line.strip())
+        return sum(row is not None for _, row in self.rows())
+
+
+@dataclass
+class MemoryPart:
+    """Rows already in memory (a list of dicts, a datasets.Dataset), numbered under `prefix`."""
+
+    prefix: str
+    items: Iterable[dict]
+
+    def rows(self) -> Iterator[tuple[str, dict | None]]:
+        return iter(numbered(self.prefix, self.items))
+
+    def count(self) -> int:
+        return len(self.items)
 
 
 def numbered(prefix: str, rows: Iterable[dict]) -> Iterable[tuple[str, dict]]:
@@ -456,12 +495,12 @@ def looks_like_hub_name(source: str) -> bool:
     return bool(re.fullmatch(r"\w[\w.-]*(/[\w.-]+)?", source)) and not re.search(r"\.[A-Za-z]+$", source)
 
 
-def read_splits(source, dataset_config: str | None, train_split: str) -> tuple[dict[str, Iterable], int]:
-    """Any source -> {split name: (origin, raw row) pairs}, and the blank lines skipped reading it."""
+def read_splits(source, dataset_config: str | None, train_split: str) -> dict[str, list]:
+    """Any source -> {split name: its parts (FilePart, MemoryPart)}; nothing is read until a part's rows are."""
     if isinstance(source, dict):  # a datasets.DatasetDict: split name → rows
-        return {split: numbered(f"{split} example", rows) for split, rows in source.items()}, 0
+        return {split: [MemoryPart(f"{split} example", rows)] for split, rows in source.items()}
     if not isinstance(source, (str, Path)):  # a list of dicts or a datasets.Dataset
-        return {train_split: numbered("example", source)}, 0
+        return {train_split: [MemoryPart("example", source)]}
     path = Path(source)
     if path.exists():
         return read_local(path, train_split)
@@ -476,20 +515,50 @@ def read_splits(source, dataset_config: str | None, train_split: str) -> tuple[d
             f"{source}: could not load this hub dataset ({error}). The Hugging Face hub may be unreachable "
             "from here; pass a local .jsonl, .json, .parquet or .csv file (or a folder of them) instead"
         ) from error
-    return {split: numbered(f"{source}[{split}] example", rows) for split, rows in dataset_dict.items()}, 0
+    return {split: [MemoryPart(f"{source}[{split}] example", rows)] for split, rows in dataset_dict.items()}
 
 
-def hold_out(train: list[dict], eval_split_size: float, seed: int, name: str) -> tuple[list[dict], list[dict]]:
-    """Move a seeded random fraction of train to eval; both keep the dataset's order."""
-    eval_count = math.ceil(len(train) * eval_split_size)  # rounds up, as datasets' train_test_split does
-    if eval_count >= len(train):
-        raise DataError(f"{name}: eval_split_size={eval_split_size} of {len(train)} examples leaves none to train on")
-    held_out = set(random.Random(seed).sample(range(len(train)), eval_count))
-    keep = [example for index, example in enumerate(train) if index not in held_out]
-    return keep, [example for index, example in enumerate(train) if index in held_out]
+def held_out_rows(row_count: int, eval_split_size: float, seed: int, name: str) -> frozenset[int]:
+    """Which of the train split's rows (by position) a seeded random `eval_split_size` fraction moves to eval."""
+    eval_count = math.ceil(row_count * eval_split_size)  # rounds up, as datasets' train_test_split does
+    if eval_count >= row_count:
+        raise DataError(f"{name}: eval_split_size={eval_split_size} of {row_count} examples leaves none to train on")
+    return frozenset(random.Random(seed).sample(range(row_count), eval_count))
 
 
-def load_splits(
+@dataclass
+class SplitStreams:
+    """The splits of a source, not yet read: what preparation streams through, and what it needs to know first."""
+
+    name: str  # the source, as the user named it
+    train: list  # parts (FilePart, MemoryPart) of the train split
+    eval: list | None  # parts of the dataset's own eval split, when it is used
+    held_out: frozenset[int]  # positions of the train rows that go to eval instead (--eval_split_size)
+    first: tuple[str, str]  # (raw format, origin) of the first train row: every row must share it
+    format: str  # dataset_format() of every example, train and eval alike
+    files: list[Path]  # the local files read, for the preparation cache's fingerprint
+
+
+def rows_of(parts: list, blank_lines: list[int]) -> Iterator[tuple[str, dict]]:
+    """The non-blank rows of `parts`, in order; blank lines are added to blank_lines[0]."""
+    for part in parts:
+        for origin, row in part.rows():
+            if row is None:
+                blank_lines[0] += 1
+            else:
+                yield origin, row
+
+
+def first_row(parts: list, name: str, split: str, text_field: str) -> tuple[str, dict, str]:
+    """(origin, canonical example, raw format) of a split's first row; a split without rows is an error."""
+    blank_lines = [0]
+    for origin, row in rows_of(parts, blank_lines):
+        return origin, normalize_example(row, origin, text_field), detect_format(row, origin, text_field)
+    skipped = f" ({blank_lines[0]} blank lines skipped)" if blank_lines[0] else ""
+    raise DataError(f"{name}: the {split!r} split has no examples{skipped}")
+
+
+def stream_splits(
     source,
     *,
     dataset_config: str | None = None,
@@ -498,8 +567,8 @@ def load_splits(
     eval_split_size: float = 0.0,
     seed: int = 42,
     text_field: str = "text",
-) -> Splits:
-    """Load `source` and return its canonical train examples and eval examples (or None).
+) -> SplitStreams:
+    """The splits of `source`, checked as far as their first rows; the rows themselves are read later, as a stream.
 
     Eval is a seeded `eval_split_size` fraction held out of train when that is > 0,
     otherwise the dataset's own `test_split` if it has one.
@@ -507,28 +576,52 @@ def load_splits(
     if not 0 <= eval_split_size < 1:
         raise DataError(f"eval_split_size must be a fraction in [0, 1), got {eval_split_size}")
     name = str(source) if isinstance(source, (str, Path)) else f"the given {type(source).__name__}"
-    raw_splits, blank_lines = read_splits(source, dataset_config, train_split)
-
-    def normalized_split(split: str) -> list[dict]:
-        examples = normalize_rows(raw_splits[split], text_field)
-        if not examples:
-            skipped = f" ({blank_lines} blank lines skipped)" if blank_lines else ""
-            raise DataError(f"{name}: the {split!r} split has no examples{skipped}")
-        return examples
-
-    if train_split not in raw_splits:
+    parts = read_splits(source, dataset_config, train_split)
+    if train_split not in parts:
         raise DataError(
-            f"{name} has no split {train_split!r}; its splits are {sorted(raw_splits)}. "
+            f"{name} has no split {train_split!r}; its splits are {sorted(parts)}. "
             "Choose one with --dataset_train_split"
         )
-    train, held_out = normalized_split(train_split), None
+    origin, example, raw_format = first_row(parts[train_split], name, train_split, text_field)
+    evaluation, held_out = None, frozenset()
     if eval_split_size > 0:
-        train, held_out = hold_out(train, eval_split_size, seed, name)
-    elif test_split in raw_splits:
-        held_out = normalized_split(test_split)
-        if dataset_format(held_out[0]) != dataset_format(train[0]):
+        held_out = held_out_rows(sum(part.count() for part in parts[train_split]), eval_split_size, seed, name)
+    elif test_split in parts:
+        evaluation = parts[test_split]
+        eval_origin, eval_example, _ = first_row(evaluation, name, test_split, text_field)
+        if dataset_format(eval_example) != dataset_format(example):
             raise DataError(
-                f"{held_out[0]['origin']}: the {test_split!r} split is {dataset_format(held_out[0])} but the "
-                f"{train_split!r} split is {dataset_format(train[0])}; both must share one format"
+                f"{eval_origin}: the {test_split!r} split is {dataset_format(eval_example)} but the "
+                f"{train_split!r} split is {dataset_format(example)}; both must share one format"
             )
-    return Splits(train=train, eval=held_out, skipped_blank_lines=blank_lines, format=dataset_format(train[0]))
+    read = [*parts[train_split], *(evaluation or [])]
+    return SplitStreams(
+        name=name,
+        train=parts[train_split],
+        eval=evaluation,
+        held_out=held_out,
+        first=(raw_format, origin),
+        format=dataset_format(example),
+        files=[part.path for part in read if isinstance(part, FilePart)],
+    )
+
+
+def load_splits(source, **options) -> Splits:
+    """Load `source` whole, as canonical train and eval examples (or None): stream_splits, read into lists.
+
+    Preparation streams the rows instead (prepare.py); this is for looking at small datasets.
+    """
+    streams = stream_splits(source, **options)
+    text_field, blank_lines = options.get("text_field", "text"), [0]
+    train, held_out = [], []
+    rows = normalize_rows(rows_of(streams.train, blank_lines), text_field, streams.first)
+    for position, example in enumerate(rows):
+        (held_out if position in streams.held_out else train).append(example)
+    if streams.eval is not None:
+        held_out = normalize_rows(rows_of(streams.eval, blank_lines), text_field, streams.first)
+    return Splits(
+        train=train,
+        eval=held_out if streams.held_out or streams.eval is not None else None,
+        skipped_blank_lines=blank_lines[0],
+        format=streams.format,
+    )

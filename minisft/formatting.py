@@ -129,32 +129,69 @@ def common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
 
 def format_example(example: dict, tokenizer, eos_token: str | None, assistant_mask: bool = False) -> Formatted:
     """Render and tokenize one canonical example (see the module docstring)."""
-    kind = dataset_format(example)
+    return format_batch([example], tokenizer, eos_token, assistant_mask)[0]
+
+
+def format_batch(
+    examples: list[dict], tokenizer, eos_token: str | None, assistant_mask: bool = False
+) -> list[Formatted]:
+    """Render and tokenize examples of one format, with one tokenizer call for the whole batch.
+
+    A fast tokenizer encodes a list of texts in one call (in Rust, on several threads), far faster than
+    one call per text. The templates are rendered one conversation at a time (each has its own tools),
+    then tokenized together exactly as apply_chat_template tokenizes its own rendering (no special
+    tokens added). Only {% generation %} masks need transformers' per-conversation path, which maps
+    the rendered spans back onto tokens.
+    """
+    kind = dataset_format(examples[0])
     if kind == "tokenized":
-        check_token_ids(example, len(tokenizer))
-        return Formatted(
-            input_ids=list(example["input_ids"]),
-            assistant_mask=example.get("assistant_masks"),
-            completion_mask=example.get("completion_mask"),
-            labels=example.get("labels"),
-        )
+        vocab_size = len(tokenizer)
+        return [_tokenized(example, vocab_size) for example in examples]
     if kind == "text":
-        text = _with_eos(example["text"], eos_token, example)
-        return Formatted(input_ids=tokenizer(text)["input_ids"])
-    if kind == "conversational":
-        ids, mask = _render(tokenizer, example, example["messages"], assistant_mask=assistant_mask)
-        return Formatted(input_ids=ids, assistant_mask=mask)
+        ids = _encode(tokenizer, [_with_eos(example["text"], eos_token, example) for example in examples])
+        return [Formatted(input_ids=example_ids) for example_ids in ids]
     if kind == "prompt_completion":
-        completion = _with_eos(example["completion"], eos_token, example)
-        prompt_ids = tokenizer(example["prompt"])["input_ids"]
-        ids = tokenizer(example["prompt"] + completion)["input_ids"]
-        return Formatted(input_ids=ids, completion_start=common_prefix_length(prompt_ids, ids))
+        prompts = [example["prompt"] for example in examples]
+        prompt_ids = _encode(tokenizer, prompts)
+        completions = [_with_eos(example["completion"], eos_token, example) for example in examples]
+        ids = _encode(tokenizer, [prompt + completion for prompt, completion in zip(prompts, completions)])
+        return [Formatted(input_ids=i, completion_start=common_prefix_length(p, i)) for p, i in zip(prompt_ids, ids)]
+    if assistant_mask:
+        return [_format_with_generation_mask(example, tokenizer, kind) for example in examples]
+    if kind == "conversational":
+        texts = [_render(tokenizer, example, example["messages"]) for example in examples]
+        return [Formatted(input_ids=ids) for ids in _encode(tokenizer, texts, add_special_tokens=False)]
     # conversational prompt/completion: the prompt is rendered as the model sees it at
     # inference, ending with the generation prompt (e.g. "<|im_start|>assistant\n").
-    prompt_ids, _ = _render(tokenizer, example, example["prompt"], add_generation_prompt=True)
-    conversation = example["prompt"] + example["completion"]
-    ids, mask = _render(tokenizer, example, conversation, assistant_mask=assistant_mask)
-    return Formatted(input_ids=ids, completion_start=common_prefix_length(prompt_ids, ids), assistant_mask=mask)
+    prompts = [_render(tokenizer, example, example["prompt"], add_generation_prompt=True) for example in examples]
+    texts = [_render(tokenizer, example, example["prompt"] + example["completion"]) for example in examples]
+    prompt_ids = _encode(tokenizer, prompts, add_special_tokens=False)
+    ids = _encode(tokenizer, texts, add_special_tokens=False)
+    return [Formatted(input_ids=i, completion_start=common_prefix_length(p, i)) for p, i in zip(prompt_ids, ids)]
+
+
+def _encode(tokenizer, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+
+
+def _tokenized(example: dict, vocab_size: int) -> Formatted:
+    check_token_ids(example, vocab_size)
+    return Formatted(
+        input_ids=list(example["input_ids"]),
+        assistant_mask=example.get("assistant_masks"),
+        completion_mask=example.get("completion_mask"),
+        labels=example.get("labels"),
+    )
+
+
+def _format_with_generation_mask(example: dict, tokenizer, kind: str) -> Formatted:
+    """One conversation through transformers' own tokenizing path, which returns the {% generation %} mask."""
+    if kind == "conversational":
+        ids, mask = _render_tokens(tokenizer, example, example["messages"])
+        return Formatted(input_ids=ids, assistant_mask=mask)
+    prompt_ids = _encode(tokenizer, [_render(tokenizer, example, example["prompt"], add_generation_prompt=True)], False)
+    ids, mask = _render_tokens(tokenizer, example, example["prompt"] + example["completion"])
+    return Formatted(input_ids=ids, completion_start=common_prefix_length(prompt_ids[0], ids), assistant_mask=mask)
 
 
 def check_token_ids(example: dict, vocab_size: int) -> None:
@@ -178,10 +215,20 @@ def check_token_ids(example: dict, vocab_size: int) -> None:
         )
 
 
-def _render(
-    tokenizer, example: dict, messages: list[dict], add_generation_prompt: bool = False, assistant_mask: bool = False
-):
-    """The conversation `messages` of `example` through the chat template, with the example's tools and kwargs."""
+def _render(tokenizer, example: dict, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The conversation `messages` of `example` laid out by the chat template, with its tools and kwargs."""
+    return _apply_template(tokenizer, example, messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _render_tokens(tokenizer, example: dict, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids and the {% generation %} mask of `messages`, from transformers' apply_chat_template."""
+    encoded = _apply_template(
+        tokenizer, example, messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    return list(encoded["input_ids"]), list(encoded["assistant_masks"])
+
+
+def _apply_template(tokenizer, example: dict, messages: list[dict], **options):
     template = tokenizer.chat_template
     if not template:
         raise FormattingError("The tokenizer has no chat template; call setup_chat_template first.")
@@ -194,19 +241,12 @@ def _render(
                 "that renders tools and tool calls (the model's own, if it was trained for tool calling)."
             )
     try:
-        encoded = tokenizer.apply_chat_template(
-            messages,
-            tools=tools,
-            **example.get("chat_template_kwargs", {}),
-            tokenize=True,
-            return_dict=True,
-            add_generation_prompt=add_generation_prompt,
-            return_assistant_tokens_mask=assistant_mask,
+        return tokenizer.apply_chat_template(
+            messages, tools=tools, **example.get("chat_template_kwargs", {}), **options
         )
     # A template's own mistakes (a missing key, text + null) surface as TypeError as well as TemplateError.
     except (TemplateError, TypeError) as error:
         raise FormattingError(f"{_origin(example)}: the chat template rejected this conversation: {error}") from error
-    return list(encoded["input_ids"]), (list(encoded["assistant_masks"]) if assistant_mask else None)
 
 
 def _with_eos(text: str, eos_token: str | None, example: dict) -> str:

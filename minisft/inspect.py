@@ -19,6 +19,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 
+import torch
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -27,7 +28,7 @@ from .cli import demo_dataset_path, parse_flags, run, stderr_console
 from .config import DataConfig, ModelConfig, PackingConfig
 from .masking import IGNORE_INDEX
 from .models import load_tokenizer
-from .packing import PackedDataset, pack, setup_pad_token
+from .packing import PackedDataset, pack, positions_of, setup_pad_token
 from .prepare import PreparedDataset, load_and_prepare
 
 
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(model_config.model_name_or_path, trust_remote_code=model_config.trust_remote_code)
     source = data_config.dataset_name or demo_dataset_path()
     splits = load_and_prepare(source, tokenizer, data_config, packing_config)
+    stderr_console.print(splits.cache_note, highlight=False, soft_wrap=True)
     pad_note = setup_pad_token(tokenizer, data_config.pad_token)  # as training pads: checked, and said
     if pad_note:
         stderr_console.print(pad_note)
@@ -99,7 +101,9 @@ def main(argv: list[str] | None = None) -> None:
 def show_packed_rows(packed: PackedDataset, inspect_config: InspectConfig) -> None:
     if inspect_config.json:
         for row in packed.rows[: inspect_config.num_examples]:
-            sys.stdout.write(json.dumps(row) + "\n")
+            # the positions the loop's collator derives from seq_lengths: rows do not store them
+            positions = positions_of(torch.tensor(row["seq_lengths"])).tolist()
+            sys.stdout.write(json.dumps({**row, "position_ids": positions}) + "\n")
         stderr_console.print(packing_table(packed))
         return
     console = Console()
@@ -189,8 +193,8 @@ def figures_table(prepared: PreparedDataset, splits, source: str, split: str) ->
     share = stats.trained_tokens / stats.tokens if stats.tokens else 0.0
     table.add_row("trained tokens", f"{stats.trained_tokens:,} ({share:.1%})")
     if stats.examples:
-        lengths = [len(example["input_ids"]) for example in prepared.examples]
-        table.add_row("length mean / max", f"{sum(lengths) / len(lengths):.0f} / {max(lengths)}")
+        lengths = prepared.examples.lengths
+        table.add_row("length mean / max", f"{lengths.mean():.0f} / {lengths.max()}")
     table.add_row("truncated to max_length", f"{stats.truncated:,} examples, {stats.truncated_tokens:,} tokens cut")
     dropped = ", ".join(f"{count} {reason}" for reason, count in stats.drop_reasons.items())
     table.add_row("dropped (nothing to train)", f"{stats.dropped:,}" + (f" ({dropped})" if dropped else ""))

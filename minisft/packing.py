@@ -12,10 +12,17 @@ A packed row is only correct if no token can see another example's tokens; minis
 builds those boundaries from what every packed row carries:
 
     input_ids     a a a a a a b b b c
-    position_ids  0 1 2 3 4 5 0 1 2 0       restart at each example: the model's positions
     seq_lengths   [6, 3, 1]                  the examples' lengths, in order
     labels        - a a a a a - b b -       the first token of each example is never a target:
                                              it would be predicted from the previous example
+
+and from what collate_rows derives from seq_lengths, in one place (positions_of):
+
+    position_ids  0 1 2 3 4 5 0 1 2 0       restart at each example: the model's positions
+
+At scale the rows are a plan, not lists: which slice of which example makes each row, a few
+integers per example (PackedRows). Packing reads only the examples' lengths, and a row's
+tokens are read from the memory-mapped storage (minisft/storage.py) when a batch needs it.
 
 Strategies, with the names and meanings of TRL's `packing_strategy`:
 - bfd        best-fit decreasing: longest examples first, each into the row whose free space
@@ -29,13 +36,20 @@ Strategies, with the names and meanings of TRL's `packing_strategy`:
 from __future__ import annotations
 
 import bisect
+import hashlib
+import json
+import os
 from collections import defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import UserError
 from .masking import IGNORE_INDEX
+from .storage import LazySequence, TokenStorage, from_examples
 
 STRATEGIES = ("bfd", "bfd_split", "wrapped")
 
@@ -60,8 +74,49 @@ class PackStats:
 
 @dataclass
 class PackedDataset:
-    rows: list[dict]  # {"input_ids", "labels", "position_ids", "seq_lengths"}
+    rows: Sequence[dict]  # PackedRows: {"input_ids", "labels", "seq_lengths"}, built on demand
     stats: PackStats = field(default_factory=PackStats)
+
+
+class PackedRows(LazySequence):
+    """Rows as a plan over the examples' storage: row r is the pieces row_offsets[r]:row_offsets[r + 1], and piece
+    p is tokens [starts[p], ends[p]) of example examples[p]. A row's dict is built only when it is read, so a
+    million examples pack into a few arrays of integers, not lists of every token."""
+
+    def __init__(self, storage: TokenStorage, plan: dict[str, np.ndarray]):
+        self.storage, self.plan = storage, plan
+
+    def __len__(self) -> int:
+        return len(self.plan["row_offsets"]) - 1
+
+    def item(self, index: int) -> dict:
+        plan, offsets = self.plan, self.storage.offsets
+        pieces = range(plan["row_offsets"][index], plan["row_offsets"][index + 1])
+        input_ids, labels, seq_lengths = [], [], []
+        for piece in pieces:
+            base = int(offsets[plan["examples"][piece]])
+            start, end = base + int(plan["starts"][piece]), base + int(plan["ends"][piece])
+            input_ids.append(self.storage.ids_between(start, end))
+            piece_labels = self.storage.labels_between(start, end)
+            # The first token of a sequence has no context of its own to be predicted from.
+            piece_labels[0] = IGNORE_INDEX
+            labels.append(piece_labels)
+            seq_lengths.append(end - start)
+        return {
+            "input_ids": np.concatenate(input_ids).tolist(),
+            "labels": np.concatenate(labels).tolist(),
+            "seq_lengths": seq_lengths,
+        }
+
+    def fingerprint(self) -> str:
+        """The examples' fingerprint and the plan's: equal for the same rows cut from the same examples."""
+        digest = hashlib.sha256(self.storage.fingerprint().encode())
+        for key in PLAN_KEYS:
+            digest.update(self.plan[key].astype(np.int64).tobytes())
+        return digest.hexdigest()
+
+
+PLAN_KEYS = ("examples", "starts", "ends", "row_offsets")
 
 
 def check_max_length(max_length: int | None) -> int:
@@ -103,76 +158,99 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def pack(examples: list[dict], max_length: int | None, strategy: str = "bfd") -> PackedDataset:
-    """Pack tokenized examples ({"input_ids", "labels"}) into rows of at most max_length tokens."""
+def pack(examples: Sequence[dict], max_length: int | None, strategy: str = "bfd") -> PackedDataset:
+    """Pack tokenized examples ({"input_ids", "labels"}: a TokenStorage, or a list) into rows of max_length tokens.
+
+    Only the examples' lengths are read to plan the rows. A plan for examples kept in the preparation
+    cache is kept beside them, so the next run with the same data, strategy and max_length reuses it.
+    """
     max_length = check_max_length(max_length)
     if strategy not in STRATEGIES:
         raise PackingError(f"Unknown --packing_strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
-    empty = next((index for index, example in enumerate(examples) if not example["input_ids"]), None)
-    if empty is not None:
-        raise PackingError(f"Example {empty} has no tokens; there is nothing to pack.")
+    storage = from_examples(examples)
+    lengths = storage.lengths
+    if len(lengths) and lengths.min() == 0:
+        raise PackingError(f"Example {int(np.argmin(lengths))} has no tokens; there is nothing to pack.")
+    kept = storage.folder / f"pack-{strategy}-{max_length}.npz" if storage.folder is not None else None
+    if kept is not None and kept.exists():
+        with np.load(kept) as saved:
+            plan, stats = {key: saved[key] for key in PLAN_KEYS}, PackStats(**json.loads(str(saved["stats"])))
+        return PackedDataset(PackedRows(storage, plan), stats)
     stats = PackStats()
     if strategy == "wrapped":
-        rows = _wrap(examples, max_length, stats)
+        plan = _wrap(lengths, max_length, stats)
     else:
-        sequences = _fit_to_length(examples, max_length, split=strategy == "bfd_split", stats=stats)
-        bins = best_fit_decreasing([len(sequence[0]) for sequence in sequences], max_length)
-        rows = [make_row([sequences[index] for index in members]) for members in bins]
-    stats.rows = len(rows)
-    stats.tokens = sum(len(row["input_ids"]) for row in rows)
+        plan = _bfd_plan(lengths, max_length, split=strategy == "bfd_split", stats=stats)
+    stats.rows = len(plan["row_offsets"]) - 1
+    stats.tokens = int((plan["ends"] - plan["starts"]).sum())
     stats.slots = stats.rows * max_length
-    return PackedDataset(rows, stats)
+    if kept is not None:
+        _keep_plan(kept, plan, stats)
+    return PackedDataset(PackedRows(storage, plan), stats)
 
 
-def _fit_to_length(examples: list[dict], max_length: int, split: bool, stats: PackStats) -> list[tuple[list, list]]:
-    """(input_ids, labels) sequences no longer than max_length: overlong ones truncated or split."""
-    sequences = []
-    for example in examples:
-        input_ids, labels = example["input_ids"], example["labels"]
-        if len(input_ids) <= max_length:
-            sequences.append((input_ids, labels))
-        elif split:
-            stats.split_examples += 1
-            sequences.extend(
-                (input_ids[start : start + max_length], labels[start : start + max_length])
-                for start in range(0, len(input_ids), max_length)
-            )
-        else:
-            stats.truncated_examples += 1
-            stats.truncated_tokens += len(input_ids) - max_length
-            sequences.append((input_ids[:max_length], labels[:max_length]))
-    return sequences
+def _keep_plan(path: Path, plan: dict[str, np.ndarray], stats: PackStats) -> None:
+    """Write the plan beside the examples; written under another name and renamed, so it is whole or absent."""
+    partial = path.with_suffix(f".partial-{os.getpid()}")
+    with open(partial, "wb") as file:
+        np.savez(file, stats=np.array(json.dumps(asdict(stats))), **plan)
+    os.replace(partial, path)
 
 
-def _wrap(examples: list[dict], max_length: int, stats: PackStats) -> list[dict]:
-    rows, current, used = [], [], 0
-    for example in examples:
-        input_ids, labels = example["input_ids"], example["labels"]
-        start = 0
-        if len(input_ids) > max_length - used:
-            stats.split_examples += 1
-        while start < len(input_ids):
-            take = min(len(input_ids) - start, max_length - used)
-            current.append((input_ids[start : start + take], labels[start : start + take]))
-            used += take
-            start += take
-            if used == max_length:
-                rows.append(make_row(current))
-                current, used = [], 0
-    if current:
-        rows.append(make_row(current))
-    return rows
+def _bfd_plan(lengths: np.ndarray, max_length: int, split: bool, stats: PackStats) -> dict[str, np.ndarray]:
+    """Sequences no longer than max_length (overlong examples truncated, or split into chunks), packed by bfd."""
+    overlong = lengths > max_length
+    if split:
+        stats.split_examples = int(overlong.sum())
+        chunks = -(-lengths // max_length)  # ceil: every example is at least one chunk
+        examples = np.repeat(np.arange(len(lengths)), chunks)
+        first_chunk = np.repeat(np.cumsum(chunks) - chunks, chunks)
+        starts = (np.arange(len(examples)) - first_chunk) * max_length
+        ends = np.minimum(starts + max_length, lengths[examples])
+    else:
+        stats.truncated_examples = int(overlong.sum())
+        stats.truncated_tokens = int((lengths[overlong] - max_length).sum())
+        examples, starts, ends = (
+            np.arange(len(lengths)),
+            np.zeros(len(lengths), np.int64),
+            np.minimum(lengths, max_length),
+        )
+    bins = best_fit_decreasing((ends - starts).tolist(), max_length)
+    order = np.fromiter((piece for members in bins for piece in members), dtype=np.int64, count=len(examples))
+    row_offsets = np.concatenate([[0], np.cumsum([len(members) for members in bins], dtype=np.int64)])
+    return {"examples": examples[order], "starts": starts[order], "ends": ends[order], "row_offsets": row_offsets}
+
+
+def _wrap(lengths: np.ndarray, max_length: int, stats: PackStats) -> dict[str, np.ndarray]:
+    """Concatenate every example and cut every max_length tokens: a piece ends at each example end and row end."""
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    total = int(offsets[-1])
+    # An example is split when it runs past the end of the row it starts in.
+    stats.split_examples = int(((offsets[:-1] % max_length) + lengths > max_length).sum())
+    cuts = np.union1d(offsets, np.arange(0, total, max_length))
+    starts, ends = cuts[:-1], cuts[1:]
+    examples = np.searchsorted(offsets, starts, side="right") - 1
+    rows = starts // max_length
+    row_offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=-(-total // max_length)))])
+    return {
+        "examples": examples,
+        "starts": starts - offsets[examples],
+        "ends": ends - offsets[examples],
+        "row_offsets": row_offsets.astype(np.int64),
+    }
 
 
 def make_row(sequences: list[tuple[list, list]]) -> dict:
-    """One row from (input_ids, labels) sequences: positions restart and the boundary label is masked."""
-    row = {"input_ids": [], "labels": [], "position_ids": [], "seq_lengths": []}
+    """One row from (input_ids, labels) sequences: the boundary label is masked, and the lengths kept.
+
+    Positions are not stored: collate_rows derives them from seq_lengths, the one place they are made.
+    """
+    row = {"input_ids": [], "labels": [], "seq_lengths": []}
     for input_ids, labels in sequences:
         row["input_ids"].extend(input_ids)
         # The first token of a sequence has no context of its own to be predicted from.
         row["labels"].append(IGNORE_INDEX)
         row["labels"].extend(labels[1:])
-        row["position_ids"].extend(range(len(input_ids)))
         row["seq_lengths"].append(len(input_ids))
     return row
 
@@ -227,6 +305,12 @@ def collate_padded(examples: list[dict], pad_token_id: int, pad_to_multiple_of: 
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def positions_of(seq_lengths: torch.Tensor) -> torch.Tensor:
+    """The position of every token of a row whose sequences have these lengths: 0, 1, ... again in each."""
+    starts = torch.cumsum(seq_lengths, 0) - seq_lengths
+    return torch.arange(int(seq_lengths.sum())) - torch.repeat_interleave(starts, seq_lengths)
+
+
 def collate_rows(rows: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
     """Packed rows padded to the longest of the batch, with their boundaries.
 
@@ -247,7 +331,6 @@ def collate_rows(rows: list[dict], pad_token_id: int, pad_to_multiple_of: int | 
         batch["labels"][index, :length] = torch.tensor(row["labels"])
         lengths = torch.tensor(row["seq_lengths"] + [width - length])
         batch["document_ids"][index] = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-        starts = torch.cumsum(lengths, 0) - lengths
-        batch["position_ids"][index] = torch.arange(width) - torch.repeat_interleave(starts, lengths)
+        batch["position_ids"][index] = positions_of(lengths)
     batch["seq_lengths"] = [row["seq_lengths"] for row in rows]
     return batch

@@ -7,6 +7,12 @@ Every decision is counted, never silent: examples truncated to --max_length (and
 cut), examples dropped because no token is left to train on (and why), examples where a
 response template was never found. `python -m minisft.inspect` prints exactly this output.
 
+At scale: the raw rows are read as a stream and prepared in batches of BATCH_ROWS (one
+tokenizer call per batch), by --dataset_num_proc worker processes that return their batches
+in order, so the output and every count are those of one process. The kept examples go
+straight into flat arrays on disk (minisft/storage.py), which the cache (minisft/cache.py)
+keeps for the next run with the same files, tokenizer and flags.
+
 Pre-tokenized rows are trained as TRL 1.16 trains them: their own `labels` as they are, when
 they have them; otherwise their `assistant_masks` always, and their `completion_mask` only with
 --completion_only_loss (TRL's documented default leaves it unused: counted, so it is seen).
@@ -14,13 +20,29 @@ they have them; otherwise their `assistant_masks` always, and their `completion_
 
 from __future__ import annotations
 
-from collections import Counter
+import multiprocessing
+import os
+import shutil
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
+
+from . import cache
 from .config import DataConfig, PackingConfig
-from .data import dataset_format, load_splits
-from .formatting import Formatted, format_example, has_generation_tags, resolve_eos_token, setup_chat_template
+from .data import check_same_format, dataset_format, normalize_example, rows_of, stream_splits
+from .formatting import (
+    Formatted,
+    format_batch,
+    format_example,
+    has_generation_tags,
+    resolve_eos_token,
+    setup_chat_template,
+)
 from .masking import (
+    IGNORE_INDEX,
     MaskingError,
     completion_mask,
     family_templates,
@@ -29,6 +51,12 @@ from .masking import (
     response_template_mask,
     template_variants,
 )
+from .storage import StorageWriter, TokenStorage, id_dtype, open_storage, open_unkept, scratch_folder
+
+BATCH_ROWS = 256  # rows per tokenizer call and per task sent to a worker
+# --dataset_num_proc's default: one process below this much data (starting workers costs more than it saves).
+PARALLEL_FROM_BYTES = 8 << 20
+MAX_DEFAULT_PROCESSES = 8
 
 
 @dataclass
@@ -43,12 +71,17 @@ class PrepareStats:
     response_template_missing: int = 0
     completion_mask_unused: int = 0  # pre-tokenized rows whose completion_mask --completion_only_loss would apply
 
+    def add(self, other: PrepareStats) -> None:
+        """Count `other`'s examples too: workers' figures add up to one process's exactly."""
+        for name, value in vars(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
 
 @dataclass
 class PreparedDataset:
-    examples: list[dict]  # {"input_ids": [...], "labels": [...]}
+    examples: Sequence[dict]  # a TokenStorage: {"input_ids": [...], "labels": [...]} per example, read on demand
     stats: PrepareStats
-    origins: list[str] = field(default_factory=list)  # where each kept example came from
+    origins: Sequence[str] = field(default_factory=list)  # where each kept example came from
 
 
 @dataclass
@@ -62,41 +95,49 @@ class _MaskPlan:
     response_template: str | list[int] | None
 
 
+@dataclass
+class _Job:
+    """What preparing any batch needs, decided once in the main process and handed to every worker."""
+
+    tokenizer: object
+    plan: _MaskPlan
+    eos_token: str | None
+    max_length: int | None
+    truncate: dict[str, bool]  # split -> cut to max_length here (not when the packer will)
+    text_field: str
+    first: tuple[str, str] | None  # (raw format, origin) every raw row must share; None: rows are canonical
+    own_labels: bool  # pre-tokenized rows with their own labels: stored as they are, not as a trained mask
+
+
+@dataclass
+class _Encoded:
+    """One batch's kept examples of one split, laid end to end, with their figures."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    lengths: np.ndarray
+    origins: list[str]
+    stats: PrepareStats
+
+
 def prepare_dataset(
     examples: list[dict], tokenizer, config: DataConfig | None = None, truncate: bool = True
 ) -> PreparedDataset:
-    """Format, mask, truncate to max_length (unless packing will cut instead: truncate=False), drop, count."""
+    """Format, mask, truncate to max_length (unless packing will cut instead: truncate=False), drop, count.
+
+    For canonical examples already in memory (load_splits, the Python API); nothing is cached.
+    """
     config = config or DataConfig()
     if not examples:
-        return PreparedDataset([], PrepareStats())
-    plan = _plan_masks(dataset_format(examples[0]), set(examples[0]), tokenizer, config)
-    eos_token = resolve_eos_token(tokenizer, config.eos_token)
-    stats = PrepareStats()
-    prepared, origins = [], []
-    for index, example in enumerate(examples):
-        formatted = format_example(example, tokenizer, eos_token, assistant_mask=plan.generation_tags)
-        input_ids = formatted.input_ids
-        if formatted.labels is not None:  # a pre-tokenized row's own labels win over any mask it holds, as in TRL
-            labels = list(formatted.labels)
-        else:
-            labels = labels_from_masks(input_ids, _masks(formatted, plan, stats))
-        trained_before_truncation = any(label != -100 for label in labels)
-        if truncate and config.max_length is not None and len(input_ids) > config.max_length:
-            stats.truncated += 1
-            stats.truncated_tokens += len(input_ids) - config.max_length
-            input_ids, labels = input_ids[: config.max_length], labels[: config.max_length]
-        if all(label == -100 for label in labels):
-            stats.dropped += 1
-            stats.drop_reasons[_drop_reason(plan, trained_before_truncation)] += 1
-            continue
-        stats.examples += 1
-        stats.tokens += len(input_ids)
-        stats.trained_tokens += sum(label != -100 for label in labels)
-        prepared.append({"input_ids": input_ids, "labels": labels})
-        origins.append(example.get("origin", f"example {index}"))
-    if plan.response_variants and stats.response_template_missing * 2 > len(examples):
-        raise MaskingError(_template_not_found_message(plan, examples, tokenizer, eos_token, stats))
-    return PreparedDataset(prepared, stats, origins)
+        return PreparedDataset(TokenStorage(np.zeros(0, np.int64), np.zeros(1, np.int64)), PrepareStats())
+    job = _job(examples[0], tokenizer, config, {"train": truncate}, first_row=None)
+    batches = _batches(((example.get("origin", f"example {index}"), example) for index, example in enumerate(examples)),
+                       frozenset(), "train")  # fmt: skip
+    folder = scratch_folder()
+    stats = _write_splits(job, batches, {"train": folder}, num_proc=1)["train"]
+    _check_templates_found(job, examples[0], stats)
+    storage, origins, _ = open_unkept(folder)
+    return PreparedDataset(storage, stats, origins)
 
 
 def _masks(formatted: Formatted, plan: _MaskPlan, stats: PrepareStats) -> list[list[bool]]:
@@ -200,18 +241,149 @@ def _drop_reason(plan: _MaskPlan, trained_before_truncation: bool) -> str:
     return "no token to train on"
 
 
-def _template_not_found_message(plan: _MaskPlan, examples, tokenizer, eos_token, stats: PrepareStats) -> str:
-    sample = format_example(examples[0], tokenizer, eos_token).input_ids[:60]
+def _template_not_found_message(plan: _MaskPlan, first: dict, tokenizer, eos_token, stats: PrepareStats) -> str:
+    sample = format_example(first, tokenizer, eos_token).input_ids[:60]
     shown = " ".join(f"{token}:{tokenizer.decode([token])!r}" for token in sample)
     variants = " or ".join(str(variant) for variant in plan.response_variants)
     return (
         f"The response template {plan.response_template!r} was not found in {stats.response_template_missing} of "
-        f"{len(examples)} examples, so they have nothing to train on.\n"
+        f"{stats.examples + stats.dropped} examples, so they have nothing to train on.\n"
         f"It tokenizes as {variants}.\n"
-        f"The first example ({examples[0].get('origin', 'example 0')}) tokenizes as:\n  {shown}\n"
+        f"The first example ({first.get('origin', 'example 0')}) tokenizes as:\n  {shown}\n"
         "Pick a template whose token ids appear in the examples, or pass the ids as they appear there, "
         "as a JSON list: --response_template '[id, id, ...]'."
     )
+
+
+def _check_templates_found(job: _Job, first: dict, stats: PrepareStats) -> None:
+    """Most examples without the response template means a template that does not match: stop and show why."""
+    if job.plan.response_variants and stats.response_template_missing * 2 > stats.examples + stats.dropped:
+        raise MaskingError(_template_not_found_message(job.plan, first, job.tokenizer, job.eos_token, stats))
+
+
+# ----------------------------------------------------------------------------- one batch (in a worker or not)
+
+
+def _job(first: dict, tokenizer, config: DataConfig, truncate: dict[str, bool], first_row) -> _Job:
+    """The job for a dataset whose first canonical example is `first`."""
+    return _Job(
+        tokenizer=tokenizer,
+        plan=_plan_masks(dataset_format(first), set(first), tokenizer, config),
+        eos_token=resolve_eos_token(tokenizer, config.eos_token),
+        max_length=config.max_length,
+        truncate=truncate,
+        text_field=config.dataset_text_field,
+        first=first_row,
+        own_labels=dataset_format(first) == "tokenized" and "labels" in first,
+    )
+
+
+def _prepare_batch(job: _Job, batch: list[tuple[str, dict, str]]) -> dict[str, _Encoded]:
+    """(origin, row, split) triples -> each split's kept examples, in order. Raw rows are normalised first."""
+    if job.first is not None:
+        for origin, row, _ in batch:
+            check_same_format(row, origin, job.text_field, job.first)
+        examples = [normalize_example(row, origin, job.text_field) for origin, row, _ in batch]
+    else:
+        examples = [row for _, row, _ in batch]
+    formatted = format_batch(examples, job.tokenizer, job.eos_token, assistant_mask=job.plan.generation_tags)
+    kept: dict[str, tuple[list, list, list]] = {}
+    stats: dict[str, PrepareStats] = {}
+    for (origin, _, split), one in zip(batch, formatted):
+        split_stats = stats.setdefault(split, PrepareStats())
+        example = _finish_example(job, one, split, split_stats)
+        if example is not None:
+            ids, labels, origins = kept.setdefault(split, ([], [], []))
+            ids.append(example[0])
+            labels.append(example[1])
+            origins.append(origin)
+    return {split: _encoded(*kept.get(split, ([], [], [])), stats[split]) for split in stats}
+
+
+def _finish_example(job: _Job, formatted: Formatted, split: str, stats: PrepareStats):
+    """Labels, truncation, and the drop decision for one example: (input_ids, labels), or None when dropped."""
+    input_ids = formatted.input_ids
+    if formatted.labels is not None:  # a pre-tokenized row's own labels win over any mask it holds, as in TRL
+        labels = list(formatted.labels)
+    else:
+        labels = labels_from_masks(input_ids, _masks(formatted, job.plan, stats))
+    trained_before_truncation = any(label != IGNORE_INDEX for label in labels)
+    if job.truncate[split] and job.max_length is not None and len(input_ids) > job.max_length:
+        stats.truncated += 1
+        stats.truncated_tokens += len(input_ids) - job.max_length
+        input_ids, labels = input_ids[: job.max_length], labels[: job.max_length]
+    trained = sum(label != IGNORE_INDEX for label in labels)
+    if not trained:
+        stats.dropped += 1
+        stats.drop_reasons[_drop_reason(job.plan, trained_before_truncation)] += 1
+        return None
+    stats.examples += 1
+    stats.tokens += len(input_ids)
+    stats.trained_tokens += trained
+    return input_ids, labels
+
+
+def _encoded(ids: list[list[int]], labels: list[list[int]], origins: list[str], stats: PrepareStats) -> _Encoded:
+    flat = lambda lists: np.fromiter((t for tokens in lists for t in tokens), np.int64, stats.tokens)  # noqa: E731
+    return _Encoded(flat(ids), flat(labels), np.array([len(i) for i in ids], np.int64), origins, stats)
+
+
+# ----------------------------------------------------------------------------- a whole dataset, in batches
+
+
+def _batches(rows: Iterator[tuple[str, dict]], held_out: frozenset[int], split: str):
+    """Rows in lists of BATCH_ROWS (origin, row, split) triples; the rows at positions in held_out go to eval."""
+    batch = []
+    for position, (origin, row) in enumerate(rows):
+        batch.append((origin, row, "eval" if position in held_out else split))
+        if len(batch) == BATCH_ROWS:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+_worker_job: _Job | None = None  # a worker process's job, set once when it starts
+
+
+def _start_worker(job: _Job) -> None:
+    global _worker_job
+    _worker_job = job
+
+
+def _run_in_worker(batch: list) -> dict[str, _Encoded]:
+    return _prepare_batch(_worker_job, batch)
+
+
+def _results(job: _Job, batches, num_proc: int) -> Iterator[dict[str, _Encoded]]:
+    """Each batch's result, in the batches' order, from num_proc worker processes (or this one)."""
+    if num_proc <= 1:
+        yield from (_prepare_batch(job, batch) for batch in batches)
+        return
+    # fork: the workers start with the tokenizer already loaded (spawn would import transformers again in each).
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(num_proc, initializer=_start_worker, initargs=(job,)) as pool:
+        pending: deque = deque()
+        for batch in batches:  # at most 2 batches per worker in flight: the rows are read as they are needed
+            pending.append(pool.apply_async(_run_in_worker, (batch,)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _write_splits(job: _Job, batches, folders: dict[str, Path], num_proc: int) -> dict[str, PrepareStats]:
+    """Prepare every batch and append its examples to its split's storage in `folders`; the splits' figures."""
+    dtype = id_dtype(len(job.tokenizer) - 1)
+    writers = {split: StorageWriter(folder, dtype, job.own_labels) for split, folder in folders.items()}
+    stats = {split: PrepareStats() for split in folders}
+    for result in _results(job, batches, num_proc):
+        for split, encoded in result.items():
+            writers[split].append(encoded.input_ids, encoded.labels, encoded.lengths, encoded.origins)
+            stats[split].add(encoded.stats)
+    for split, writer in writers.items():
+        writer.finish({"stats": {**vars(stats[split]), "drop_reasons": dict(stats[split].drop_reasons)}})
+    return stats
 
 
 @dataclass
@@ -220,16 +392,18 @@ class PreparedSplits:
     eval: PreparedDataset | None
     added_tokens: list[str]  # special tokens the ChatML fallback added: the model's embeddings must grow
     skipped_blank_lines: int
+    cache_note: str = ""  # one line for the run's opening: whether the preparation was reused, prepared, or not kept
 
 
 def load_and_prepare(source, tokenizer, config: DataConfig, packing: PackingConfig | None = None) -> PreparedSplits:
     """From a dataset source to prepared train and eval splits: the whole data side of a run.
 
     A split that will be packed is not truncated here: the packer truncates (bfd) or splits
-    (bfd_split, wrapped) what is longer than max_length, as TRL does.
+    (bfd_split, wrapped) what is longer than max_length, as TRL does. A preparation of local files
+    is kept in the cache (minisft/cache.py) and reused while its inputs stay the same.
     """
     packing = packing or PackingConfig()
-    splits = load_splits(
+    streams = stream_splits(
         source,
         dataset_config=config.dataset_config,
         train_split=config.dataset_train_split,
@@ -238,10 +412,75 @@ def load_and_prepare(source, tokenizer, config: DataConfig, packing: PackingConf
         seed=config.seed,
         text_field=config.dataset_text_field,
     )
-    needs_template = config.chat_template_path is not None or "conversational" in splits.format
+    needs_template = config.chat_template_path is not None or "conversational" in streams.format
     added_tokens = setup_chat_template(tokenizer, config.chat_template_path) if needs_template else []
-    train = prepare_dataset(splits.train, tokenizer, config, truncate=not packing.packs("train"))
-    evaluation = (
-        prepare_dataset(splits.eval, tokenizer, config, truncate=not packing.packs("eval")) if splits.eval else None
-    )
-    return PreparedSplits(train, evaluation, added_tokens, splits.skipped_blank_lines)
+    root = cache.cache_folder(config.cache_dir)
+    if root is None or not streams.files:
+        why = "--cache_dir none" if root is None else "only local files are fingerprinted for the cache"
+        folder = scratch_folder()
+        _prepare_into(folder, streams, tokenizer, config, packing)
+        return _opened(folder, added_tokens, f"data: prepared, not cached ({why})", keep=False)
+    key = cache.fingerprint(streams.files, tokenizer, config, packing)
+    found = cache.complete(root, key)
+    if found is not None:
+        return _opened(found, added_tokens, f"data: reused the preparation cached in {found}", keep=True)
+    with cache.building(root, key) as partial:
+        _prepare_into(partial, streams, tokenizer, config, packing)
+    return _opened(root / key, added_tokens, f"data: prepared and cached in {root / key}", keep=True)
+
+
+def _prepare_into(folder: Path, streams, tokenizer, config: DataConfig, packing: PackingConfig) -> None:
+    """Stream every row of `streams` through preparation into folder/train and folder/eval (and its blank lines)."""
+    first_origin, first_row = next(rows_of(streams.train, [0]))
+    first = normalize_example(first_row, first_origin, config.dataset_text_field)
+    truncate = {split: not packing.packs(split) for split in ("train", "eval")}
+    job = _job(first, tokenizer, config, truncate, first_row=streams.first)
+    blank_lines = [0]
+    batches = _batches(rows_of(streams.train, blank_lines), streams.held_out, "train")
+    if streams.eval is not None:
+        batches = _chain(batches, _batches(rows_of(streams.eval, blank_lines), frozenset(), "eval"))
+    has_eval = streams.eval is not None or bool(streams.held_out)
+    folders = {split: folder / split for split in ("train", "eval") if split == "train" or has_eval}
+    stats = _write_splits(job, batches, folders, _processes(config.dataset_num_proc, streams))
+    _check_templates_found(job, first, stats["train"])
+    if has_eval:
+        eval_first = first if streams.eval is None else _first_example(streams.eval, config.dataset_text_field)
+        _check_templates_found(job, eval_first, stats["eval"])
+    (folder / "blank_lines").write_text(str(blank_lines[0]), encoding="utf-8")
+
+
+def _chain(*iterables):
+    for iterable in iterables:
+        yield from iterable
+
+
+def _first_example(parts: list, text_field: str) -> dict:
+    origin, row = next(rows_of(parts, [0]))
+    return normalize_example(row, origin, text_field)
+
+
+def _processes(asked: int | None, streams) -> int:
+    """--dataset_num_proc, or by default: one process for small data, else a process per core (at most 8)."""
+    if asked is not None:
+        return asked
+    size = sum(file.stat().st_size for file in streams.files)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, MAX_DEFAULT_PROCESSES) if size >= PARALLEL_FROM_BYTES else 1
+
+
+def _opened(folder: Path, added_tokens: list[str], note: str, keep: bool) -> PreparedSplits:
+    """The prepared splits in `folder`, memory-mapped; a folder not kept is deleted once mapped."""
+    opener = open_storage if keep else open_unkept
+    blank_lines = int((folder / "blank_lines").read_text(encoding="utf-8"))
+    splits = {}
+    for split in ("train", "eval"):
+        if (folder / split).is_dir():
+            storage, origins, meta = opener(folder / split)
+            splits[split] = PreparedDataset(storage, _stats_from(meta["stats"]), origins)
+    if not keep:
+        shutil.rmtree(folder, ignore_errors=True)
+    return PreparedSplits(splits["train"], splits.get("eval"), added_tokens, blank_lines, note)
+
+
+def _stats_from(saved: dict) -> PrepareStats:
+    return PrepareStats(**{**saved, "drop_reasons": Counter(saved["drop_reasons"])})

@@ -69,11 +69,16 @@ def cut(input_ids, labels, position_ids, seq_lengths) -> list[tuple[tuple, tuple
     return sequences
 
 
+def positions(row: dict) -> list[int]:
+    """A row's position_ids as the loop gets them: rows carry seq_lengths only, and collate_rows derives positions."""
+    return collate_rows([row], pad_token_id=0)["position_ids"][0].tolist()
+
+
 def minisft_sequences(rows: list[dict]) -> list[tuple]:
     return [
         sequence
         for row in rows
-        for sequence in cut(row["input_ids"], row["labels"], row["position_ids"], row["seq_lengths"])
+        for sequence in cut(row["input_ids"], row["labels"], positions(row), row["seq_lengths"])
     ]
 
 
@@ -88,15 +93,16 @@ def check_row(row: dict, max_length: int) -> None:
     """Invariants every packed row must satisfy, whatever the strategy."""
     n = len(row["input_ids"])
     assert 0 < n <= max_length
-    assert len(row["labels"]) == n and len(row["position_ids"]) == n
+    position_ids = positions(row)
+    assert len(row["labels"]) == n and len(position_ids) == n
     assert all(length > 0 for length in row["seq_lengths"])
     assert sum(row["seq_lengths"]) == n
     starts = set(np.cumsum([0] + row["seq_lengths"][:-1]).tolist())
     # positions are 0 exactly at sequence starts, and count up by one inside a sequence
-    assert {index for index, position in enumerate(row["position_ids"]) if position == 0} == starts
+    assert {index for index, position in enumerate(position_ids) if position == 0} == starts
     for index in range(1, n):
         if index not in starts:
-            assert row["position_ids"][index] == row["position_ids"][index - 1] + 1
+            assert position_ids[index] == position_ids[index - 1] + 1
     # the first token of every sequence is never a target
     assert all(row["labels"][start] == IGNORE for start in starts)
 
@@ -202,15 +208,15 @@ def test_bfd_row_lengths_match_trl_batch_by_batch(parity_examples, trl_reference
 
 
 def test_trl_collator_positions_agree_with_get_position_ids(parity_examples):
-    """The static helper TRL's collator uses gives the positions minisft stores in its rows."""
+    """The static helper TRL's collator uses gives the positions minisft's collator derives for its rows."""
     pytest.importorskip("trl")
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     rows = pack(parity_examples[:300], MAX_LENGTH, "bfd").rows
-    positions = DataCollatorForLanguageModeling.get_position_ids_from_packed_seq_lengths(
+    trl_positions = DataCollatorForLanguageModeling.get_position_ids_from_packed_seq_lengths(
         [row["seq_lengths"] for row in rows]
     )
-    assert [p.tolist() for p in positions] == [row["position_ids"] for row in rows]
+    assert [p.tolist() for p in trl_positions] == [positions(row) for row in rows]
 
 
 def test_wrapped_rows_match_trl(parity_examples, trl_reference):
@@ -223,7 +229,7 @@ def test_wrapped_rows_match_trl(parity_examples, trl_reference):
     assert [row["input_ids"] for row in minisft_rows] == [row["input_ids"] for row in trl_rows]
     for ours, theirs in zip(minisft_rows, trl_rows):
         check_row(ours, MAX_LENGTH)
-        starts = {index for index, position in enumerate(ours["position_ids"]) if position == 0}
+        starts = {index for index, position in enumerate(positions(ours)) if position == 0}
         differ = {index for index, (a, b) in enumerate(zip(ours["labels"], theirs["labels"])) if a != b}
         assert differ <= starts
     # and packed globally, the stream is the same one
@@ -242,7 +248,7 @@ def test_padding_free_row_matches_trl_collator():
     row = padding_free_row(examples)
     assert batch["input_ids"][0].tolist() == row["input_ids"]
     assert batch["labels"][0].tolist() == row["labels"]
-    assert batch["position_ids"][0].tolist() == row["position_ids"]
+    assert batch["position_ids"][0].tolist() == positions(row)
     assert batch["cu_seq_lens_q"].diff().tolist() == row["seq_lengths"]
 
 
@@ -442,8 +448,9 @@ def test_collate_rows(pad_to_multiple_of):
         pad = width - len(row["input_ids"])
         assert batch["input_ids"][index].tolist() == row["input_ids"] + [7] * pad
         assert batch["labels"][index].tolist() == row["labels"] + [IGNORE] * pad
-        # positions: the row's own, then the padding counting from 0 as a sequence of its own
-        assert batch["position_ids"][index].tolist() == row["position_ids"] + list(range(pad))
+        # positions: restarting in each sequence, then the padding counting from 0 as a sequence of its own
+        expected = [offset for length in row["seq_lengths"] for offset in range(length)]
+        assert batch["position_ids"][index].tolist() == expected + list(range(pad))
         documents = [d for d, length in enumerate(row["seq_lengths"]) for _ in range(length)]
         padding_document = [len(row["seq_lengths"])] * pad
         assert batch["document_ids"][index].tolist() == documents + padding_document
@@ -464,7 +471,8 @@ def test_make_row_and_padding_free_row():
     assert row == make_row([(e["input_ids"], e["labels"]) for e in examples])
     assert row["input_ids"] == [t for e in examples for t in e["input_ids"]]
     assert row["seq_lengths"] == [4, 1, 3]
-    assert row["position_ids"] == [0, 1, 2, 3, 0, 0, 1, 2]
+    assert set(row) == {"input_ids", "labels", "seq_lengths"}  # positions are the collator's alone
+    assert positions(row) == [0, 1, 2, 3, 0, 0, 1, 2]
     expected_labels = [IGNORE] + examples[0]["labels"][1:] + [IGNORE] + [IGNORE] + examples[2]["labels"][1:]
     assert row["labels"] == expected_labels
     assert examples[0]["labels"][0] != IGNORE  # the inputs are not modified

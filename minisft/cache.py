@@ -1,0 +1,137 @@
+"""The preparation cache: a prepared dataset is kept under a fingerprint of everything it depends on.
+
+Preparing a large dataset (tokenizing every conversation) takes minutes; a run, a resume and
+an `inspect` of the same data with the same flags would each redo it. Instead the storage
+(minisft/storage.py) is kept in `--cache_dir` (default $MINISFT_CACHE/prepared), in a folder
+named by a sha256 of:
+
+- each data file: its resolved path, size and modification time, and for a file up to 64 MiB
+  its content too (a file rewritten within one tick of the file system's clock keeps its
+  mtime; reading 64 MiB takes a tenth of a second, a warm run's budget allows it);
+- the tokenizer: its whole vocabulary and merges (the fast tokenizer's JSON), its added and
+  special tokens, and the chat template it will render with;
+- every flag that changes the prepared tokens: DATA_FLAGS below, and whether each split is
+  packed (a packed split is truncated by the packer, not here);
+- PREPARATION_FORMAT, raised whenever preparation's output changes for the same inputs.
+
+A second run with the same inputs finds the folder and maps it; any change gives another
+fingerprint, hence another folder, prepared afresh. Packing plans are kept inside the folder,
+one per strategy and max_length (packing.py).
+
+A folder is written under a temporary name and renamed when complete. A rename is atomic, so
+the fingerprint's folder is either absent or whole; a preparation interrupted half-way leaves
+only a `.partial-*` folder, which is never read (and is removed by the next preparation of the
+same fingerprint, once the process that wrote it is gone).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from .config import DataConfig, PackingConfig
+from .models import cache_root
+
+PREPARATION_FORMAT = 1
+CONTENT_HASHED_BELOW = 64 << 20  # bytes
+# The DataConfig fields that change what preparation writes. The others (the dataset's name, the pad
+# token, the cache itself, the number of processes) do not: the files are fingerprinted instead of
+# the name, padding happens in batches, and workers give the same output as one process.
+DATA_FLAGS = (
+    "dataset_config",
+    "dataset_train_split",
+    "dataset_test_split",
+    "eval_split_size",
+    "dataset_text_field",
+    "max_length",
+    "completion_only_loss",
+    "assistant_only_loss",
+    "response_template",
+    "instruction_template",
+    "eos_token",
+)
+OFF = ("none", "")
+
+
+def cache_folder(cache_dir: str | None) -> Path | None:
+    """Where prepared datasets are kept: --cache_dir, else $MINISFT_CACHE/prepared; None when it is off."""
+    if cache_dir is None:
+        return cache_root() / "prepared"
+    return None if cache_dir.strip().lower() in OFF else Path(cache_dir)
+
+
+def file_identity(path: Path) -> dict:
+    status = path.stat()
+    identity = {"path": str(path.resolve()), "size": status.st_size, "mtime_ns": status.st_mtime_ns}
+    if status.st_size <= CONTENT_HASHED_BELOW:
+        identity["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return identity
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """A hash of what decides the tokenizer's ids: its vocabulary, merges, added tokens and chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    described = {
+        "vocabulary": hashlib.sha256(vocabulary.encode()).hexdigest(),
+        "special_tokens": tokenizer.special_tokens_map,
+        "size": len(tokenizer),
+        "chat_template": tokenizer.chat_template,
+        "class": type(tokenizer).__name__,
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fingerprint(files: list[Path], tokenizer, config: DataConfig, packing: PackingConfig) -> str:
+    settings = {flag: getattr(config, flag) for flag in DATA_FLAGS}
+    if config.eval_split_size:  # the seed picks the held-out rows; otherwise it only shuffles training
+        settings["seed"] = config.seed
+    described = {
+        "format": PREPARATION_FORMAT,
+        "files": [file_identity(file) for file in files],
+        "tokenizer": tokenizer_identity(tokenizer),
+        "settings": settings,
+        "packed": {split: packing.packs(split) for split in ("train", "eval")},
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def complete(root: Path, key: str) -> Path | None:
+    """The folder of a finished preparation with this fingerprint, if there is one."""
+    folder = root / key
+    return folder if folder.is_dir() else None
+
+
+@contextmanager
+def building(root: Path, key: str):
+    """A scratch folder to write a preparation into; renamed to its fingerprint's name once the block ends well."""
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f".partial-{key}-*"):  # left by an interrupted preparation of the same inputs
+        if not _running(int(stale.name.rsplit("-", 1)[1])):
+            shutil.rmtree(stale, ignore_errors=True)
+    partial = root / f".partial-{key}-{os.getpid()}"
+    partial.mkdir()
+    try:
+        yield partial
+        try:
+            os.rename(partial, root / key)
+        except OSError:  # another process finished the same preparation first: theirs is as good
+            shutil.rmtree(partial, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _running(pid: int) -> bool:
+    """Whether a process with this id exists (another preparation of the same inputs may be under way)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True

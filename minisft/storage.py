@@ -1,0 +1,208 @@
+"""Token storage: a prepared split as flat arrays on disk, memory-mapped, read one example at a time.
+
+Python lists cost about 40 bytes per token (a pointer and an int object), twice over for
+input_ids and labels. A million conversations (~200M tokens) would need ~16 GB that way. Here
+a split is a few flat arrays, and example i is the slice [offsets[i], offsets[i + 1]) of each:
+
+    input_ids.bin       uint16 when the vocabulary fits (SmolLM2: 49,152), else uint32
+    trained.bin         uint8, 1 where the token is trained: labels = input_ids there, -100 elsewhere
+      or labels.bin     int32, the labels themselves (pre-tokenized rows that bring their own)
+    offsets.bin         int64, one more than there are examples
+    origins.bin         UTF-8 "train.jsonl line 17" of every example, one after another,
+    origin_offsets.bin  int64, where each origin starts
+    meta.json           dtypes, counts, and the preparation's figures (prepare.PrepareStats)
+
+That is 3 bytes per token (6 with labels.bin). The arrays are numpy memmaps: the file's pages
+are mapped into memory, read from disk the first time an example touches them, and shared with
+the page cache, so opening a prepared split costs nothing and a process holds only the pages
+it reads. numpy is already a dependency, the format is the raw bytes (nanoGPT's train.bin), and
+a slice of a memmap is an array without a copy. Arrow (through `datasets`) would do the same
+with a schema, but adds ~80 MB and a second library to every run that reads a JSONL file.
+
+`TokenStorage` is a Sequence of {"input_ids": [...], "labels": [...]} dicts, built on demand,
+so the loop, the packer, the collators and `inspect` read it as they read a list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .masking import IGNORE_INDEX
+
+HASH_CHUNK = 1 << 24  # tokens per step when hashing: bounded memory for any split size
+
+
+class LazySequence(Sequence):
+    """A read-only sequence whose items are built on demand; a slice is a list. Equal to any equal sequence."""
+
+    def item(self, index: int):
+        raise NotImplementedError
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self.item(position) for position in range(*index.indices(len(self)))]
+        position = index + len(self) if index < 0 else index
+        if not 0 <= position < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        return self.item(position)
+
+    def __eq__(self, other):
+        return isinstance(other, Sequence) and len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # mutable-looking sequences (lists) are unhashable too
+
+
+class Origins(LazySequence):
+    """Where each example came from, decoded from one UTF-8 blob only when asked for."""
+
+    def __init__(self, blob: np.ndarray, offsets: np.ndarray):
+        self.blob, self.offsets = blob, offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def item(self, index: int) -> str:
+        return self.blob[self.offsets[index] : self.offsets[index + 1]].tobytes().decode("utf-8")
+
+
+class TokenStorage(LazySequence):
+    """A split's examples over flat arrays (see the module docstring); `folder` is None when it is not kept."""
+
+    def __init__(self, input_ids, offsets, trained=None, labels=None, folder: Path | None = None):
+        self.input_ids, self.offsets, self.trained, self.labels = input_ids, offsets, trained, labels
+        self.folder = folder
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def ids_between(self, start: int, end: int) -> np.ndarray:
+        return self.input_ids[start:end].astype(np.int64)
+
+    def labels_between(self, start: int, end: int) -> np.ndarray:
+        if self.labels is not None:
+            return self.labels[start:end].astype(np.int64)
+        return np.where(self.trained[start:end].astype(bool), self.ids_between(start, end), IGNORE_INDEX)
+
+    def item(self, index: int) -> dict:
+        start, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        return {"input_ids": self.ids_between(start, end).tolist(), "labels": self.labels_between(start, end).tolist()}
+
+    def fingerprint(self) -> str:
+        """sha256 of the lengths, ids and labels: equal for equal examples, however they are stored."""
+        digest = hashlib.sha256(self.lengths.astype(np.int64).tobytes())
+        for start in range(0, len(self.input_ids), HASH_CHUNK):
+            end = min(start + HASH_CHUNK, len(self.input_ids))
+            digest.update(self.ids_between(start, end).tobytes())
+            digest.update(self.labels_between(start, end).tobytes())
+        return digest.hexdigest()
+
+
+def id_dtype(largest_id: int) -> np.dtype:
+    """The smallest unsigned integer type that holds every id up to `largest_id`."""
+    return np.min_scalar_type(max(int(largest_id), 0))
+
+
+def from_examples(examples: Sequence[dict]) -> TokenStorage:
+    """Examples held as lists (tests, the Python API) as a TokenStorage in memory; a TokenStorage as it is."""
+    if isinstance(examples, TokenStorage):
+        return examples
+    lengths = np.array([len(example["input_ids"]) for example in examples], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    flat = lambda key: np.fromiter(  # noqa: E731
+        (token for example in examples for token in example[key]), dtype=np.int64, count=int(offsets[-1])
+    )
+    input_ids, labels = flat("input_ids"), flat("labels")
+    trained = labels != IGNORE_INDEX
+    if np.array_equal(labels[trained], input_ids[trained]):
+        return TokenStorage(input_ids, offsets, trained=trained)
+    return TokenStorage(input_ids, offsets, labels=labels)
+
+
+class StorageWriter:
+    """Appends encoded batches to the files of one split, in order; `finish` maps them back for reading."""
+
+    def __init__(self, folder: Path, dtype: np.dtype, own_labels: bool):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.dtype, self.own_labels = folder, np.dtype(dtype), own_labels
+        names = ("input_ids", "labels" if own_labels else "trained", "origins")
+        self.files = {name: open(folder / f"{name}.bin", "wb") for name in names}
+        self.lengths: list[np.ndarray] = []
+        self.origin_lengths: list[int] = []
+
+    def append(self, input_ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray, origins: list[str]) -> None:
+        """One batch: its examples' ids and labels laid end to end, each example's length, and their origins."""
+        self.files["input_ids"].write(input_ids.astype(self.dtype).tobytes())
+        if self.own_labels:
+            self.files["labels"].write(labels.astype(np.int32).tobytes())
+        else:
+            self.files["trained"].write((labels != IGNORE_INDEX).astype(np.uint8).tobytes())
+        encoded = [origin.encode("utf-8") for origin in origins]
+        self.files["origins"].write(b"".join(encoded))
+        self.origin_lengths.extend(len(origin) for origin in encoded)
+        self.lengths.append(lengths.astype(np.int64))
+
+    def finish(self, meta: dict) -> None:
+        """Close the files and write the offsets and meta.json (the split's figures go in `meta`)."""
+        for file in self.files.values():
+            file.close()
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int64)
+        offsets_of = lambda sizes: np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)  # noqa: E731
+        offsets_of(lengths).tofile(self.folder / "offsets.bin")
+        offsets_of(np.array(self.origin_lengths, dtype=np.int64)).tofile(self.folder / "origin_offsets.bin")
+        layout = {"dtype": self.dtype.name, "own_labels": self.own_labels, "examples": len(lengths)}
+        (self.folder / "meta.json").write_text(json.dumps({**meta, **layout}), encoding="utf-8")
+
+
+def _mapped(path: Path, dtype) -> np.ndarray:
+    # np.memmap refuses an empty file; an empty split is an empty array.
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def open_storage(folder: Path) -> tuple[TokenStorage, Origins, dict]:
+    """A split written by StorageWriter: its examples, their origins, and its meta.json."""
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    labels_file = ("labels", np.int32) if meta["own_labels"] else ("trained", np.uint8)
+    arrays = {
+        name: _mapped(folder / f"{name}.bin", dtype)
+        for name, dtype in (
+            ("input_ids", meta["dtype"]),
+            labels_file,
+            ("offsets", np.int64),
+            ("origins", np.uint8),
+            ("origin_offsets", np.int64),
+        )
+    }
+    storage = TokenStorage(
+        arrays["input_ids"],
+        arrays["offsets"],
+        trained=arrays.get("trained"),
+        labels=arrays.get("labels"),
+        folder=folder,
+    )
+    return storage, Origins(arrays["origins"], arrays["origin_offsets"]), meta
+
+
+def open_unkept(folder: Path) -> tuple[TokenStorage, Origins, dict]:
+    """Open a split written to a scratch folder, then delete the folder: the mappings keep the data (POSIX keeps
+    an unlinked file's pages while a mapping holds them), and nothing is left on disk when the process ends."""
+    storage, origins, meta = open_storage(folder)
+    storage.folder = None
+    shutil.rmtree(folder, ignore_errors=True)
+    return storage, origins, meta
+
+
+def scratch_folder() -> Path:
+    return Path(tempfile.mkdtemp(prefix="minisft-prepare-"))
