@@ -67,7 +67,7 @@ def attention(implementation: str, model_dir: str, device: str, work: Path) -> d
     """Packed rows against examples alone, then a short training run, with one attention implementation."""
     import torch
 
-    from minisft.attention import packed_model_inputs, use_sdpa_by_example
+    from minisft.attention import packed_inputs, use_sdpa_by_example
     from minisft.cli import demo_dataset_path
     from minisft.config import DataConfig, LoraConfig, ModelConfig, PackingConfig, TrainingConfig
     from minisft.loop import RunConfig, train
@@ -84,7 +84,7 @@ def attention(implementation: str, model_dir: str, device: str, work: Path) -> d
         torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     )
     with torch.no_grad(), autocast:
-        packed = model(**packed_model_inputs(inputs, implementation)).logits[0].float()
+        packed = model(**packed_inputs(inputs, model)[0]).logits[0].float()
         gap, start = 0.0, 0
         for ids in examples:
             alone = model(input_ids=torch.tensor([ids], device=device)).logits[0].float()

@@ -14,15 +14,15 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from minisft.attention import flatten_rows, packed_model_inputs, use_sdpa_by_example
+from minisft.attention import packed_inputs, use_sdpa_by_example
 from minisft.cli import demo_dataset_path
 from minisft.config import DataConfig, LoraConfig, PackingConfig, TrainingConfig
 from minisft.data import load_splits
 from minisft.formatting import format_example, resolve_eos_token
 from minisft.inspect import render_tokens
 from minisft.loop import RunConfig, train
-from minisft.lora import LoraSettings, inject_lora
-from minisft.loss import causal_lm_losses
+from minisft.lora import LoraSettings, head_matrix, inject_lora
+from minisft.loss import token_losses
 from minisft.models import load_model, load_tokenizer
 from minisft.packing import collate_rows, pack
 from minisft.prepare import prepare_dataset
@@ -69,9 +69,9 @@ def main() -> None:
     demo = load_splits(demo_dataset_path()).train
     demo_prepared = prepare_dataset(demo, tokenizer, DataConfig(assistant_only_loss=True), truncate=False)
     packed = pack(demo_prepared.examples, max_length=256)
-    table = Table("row", "examples (seq_lengths)", "tokens", "position_ids")
+    table = Table("row", "examples (seq_lengths)", "tokens", "position_ids (the collator's)")
     for index, row in enumerate(packed.rows):
-        positions = row["position_ids"]
+        positions = collate_rows([row], tokenizer.pad_token_id)["position_ids"][0].tolist()
         table.add_row(
             str(index), str(row["seq_lengths"]), str(len(row["input_ids"])), f"{positions[:5]} … {positions[-3:]}"
         )
@@ -90,15 +90,20 @@ def main() -> None:
     stage("6. attention boundaries (minisft/attention.py): each packed example attends only to itself")
     use_sdpa_by_example(model)  # sdpa runs once per example of a row, as the loop sets it up
     batch = collate_rows(packed.rows[:1], tokenizer.pad_token_id)
-    inputs = packed_model_inputs(batch, "sdpa")  # the row laid flat, and where each example starts
+    inputs, labels = packed_inputs(batch, model)  # the row laid flat, where each example starts, and its labels
     console.print(
         f"row 0 holds examples of {batch['seq_lengths'][0]} tokens: cu_seq_lens {inputs['cu_seq_lens_q'].tolist()}, "
         f"position_ids restart at each: {inputs['position_ids'][0, :8].tolist()} …"
     )
 
     stage("7. loss (minisft/loss.py): cross-entropy on the trained tokens of that packed batch")
+
+    def losses_of(inputs: dict, labels: torch.Tensor):  # as the loop's model_losses: the backbone, then the loss
+        hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
+        return token_losses(hidden, labels, head_matrix(model))
+
     with torch.no_grad():
-        losses = causal_lm_losses(model, inputs, flatten_rows(batch)["labels"])
+        losses = losses_of(inputs, labels)
     console.print(
         f"sum of token losses {float(losses.loss_sum):.2f} over {losses.tokens} trained tokens "
         f"= loss {float(losses.loss_sum) / losses.tokens:.3f}"
@@ -107,7 +112,7 @@ def main() -> None:
     for length in batch["seq_lengths"][0]:
         ids, labels = batch["input_ids"][:, start : start + length], batch["labels"][:, start : start + length]
         with torch.no_grad():
-            alone += float(causal_lm_losses(model, {"input_ids": ids}, labels).loss_sum)
+            alone += float(losses_of({"input_ids": ids}, labels).loss_sum)
         start += length
     console.print(f"the same examples run one by one: sum of token losses {alone:.2f}")
 

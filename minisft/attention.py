@@ -43,9 +43,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
 SUPPORTED = ("sdpa", "eager", "flex_attention", *FLASH_IMPLEMENTATIONS)
-# Implementations whose packed rows are laid end to end as one row (labels too: see flatten_rows).
-FLATTENED = ("sdpa", *FLASH_IMPLEMENTATIONS)
 SDPA_BY_EXAMPLE = "sdpa_by_example"
+# Implementations whose packed rows are laid end to end as one row (labels too: see flatten_rows).
+FLATTENED = (SDPA_BY_EXAMPLE, *FLASH_IMPLEMENTATIONS)
 
 
 def sdpa_by_example(module, query, key, value, attention_mask, **kwargs):
@@ -66,14 +66,15 @@ def sdpa_by_example(module, query, key, value, attention_mask, **kwargs):
     return torch.cat(outputs, dim=1), None  # (1, tokens, heads, head_dim), as transformers' sdpa returns
 
 
-# Registered under its own name, so transformers' "sdpa" stays as it is for every other model in the process.
-# The masks transformers builds for it are sdpa's; a packed row's mask goes unused (the examples are cut apart).
-AttentionInterface.register(SDPA_BY_EXAMPLE, sdpa_by_example)
-AttentionMaskInterface.register(SDPA_BY_EXAMPLE, sdpa_mask)
-
-
 def use_sdpa_by_example(model) -> None:
-    """Switch a model loaded with attn_implementation="sdpa" to sdpa_by_example (same results, less work packed)."""
+    """Switch a model loaded with attn_implementation="sdpa" to sdpa_by_example (same results, less work packed).
+
+    Registered under its own name when first asked for, so transformers' "sdpa" stays as it is for
+    every other model in the process. The masks transformers builds for it are sdpa's; a packed row's
+    mask goes unused (the examples are cut apart).
+    """
+    AttentionInterface.register(SDPA_BY_EXAMPLE, sdpa_by_example)
+    AttentionMaskInterface.register(SDPA_BY_EXAMPLE, sdpa_mask)
     if model.config._attn_implementation == "sdpa":
         model.set_attn_implementation(SDPA_BY_EXAMPLE)
 
@@ -96,37 +97,39 @@ def flex_block_mask(document_ids: torch.Tensor):
     return create_block_mask(allowed, batch, None, length, length, device=document_ids.device)
 
 
-def packed_model_inputs(batch: dict, attn_implementation: str, dtype: torch.dtype = torch.float32) -> dict:
-    """The keyword arguments of model(...) for a batch of packed rows (packing.collate_rows).
+def packed_inputs(batch: dict, model) -> tuple[dict, torch.Tensor]:
+    """The keyword arguments of model(...) for a batch of packed rows (packing.collate_rows), and its labels.
 
-    For sdpa the model must run sdpa_by_example (use_sdpa_by_example): transformers' own sdpa ignores
-    cu_seq_lens and finds the examples from the restarted position_ids only when use_cache=False.
+    The boundaries take the form the model's attention implementation reads. Flattened implementations
+    take the batch's rows laid end to end as one row, so the labels are laid out the same way.
     """
-    if attn_implementation in FLATTENED:
-        return varlen_inputs(batch)
+    implementation = model.config._attn_implementation
+    if implementation == "sdpa":  # transformers' own sdpa would ignore cu_seq_lens
+        raise ValueError("packed rows under sdpa: call use_sdpa_by_example(model) once before the first batch")
+    if implementation in FLATTENED:
+        flat = flatten_rows(batch)
+        return varlen_inputs(flat, batch["seq_lengths"]), flat["labels"]
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     document_ids = batch["document_ids"]
-    if attn_implementation == "eager":
+    if implementation == "eager":
         allowed = block_causal_mask(document_ids)
-        inputs["attention_mask"] = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-    elif attn_implementation == "flex_attention":
+        inputs["attention_mask"] = torch.zeros(allowed.shape, dtype=model.dtype).masked_fill(
+            ~allowed, torch.finfo(model.dtype).min
+        )
+    elif implementation == "flex_attention":
         inputs["attention_mask"] = flex_block_mask(document_ids)
     else:
         raise ValueError(
             f"minisft does not know how to keep packed examples apart with attn_implementation="
-            f"{attn_implementation!r}; use one of {', '.join(SUPPORTED)}."
+            f"{implementation!r}; use one of {', '.join(SUPPORTED)}."
         )
-    return inputs
+    return inputs, batch["labels"]
 
 
-def varlen_inputs(batch: dict) -> dict:
-    """One flattened row and where its examples start (cu_seq_lens), for sdpa_by_example and flash varlen.
-
-    Both take a single row, so the rows of the batch (without their padding) are laid end to end;
-    the caller flattens labels the same way (see flatten_rows).
-    """
-    flat = flatten_rows(batch)
-    lengths = [length for row in batch["seq_lengths"] for length in row]
+def varlen_inputs(flat: dict, seq_lengths: list[list[int]]) -> dict:
+    """One flattened row (flatten_rows) and where its examples start (cu_seq_lens), for sdpa_by_example and
+    flash varlen, which both take a single row."""
+    lengths = [length for row in seq_lengths for length in row]
     counts = torch.tensor(lengths, dtype=torch.int32, device=flat["input_ids"].device)
     cumulative = torch.nn.functional.pad(torch.cumsum(counts, 0, dtype=torch.int32), (1, 0))
     longest = max(lengths)  # from the list: reading it off the device tensor would wait for the GPU

@@ -29,6 +29,7 @@ Only rank 0 prints, logs and writes files; every rank saves its own random state
 
 from __future__ import annotations
 
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -113,18 +114,70 @@ class Backbone(nn.Module):
         return self.model.base_model(**inputs)
 
 
-def wrap(model: nn.Module, processes: Processes, fsdp: bool) -> nn.Module | None:
-    """The backbone to call in the loop: None with one process, else a DDP- or FSDP2-wrapped Backbone."""
+@dataclass(frozen=True)
+class DataParallel:
+    """What the loop needs to know of the other processes, the same calls with one process or many.
+
+    mine(micro_batches)   this process's share of a step, with weights (0: a padding repeat)
+    sum(values)           element-wise sums over all processes (one all-reduce)
+    sync(last)            gradients communicated only after the step's last micro-batch
+    gradient_scale        N: DDP and FSDP average the N processes' gradients; × N makes it a sum
+    backbone(**inputs)    the forward pass to the last hidden states (wrapped under torchrun)
+    """
+
+    processes: Processes
+    backbone: nn.Module  # model.base_model, or a DDP- or FSDP2-wrapped Backbone
+    device: torch.device
+
+    @property
+    def gradient_scale(self) -> int:
+        return self.processes.world_size
+
+    def mine(self, micro_batches: list) -> list[tuple[list, float]]:
+        """This process's micro-batches of a step (every world_size-th), weight 1, padded with weight-0 repeats.
+
+        At the end of an epoch a step can have fewer micro-batches than processes × accumulation. Every
+        process must still run as many forward and backward passes as the others (the gradient
+        synchronisation waits for all of them), so a process short of data repeats one micro-batch
+        with its loss multiplied by 0: it adds nothing to the gradient and is not counted.
+        """
+        rank, world_size = self.processes.rank, self.processes.world_size
+        mine = micro_batches[rank::world_size]
+        padding = math.ceil(len(micro_batches) / world_size) - len(mine)
+        return [(batch, 1.0) for batch in mine] + [(micro_batches[0], 0.0)] * padding
+
+    def sum(self, values: list[float]) -> list[float]:
+        return sum_across(self.processes, values, self.device)
+
+    @contextmanager
+    def sync(self, last: bool):
+        """Accumulate without communicating on all micro-batches but the step's last one."""
+        if last or not self.processes.distributed:
+            yield
+        elif isinstance(self.backbone, nn.parallel.DistributedDataParallel):
+            with self.backbone.no_sync():
+                yield
+        else:  # FSDP2
+            self.backbone.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.backbone.set_requires_gradient_sync(True)
+
+
+def data_parallel(model: nn.Module, processes: Processes, fsdp: bool) -> DataParallel:
+    """One process: the model's own backbone. Under torchrun: the Backbone wrapped in DDP or FSDP2."""
+    device = device_of(processes)
     if not processes.distributed:
         if fsdp:
             raise DistributedError(
                 "--fsdp shards the model across processes: start it with torchrun --nproc_per_node N"
             )
-        return None
+        return DataParallel(processes, model.base_model, device)
     backbone = Backbone(model)
     if not fsdp:
         device_ids = [processes.local_rank] if torch.cuda.is_available() else None
-        return nn.parallel.DistributedDataParallel(backbone, device_ids=device_ids)
+        return DataParallel(processes, nn.parallel.DistributedDataParallel(backbone, device_ids=device_ids), device)
     from torch.distributed.fsdp import fully_shard
 
     layers = getattr(model.base_model, "layers", None)
@@ -133,23 +186,12 @@ def wrap(model: nn.Module, processes: Processes, fsdp: bool) -> nn.Module | None
         raise DistributedError(f"--fsdp: minisft shards the decoder layers in `model.layers`; {name} has none.")
     for layer in layers:
         fully_shard(layer)
-    return fully_shard(backbone)
+    return DataParallel(processes, fully_shard(backbone), device)
 
 
-@contextmanager
-def gradient_sync(backbone: nn.Module | None, sync: bool):
-    """Accumulate without communicating on all micro-batches but the step's last one."""
-    if backbone is None or sync:
-        yield
-    elif isinstance(backbone, nn.parallel.DistributedDataParallel):
-        with backbone.no_sync():
-            yield
-    else:  # FSDP2
-        backbone.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            backbone.set_requires_gradient_sync(True)
+def total_norm(norm: torch.Tensor) -> float:
+    """The gradient norm as a number; under FSDP clip_grad_norm_ returns it as a distributed tensor."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def full_state_dict(model: nn.Module, fsdp: bool) -> dict | None:

@@ -8,11 +8,14 @@ One optimizer step (train_step below; the benchmark calls the same function):
         loss.backward()                               gradients add up across micro-batches
     clip the gradient's total norm to max_grad_norm
     optimizer.step(); schedule.step(); zero the gradients
-    every logging_steps: log · every eval_steps: evaluate · every save_steps (or epoch): checkpoint
+
+and around the steps: every logging_steps a log line, every eval_steps an evaluation, every
+save_steps (or epoch) a checkpoint.
 
 Which examples a step sees is a pure function of (seed, step): each epoch is a seeded
 permutation of the training rows. That is what makes resuming exact. Under torchrun each
-process takes its share of every step's micro-batches (minisft/distributed.py).
+process takes its share of every step's micro-batches (minisft/distributed.py's DataParallel),
+and the loop reads the same with one process or many.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import random
 import resource
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +35,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .attention import FLATTENED, flatten_rows, packed_model_inputs, use_sdpa_by_example
+from .attention import packed_inputs, use_sdpa_by_example
 from .checkpoint import (
     WRITE_ERRORS,
     CheckpointError,
@@ -46,18 +50,21 @@ from .checkpoint import (
 )
 from .cli import demo_dataset_path
 from .config import ConfigError, DataConfig, LoraConfig, ModelConfig, PackingConfig, TrainingConfig
-from .distributed import Processes, barrier, device_of, full_state_dict, gradient_sync, start, sum_across, wrap
+from .distributed import DataParallel, Processes, barrier, data_parallel, device_of, full_state_dict, start, total_norm
 from .errors import UserError
 from .extras import check_run_packages
 from .lora import (
+    LoraSettings,
+    check_head,
     four_bit_quantization,
+    head_matrix,
     inject_lora,
     load_adapter,
     merged_model,
     read_adapter_settings,
     save_adapter,
 )
-from .loss import causal_lm_losses, check_head, count_trained_tokens_of
+from .loss import TokenLosses, count_trained_tokens_of, token_losses
 from .models import fit_embeddings_to_tokenizer, load_model, load_tokenizer
 from .neftune import add_neftune_noise
 from .optim import build_optimizer, build_schedule, warmup_steps
@@ -93,9 +100,272 @@ class TrainResult:
 
 def train(config: RunConfig, console: Console | None = None) -> TrainResult:
     processes = start()  # one process, or this process's place among torchrun's
-    console = console or Console(stderr=True)
-    if not processes.is_main:
-        console = Console(quiet=True)  # only rank 0 speaks
+    console = (console or Console(stderr=True)) if processes.is_main else Console(quiet=True)  # rank 0 speaks
+    check_flags(config, processes)
+    args = config.training
+    output_dir, resume_from = open_output_dir(args, processes)
+    random.seed(config.data.seed)
+    torch.manual_seed(config.data.seed)
+
+    # 1. Data: raw rows → canonical examples → input_ids and labels → packed rows or examples.
+    tokenizer = load_tokenizer(config.model.model_name_or_path, trust_remote_code=config.model.trust_remote_code)
+    train_units, eval_units = prepare_data(config, tokenizer, processes, console)
+    # Hashing the data takes seconds on a large dataset: done once, and only for a checkpoint read or written.
+    order = functools.cache(functools.partial(data_order, config, train_units))
+    resumed = resume_state(resume_from, processes, order, args.ignore_data_order_mismatch, console)
+
+    # 2. Model: load, grow the embeddings if the tokenizer grew, LoRA, memory savers; wrapped under torchrun.
+    device = device_of(processes)
+    model, lora_settings = prepare_model(config, tokenizer, device, console)
+    parallel = data_parallel(model, processes, args.fsdp)
+    autocast = mixed_precision(args.bf16, args.fp16, device, config.model.resolved_dtype())
+    # fp16: the loss is multiplied by a scale before backward and the gradients divided by it before clipping;
+    # a step whose gradients overflowed is skipped and the scale halved. Disabled, the scaler does nothing.
+    scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)
+
+    # 3. How the run is cut into steps (each covers world_size × batch × accumulation units), and the optimizer.
+    steps_per_epoch, total_steps = count_steps(len(train_units), args, processes.world_size)
+    optimizer = build_optimizer(
+        model, args.optim, args.learning_rate, args.weight_decay, (args.adam_beta1, args.adam_beta2), args.adam_epsilon
+    )
+    warmup = warmup_steps(total_steps, args.warmup_steps, args.warmup_ratio)
+    schedule = build_schedule(optimizer, args.lr_scheduler_type, warmup, total_steps, args.lr_scheduler_kwargs)
+    console.print(run_line(config, output_dir, processes, total_steps, warmup, model, device, autocast))
+    if resume_from is not None:
+        load_checkpoint(resume_from, model, optimizer, schedule, lora_settings, processes)
+        console.print(f"resumed from {resume_from} at step {resumed['step']}")
+
+    # 4. The steps. From here on Ctrl-C, SIGTERM and SIGUSR1 stop the run cleanly (minisft/stopping.py).
+    collate_fn = functools.partial(
+        collate, model=model, pad_token_id=tokenizer.pad_token_id, padding_free=args.padding_free,
+        pad_to_multiple_of=args.pad_to_multiple_of, device=device,
+    )  # fmt: skip
+    in_output_dir = resume_from is not None and resume_from.resolve().parent == output_dir.resolve()
+    run = Run(
+        model, optimizer, schedule, scaler, autocast, parallel, collate_fn, train_units, eval_units,
+        steps_per_epoch, total_steps, output_dir, lora_settings, config.model.model_name_or_path, config.data.seed,
+        order, completed=resumed["step"], saved=resume_from if in_output_dir else None,
+        interval=Interval(resumed.get("num_tokens", 0)),
+    )  # fmt: skip
+    metrics_log = open_metrics_log(config, output_dir, run.completed) if processes.is_main else None
+    with stop_requests(one_process=not processes.distributed, speak=processes.is_main) as stop:
+        last_metrics, stopped = run_steps(run, args, stop, metrics_log, console)
+        if stopped:
+            # Still inside stop_requests: a second SIGTERM (torchrun forwards the one SLURM sent) cannot cut this.
+            path = run.saved if run.saved and run.saved.name == f"checkpoint-{run.completed}" else save(run, args)
+            console.print(
+                f"{stop.signal or 'a stop request'}: stopped after step {run.completed}, saved in {path}. "
+                "Continue with --resume_from_checkpoint true."
+            )
+            return TrainResult(output_dir, run.completed, last_metrics, interrupted=True)
+
+        # 5. Outputs: an HF-format model (or a peft adapter), the tokenizer with its chat template.
+        merged_dir = write_outputs(model, tokenizer, output_dir, lora_settings, config, console, processes)
+    return TrainResult(output_dir, run.completed, last_metrics, merged_dir)
+
+
+# ----------------------------------------------------------------------------- the steps
+
+
+@dataclass
+class Run:
+    """A run once set up: what its steps use and change, and what a checkpoint of them holds."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    autocast: Callable
+    parallel: DataParallel
+    collate: Callable[[list[dict]], dict]  # units → {"inputs", "labels"} on the device
+    train_units: Sequence[dict]
+    eval_units: Sequence[dict] | None
+    steps_per_epoch: int
+    total_steps: int
+    output_dir: Path
+    lora_settings: LoraSettings | None
+    base_name: str
+    seed: int
+    data_order: Callable[[], dict]
+    completed: int = 0  # steps done
+    saved: Path | None = None  # the checkpoint of step `completed`, if there is one
+    interval: Interval = None  # the figures since the last log line
+
+
+def run_steps(run: Run, args: TrainingConfig, stop, metrics_log, console: Console) -> tuple[dict, bool]:
+    """The steps from run.completed to run.total_steps, with logs, evaluations and checkpoints between them.
+
+    Returns the last logged figures, and whether a stop request (or a second Ctrl-C) ended the run early.
+    """
+    last_metrics: dict = {}
+    progress = progress_bar(console)
+    try:
+        with progress:
+            task = progress.add_task("training", total=run.total_steps, completed=run.completed, figures="")
+            if args.eval_on_start:  # a check that evaluation works before any time goes into training
+                log(run, metrics_log, {**epoch_record(run), "eval_loss": evaluate(run, args)}, last_metrics)
+            for step in range(run.completed, run.total_steps):
+                indices = micro_batches_of_step(
+                    step, len(run.train_units), args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                    run.steps_per_epoch, run.seed, run.parallel.processes.world_size,
+                )  # fmt: skip
+                micro_batches = [
+                    ([run.train_units[i] for i in batch], weight) for batch, weight in run.parallel.mine(indices)
+                ]
+                # Counted from the label lists: each micro-batch is collated only just before its forward pass.
+                local_tokens = sum(count_trained_tokens_of(units) for units, weight in micro_batches if weight)
+                # The stop requests travel in the step's token all-reduce: every process sees the same sum,
+                # so all stop before the same step, even if only one of them got the signal.
+                step_tokens, stop_votes = run.parallel.sum([local_tokens, float(stop.signal is not None)])
+                if stop_votes:
+                    return last_metrics, True
+                learning_rate = run.optimizer.param_groups[0]["lr"]
+                figures = checked_step(run, micro_batches, step_tokens, args.max_grad_norm, stop, console, step)
+                run.completed = step + 1
+                run.interval.add_step(*figures, step_tokens, learning_rate)
+                record = run.interval.figures(epoch_record(run), run.parallel.device) if logging_due(
+                    args, run.completed, run.total_steps
+                ) else {}  # fmt: skip
+                if evaluation_due(args, run.completed, run.steps_per_epoch, run.total_steps) and run.eval_units:
+                    record.update({**epoch_record(run), "eval_loss": evaluate(run, args)})
+                if record:
+                    log(run, metrics_log, record, last_metrics)
+                    progress.update(task, figures=progress_figures(last_metrics))
+                if save_due(args, run.completed, run.steps_per_epoch, run.total_steps):
+                    run.saved = save(run, args)
+                progress.update(task, completed=run.completed)
+    except KeyboardInterrupt:  # a second Ctrl-C (one process): the step under way is abandoned
+        run.optimizer.zero_grad(set_to_none=True)
+        return last_metrics, True
+    finally:
+        if metrics_log is not None:
+            metrics_log.close()
+    return last_metrics, False
+
+
+def checked_step(run: Run, micro_batches, step_tokens, max_grad_norm, stop, console, step: int) -> tuple:
+    """train_step, with a non-finite step turned into the user's error and fp16's overflows told."""
+    try:
+        loss, correct, entropy, grad_norm = train_step(
+            run.model, micro_batches, step_tokens, run.collate, run.optimizer, run.schedule, run.scaler,
+            run.autocast, max_grad_norm, run.parallel, passes=stop.abandonable,
+        )  # fmt: skip
+    except NonFiniteStep as error:
+        raise TrainingError(
+            f"The loss (or the gradient norm) is not finite at step {step + 1}: {error}. Nothing from this step "
+            f"was applied; the last good checkpoint stays in {run.output_dir}. Try a lower --learning_rate, or "
+            "--bf16 false."
+        ) from None
+    if not math.isfinite(grad_norm):
+        console.print(f"fp16: the gradients overflowed at step {step + 1}; skipped, scale lowered")
+    return loss, correct, entropy, grad_norm
+
+
+class NonFiniteStep(ArithmeticError):
+    """The step's loss or gradient norm is not finite (and not fp16's overflow, which the scaler handles)."""
+
+
+def train_step(
+    model, micro_batches, step_tokens, collate_fn, optimizer, schedule, scaler, autocast, max_grad_norm: float,
+    parallel: DataParallel, passes=nullcontext,
+) -> tuple[float, float, float, float]:  # fmt: skip
+    """One optimizer step:  loss = Σ token losses of the step's micro-batches / the step's trained tokens.
+
+    Each micro-batch (units, weight) is collated, run forward, and its share of that loss (its sum /
+    step_tokens, which counts every process's trained tokens) goes backward, so the gradients add up
+    to the whole step's. Then the gradient is clipped, the optimizer steps and the schedule moves on.
+    A weight is 1, or 0 for a padding micro-batch (DataParallel.mine); `passes` wraps the forward and
+    backward passes (a second Ctrl-C may cut them short). Returns the step's loss, correct predictions,
+    entropy sum and gradient norm, every process's together; the norm is inf when fp16's gradients
+    overflowed and the step was skipped.
+    """
+    scale = parallel.gradient_scale / max(step_tokens, 1)  # DDP and FSDP average over processes: × N is a sum
+    model.train()
+    figures = torch.zeros(3, dtype=torch.float64)  # this process's loss sum, correct, entropy
+    with passes():
+        for index, (units, weight) in enumerate(micro_batches):
+            batch = collate_fn(units)  # just before its forward: memory does not grow with accumulation
+            with parallel.sync(last=index == len(micro_batches) - 1), autocast():
+                losses = model_losses(model, batch, parallel)
+            scaler.scale(losses.loss_sum * (scale * weight)).backward()
+            if weight:
+                figures += torch.tensor([float(losses.loss_sum.detach()), losses.correct, losses.entropy_sum])
+    loss_sum, correct, entropy = parallel.sum(figures.tolist())
+    step_loss = loss_sum / max(step_tokens, 1)
+    scaler.unscale_(optimizer)  # the true gradients, before they are clipped (fp16; otherwise nothing)
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm if max_grad_norm > 0 else math.inf))
+    overflowed = scaler.is_enabled() and math.isfinite(step_loss) and not math.isfinite(grad_norm)
+    if not overflowed and not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+        raise NonFiniteStep(f"loss {step_loss}, gradient norm {grad_norm}")
+    scaler.step(optimizer)  # optimizer.step(), unless fp16's gradients overflowed
+    scaler.update()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, correct, entropy, grad_norm
+
+
+def model_losses(model, batch: dict, parallel: DataParallel) -> TokenLosses:
+    """The forward pass to the last hidden states, then the loss: the head runs inside it (minisft/loss.py)."""
+    hidden = parallel.backbone(**batch["inputs"], use_cache=False).last_hidden_state
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    return token_losses(hidden, batch["labels"], head_matrix(model), softcap)
+
+
+@torch.no_grad()
+def evaluate(run: Run, args: TrainingConfig) -> float:
+    """Σ token losses / trained tokens over the whole eval split (each process takes every world_size-th batch).
+
+    No gradients: the loss is the plain formula (loss.plain_losses), not the fused one that computes them.
+    """
+    run.model.eval()
+    size, units = args.per_device_eval_batch_size, run.eval_units
+    batches = [list(range(start, min(start + size, len(units)))) for start in range(0, len(units), size)]
+    loss_sum, tokens = 0.0, 0
+    for indices, weight in run.parallel.mine(batches):
+        with run.autocast():
+            losses = model_losses(run.model, run.collate([units[index] for index in indices]), run.parallel)
+        loss_sum += float(losses.loss_sum) * weight
+        tokens += losses.tokens * weight
+    loss_sum, tokens = run.parallel.sum([loss_sum, tokens])
+    return loss_sum / max(tokens, 1)
+
+
+def save(run: Run, args: TrainingConfig) -> Path:
+    """checkpoint-{completed}: the weights (or adapter), optimizer, schedule, random states and trainer state."""
+    processes = run.parallel.processes
+    state = {
+        "step": run.completed,
+        "epoch": run.completed / run.steps_per_epoch,
+        "seed": run.seed,
+        "world_size": processes.world_size,
+        "num_tokens": run.interval.total_tokens + run.interval.tokens,  # the trained tokens of all steps so far
+        "data_order": run.data_order(),
+    }
+    path = save_checkpoint(
+        run.output_dir, run.completed, run.model, run.optimizer, run.schedule, state, run.lora_settings,
+        run.base_name, processes,
+    )  # fmt: skip
+    if processes.is_main:
+        prune(run.output_dir, args.save_total_limit, current=path)
+    return path
+
+
+def epoch_record(run: Run) -> dict:
+    return {"step": run.completed, "epoch": round(run.completed / run.steps_per_epoch, 4)}
+
+
+def log(run: Run, metrics_log: MetricsLog | None, record: dict, last_metrics: dict) -> None:
+    if metrics_log is not None:  # rank 0
+        metrics_log.write(record)
+        last_metrics.update(record)
+
+
+# ----------------------------------------------------------------------------- setting up
+
+
+def check_flags(config: RunConfig, processes: Processes) -> None:
+    """Flag combinations that cannot work, refused before any work starts."""
     args = config.training
     if args.output_dir is None and (args.resume_from_checkpoint or processes.distributed):
         raise ConfigError("--resume_from_checkpoint and torchrun runs need an explicit --output_dir.")
@@ -117,6 +387,10 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
             f"on the CPU (torch {torch.__version__}); use sdpa (the default) or eager."
         )
     check_run_packages(config.model.attn_implementation, args.report_to, args.optim, config.lora.load_in_4bit)
+
+
+def open_output_dir(args: TrainingConfig, processes: Processes) -> tuple[Path, Path | None]:
+    """The run's folder, checked (and cleared with --overwrite_output_dir), and the checkpoint to resume from."""
     output_dir = Path(args.output_dir or time.strftime("outputs/run-%Y%m%d-%H%M%S"))
     resume_from = resolve_resume(output_dir, args.resume_from_checkpoint)
     check_output_dir(output_dir, args.overwrite_output_dir, resuming=resume_from is not None)
@@ -124,13 +398,19 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
     if processes.is_main:
         prepare_output_dir(output_dir, args.overwrite_output_dir, resuming=resume_from is not None)
     barrier(processes)
-    seed = config.data.seed
-    random.seed(seed)
-    torch.manual_seed(seed)
+    return output_dir, resume_from
 
-    # 1. Data: raw rows → canonical examples → input_ids and labels → packed rows or examples.
-    tokenizer = load_tokenizer(config.model.model_name_or_path, trust_remote_code=config.model.trust_remote_code)
+
+def prepare_data(config: RunConfig, tokenizer, processes: Processes, console) -> tuple[Sequence, Sequence | None]:
+    """The train and eval units (packed rows, or examples), with the counts of what preparation did."""
+    args = config.training
+    # Under torchrun rank 0 prepares first and the others then find its preparation in the cache.
+    if not processes.is_main:
+        barrier(processes)
     splits = load_and_prepare(config.data.dataset_name or demo_dataset_path(), tokenizer, config.data, config.packing)
+    if processes.is_main:
+        barrier(processes)
+    console.print(splits.cache_note, highlight=False)  # whether the preparation was reused (minisft/cache.py)
     if (args.eval_strategy != "no" or args.eval_on_start) and splits.eval is None:
         asked = f"--eval_strategy {args.eval_strategy}" if args.eval_strategy != "no" else "--eval_on_start"
         raise ConfigError(
@@ -140,8 +420,15 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
     pad_note = setup_pad_token(tokenizer, config.data.pad_token)  # before any batch: the tokenizer may have none
     if pad_note:
         console.print(pad_note)
-    train_units = units_for(splits.train.examples, config, "train", console)
-    eval_units = units_for(splits.eval.examples, config, "eval", console) if splits.eval else None
+    max_length, strategy = config.data.max_length, config.packing.packing_strategy
+    train_units = units_for(
+        splits.train.examples, max_length, strategy, config.packing.packs("train"), "train", console
+    )
+    eval_units = None
+    if splits.eval:
+        eval_units = units_for(
+            splits.eval.examples, max_length, strategy, config.packing.packs("eval"), "eval", console
+        )
     stats = splits.train.stats
     console.print(
         f"data: {stats.examples:,} train examples, {stats.trained_tokens:,} trained tokens "
@@ -154,19 +441,23 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
     )
     if stats.completion_mask_unused:  # TRL's default for pre-tokenized rows: every token trained
         console.print("data: the rows' completion_mask is not applied; --completion_only_loss applies it")
-    # Hashing the data takes seconds on a large dataset (3.6 s for 36M tokens): done once, and only for a
-    # checkpoint read or written.
-    order = functools.cache(functools.partial(data_order, config, train_units))
-    resumed = {"step": 0}
-    if resume_from is not None:  # refused here, before the model loads, if this run cannot continue it
-        resumed, changes = check_resume(resume_from, processes, order(), args.ignore_data_order_mismatch)
-        if changes:
-            console.print(f"[yellow]warning:[/] --ignore_data_order_mismatch: resuming although {'; '.join(changes)}")
+    return train_units, eval_units
 
-    # 2. Model: load, grow the embeddings if the tokenizer grew, LoRA, memory savers.
-    device = device_of(processes)
-    lora = config.lora
-    dtype = DTYPES[config.model.resolved_dtype()]
+
+def resume_state(resume_from: Path | None, processes: Processes, order, ignore_mismatch: bool, console) -> dict:
+    """The trainer state to go on from ({"step": 0} for a new run), refused before the model loads if this
+    run cannot continue the checkpoint."""
+    if resume_from is None:
+        return {"step": 0}
+    resumed, changes = check_resume(resume_from, processes, order(), ignore_mismatch)
+    if changes:
+        console.print(f"[yellow]warning:[/] --ignore_data_order_mismatch: resuming although {'; '.join(changes)}")
+    return resumed
+
+
+def prepare_model(config: RunConfig, tokenizer, device: torch.device, console: Console):
+    """The model to train and its LoRA settings (None: full fine-tuning)."""
+    lora, dtype = config.lora, DTYPES[config.model.resolved_dtype()]
     quantization = (
         four_bit_quantization(
             dtype, lora.bnb_4bit_quant_type, lora.use_bnb_nested_quant, lora.bnb_4bit_quant_storage, device
@@ -188,167 +479,42 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
     use_sdpa_by_example(model)  # packed rows: one causal sdpa per example instead of a dense mask per row
     lora_settings = attach_lora(model, lora, console)
     check_head(model)
-    if args.gradient_checkpointing:
+    if config.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if args.neftune_noise_alpha is not None:
-        add_neftune_noise(model, args.neftune_noise_alpha)
-    autocast = mixed_precision(args.bf16, args.fp16, device, config.model.resolved_dtype())
-    # fp16: the loss is multiplied by a scale before backward and the gradients divided by it before clipping;
-    # a step whose gradients overflowed is skipped and the scale halved. Disabled, the scaler does nothing.
-    scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)
-    backbone = wrap(model, processes, args.fsdp)  # None with one process; DDP or FSDP2 under torchrun
+    if config.training.neftune_noise_alpha is not None:
+        add_neftune_noise(model, config.training.neftune_noise_alpha)
+    return model, lora_settings
 
-    # 3. How the run is cut into steps: each step covers world_size × batch × accumulation units.
-    micro_batches_per_epoch = math.ceil(len(train_units) / (args.per_device_train_batch_size * processes.world_size))
+
+def count_steps(unit_count: int, args: TrainingConfig, world_size: int) -> tuple[int, int]:
+    """(steps per epoch, total steps): --max_steps if set, else --num_train_epochs of them."""
+    micro_batches_per_epoch = math.ceil(unit_count / (args.per_device_train_batch_size * world_size))
     steps_per_epoch = math.ceil(micro_batches_per_epoch / args.gradient_accumulation_steps)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    return steps_per_epoch, total_steps
 
-    # 4. Optimizer and schedule.
-    optimizer = build_optimizer(
-        model, args.optim, args.learning_rate, args.weight_decay, (args.adam_beta1, args.adam_beta2), args.adam_epsilon
-    )
-    warmup = warmup_steps(total_steps, args.warmup_steps, args.warmup_ratio)
-    schedule = build_schedule(optimizer, args.lr_scheduler_type, warmup, total_steps, args.lr_scheduler_kwargs)
-    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    run_name = args.run_name or output_dir.name  # as transformers 4 defaulted it to output_dir
-    console.print(
-        f"run {run_name}: {total_steps} steps of {args.gradient_accumulation_steps} × "
-        f"{args.per_device_train_batch_size} "
-        f"{'rows' if config.packing.packs('train') else 'examples'}"
+
+def open_metrics_log(config: RunConfig, output_dir: Path, start_step: int) -> MetricsLog:
+    """metrics.jsonl, and the trackers of --report_to, which are given every flag of the run."""
+    flags = {name: value for part in vars(config).values() for name, value in vars(part).items()}
+    args = config.training
+    return MetricsLog(output_dir, start_step, args.report_to, args.run_name or output_dir.name, flags)
+
+
+def run_line(config: RunConfig, output_dir, processes, total_steps, warmup, model, device, autocast) -> str:
+    """The run's opening line: its shape, its schedule and its memory savers."""
+    args = config.training
+    trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    return (
+        f"run {args.run_name or output_dir.name}: {total_steps} steps of {args.gradient_accumulation_steps} × "
+        f"{args.per_device_train_batch_size} {'rows' if config.packing.packs('train') else 'examples'}"
         + (f" × {processes.world_size} processes ({'FSDP' if args.fsdp else 'DDP'})" if processes.distributed else "")
-        + f", {warmup} warmup, {args.lr_scheduler_type} "
-        f"schedule, {args.optim}, {sum(parameter.numel() for parameter in trainable):,} trainable parameters, "
+        + f", {warmup} warmup, {args.lr_scheduler_type} schedule, {args.optim}, {trainable:,} trainable parameters, "
         f"{device}{', fp16 autocast, gradient scaler' if args.fp16 else ''}"
         f"{', bf16 autocast' if autocast is not nullcontext and not args.fp16 else ''}, gradient checkpointing "
         f"{'on' if args.gradient_checkpointing else 'off'}"
         + (f", NEFTune noise alpha {args.neftune_noise_alpha:g}" if args.neftune_noise_alpha is not None else "")
     )
-
-    start_step = resumed["step"]
-    if resume_from is not None:
-        load_checkpoint(resume_from, model, optimizer, schedule, lora_settings, processes)
-        console.print(f"resumed from {resume_from} at step {start_step}")
-    flags = {name: value for part in vars(config).values() for name, value in vars(part).items()}  # for trackers
-    metrics_log = MetricsLog(output_dir, start_step, args.report_to, run_name, flags) if processes.is_main else None
-
-    # 5. The steps. From here on Ctrl-C, SIGTERM and SIGUSR1 stop the run cleanly (minisft/stopping.py).
-    def batch_for(units: list) -> dict:
-        return collate(units, config, tokenizer.pad_token_id, device)
-
-    def checkpoint_now() -> Path:
-        state = {
-            "step": completed,
-            "epoch": completed / steps_per_epoch,
-            "seed": seed,
-            "world_size": processes.world_size,
-            "num_tokens": interval.total_tokens + interval.tokens,  # the trained tokens of all steps so far
-            "data_order": order(),
-        }
-        base_name = config.model.model_name_or_path
-        path = save_checkpoint(
-            output_dir, completed, model, optimizer, schedule, state, lora_settings, base_name, processes
-        )
-        if processes.is_main:
-            prune(output_dir, args.save_total_limit, current=path)
-        return path
-
-    interval = Interval(resumed.get("num_tokens", 0))
-    completed = start_step
-    in_output_dir = resume_from is not None and resume_from.resolve().parent == output_dir.resolve()
-    saved = resume_from if in_output_dir else None  # the checkpoint of step `completed`, if there is one
-    stopped = False
-    last_metrics: dict = {}
-    progress = progress_bar(console)
-    with stop_requests(one_process=not processes.distributed, speak=processes.is_main) as stop:
-        try:
-            with progress:
-                task = progress.add_task("training", total=total_steps, completed=start_step, figures="")
-                if args.eval_on_start:  # a check that evaluation works before any time goes into training
-                    record = {"step": start_step, "epoch": round(start_step / steps_per_epoch, 4)}
-                    record["eval_loss"] = evaluate(model, backbone, eval_units, config, batch_for, autocast, processes)
-                    if metrics_log is not None:
-                        metrics_log.write(record)
-                        last_metrics.update(record)
-                for step in range(start_step, total_steps):
-                    every_micro_batch = micro_batches_of_step(
-                        step, len(train_units), config, steps_per_epoch, seed, processes.world_size
-                    )
-                    mine, weights = share_of(every_micro_batch, processes)
-                    # Counted before any micro-batch is collated: each is collated just before its forward pass,
-                    # so memory does not grow with --gradient_accumulation_steps.
-                    micro_batches = [[train_units[index] for index in indices] for indices in mine]
-                    local_tokens = sum(
-                        count_trained_tokens_of(units) for units, weight in zip(micro_batches, weights) if weight
-                    )
-                    # The stop requests travel in the step's token all-reduce: every process sees the same sum,
-                    # so all stop before the same step, even if only one of them got the signal.
-                    step_tokens, stop_votes = sum_across(
-                        processes, [local_tokens, float(stop.signal is not None)], device
-                    )
-                    if stop_votes:
-                        stopped = True
-                        break
-                    learning_rate = optimizer.param_groups[0]["lr"]
-                    try:
-                        step_loss, correct, entropy, grad_norm = train_step(
-                            model, micro_batches, weights, step_tokens, batch_for, optimizer, schedule, scaler,
-                            autocast, args.max_grad_norm, processes, backbone, passes=stop.abandonable,
-                        )  # fmt: skip
-                    except NonFiniteStep as error:
-                        raise TrainingError(
-                            f"The loss (or the gradient norm) is not finite at step {step + 1}: {error}. Nothing "
-                            f"from this step was applied; the last good checkpoint stays in {output_dir}. Try a "
-                            "lower --learning_rate, or --bf16 false."
-                        ) from None
-                    if not math.isfinite(grad_norm):
-                        console.print(f"fp16: the gradients overflowed at step {step + 1}; skipped, scale lowered")
-                    completed = step + 1
-                    interval.add_step(step_loss, step_tokens, correct, entropy, grad_norm, learning_rate)
-                    epoch = completed / steps_per_epoch
-
-                    record = {}
-                    if logging_due(args, completed, total_steps):
-                        record = interval.figures(completed, epoch, device)
-                    if evaluation_due(args, completed, steps_per_epoch, total_steps) and eval_units:
-                        record.update({"step": completed, "epoch": round(epoch, 4)})
-                        record["eval_loss"] = evaluate(
-                            model, backbone, eval_units, config, batch_for, autocast, processes
-                        )
-                    if record and metrics_log is not None:
-                        metrics_log.write(record)
-                        last_metrics.update(record)
-                        progress.update(task, figures=progress_figures(last_metrics))
-                    if save_due(args, completed, steps_per_epoch, total_steps):
-                        saved = checkpoint_now()
-                    progress.update(task, completed=completed)
-        except KeyboardInterrupt:  # a second Ctrl-C (one process): the step under way is abandoned
-            optimizer.zero_grad(set_to_none=True)
-            stopped = True
-        if metrics_log is not None:
-            metrics_log.close()
-        if stopped:
-            # Still inside stop_requests: a second SIGTERM (torchrun forwards the one SLURM sent) cannot cut this.
-            path = saved if saved is not None and saved.name == f"checkpoint-{completed}" else checkpoint_now()
-            cause = stop.signal or "a stop request"
-            console.print(
-                f"{cause}: stopped after step {completed}, saved in {path}. "
-                "Continue with --resume_from_checkpoint true."
-            )
-            return TrainResult(output_dir, completed, last_metrics, interrupted=True)
-
-        # 6. Outputs: an HF-format model (or a peft adapter), the tokenizer with its chat template.
-        state_dict = full_state_dict(model, args.fsdp)  # under FSDP every process sends its shards to rank 0
-        merged_dir = None
-        if processes.is_main:
-            try:
-                merged_dir = write_outputs(model, tokenizer, output_dir, lora_settings, config, console, state_dict)
-            except WRITE_ERRORS as error:
-                raise CheckpointError(write_failure(f"the trained model to {output_dir}", error, output_dir)) from None
-        barrier(processes)
-    return TrainResult(output_dir, completed, last_metrics, merged_dir)
-
-
-# ----------------------------------------------------------------------------- the pieces
 
 
 def check_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> None:
@@ -367,7 +533,7 @@ def prepare_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> Non
         remove_leftovers(output_dir)  # what runs killed while saving left: minisft's own temporary folders
 
 
-def data_order(config: RunConfig, train_units: list[dict]) -> dict:
+def data_order(config: RunConfig, train_units: Sequence[dict]) -> dict:
     """What decides the examples of each step: every checkpoint stores it, and a resume must match it."""
     args = config.training
     order = {
@@ -384,25 +550,24 @@ def data_order(config: RunConfig, train_units: list[dict]) -> dict:
     return order
 
 
-def units_for(examples: list[dict], config: RunConfig, split: str, console: Console) -> list[dict]:
+def units_for(
+    examples: Sequence[dict], max_length: int, strategy: str, packs: bool, split: str, console
+) -> Sequence[dict]:
     """What a batch is made of: packed rows, or the examples themselves.
 
     A split that is packed was not truncated by preparation: the packer cuts (bfd) or splits (bfd_split,
     wrapped) what is longer than max_length, and says so here.
     """
-    if not config.packing.packs(split):
+    if not packs:
         return examples
-    packed = pack(examples, config.data.max_length, config.packing.packing_strategy)
+    packed = pack(examples, max_length, strategy)
     stats = packed.stats
     cut = (
         f"{stats.truncated_examples:,} examples truncated ({stats.truncated_tokens:,} tokens cut)"
-        if config.packing.packing_strategy == "bfd"
+        if strategy == "bfd"
         else f"{stats.split_examples:,} examples split over rows, nothing cut"
     )
-    console.print(
-        f"packing ({split}): {stats.rows:,} rows of {config.data.max_length}, efficiency {stats.efficiency:.1%}; "
-        f"{cut}"
-    )
+    console.print(f"packing ({split}): {stats.rows:,} rows of {max_length}, efficiency {stats.efficiency:.1%}; {cut}")
     return packed.rows
 
 
@@ -439,102 +604,36 @@ def mixed_precision(bf16: bool | None, fp16: bool, device: torch.device, torch_d
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-class NonFiniteStep(ArithmeticError):
-    """The step's loss or gradient norm is not finite (and not fp16's overflow, which the scaler handles)."""
-
-
-def train_step(
-    model, micro_batches, weights, step_tokens, collate_fn, optimizer, schedule, scaler, autocast,
-    max_grad_norm: float, processes: Processes = Processes(), backbone=None, passes=nullcontext,
-) -> tuple[float, float, float, float]:  # fmt: skip
-    """One optimizer step:  loss = Σ token losses of the step's micro-batches / the step's trained tokens.
-
-    Each micro-batch is collated, run forward, and its share of that loss (its sum / step_tokens, which
-    counts every process's trained tokens) goes backward, so the gradients add up to the whole step's.
-    Then the gradient is clipped, the optimizer steps and the schedule moves on. `weights` are 1, or 0
-    for a padding micro-batch (share_of); `passes` wraps the forward and backward passes (a second
-    Ctrl-C may cut them short). Returns the step's loss, correct predictions, entropy sum and gradient
-    norm, every process's together; the norm is inf when fp16's gradients overflowed and the step was skipped.
-    """
-    # DDP and FSDP average the gradients over the processes: scaling by world_size makes it a sum.
-    scale = processes.world_size / max(step_tokens, 1)
-    model.train()
-    figures = torch.zeros(3, dtype=torch.float64)  # this process's loss sum, correct, entropy
-    with passes():
-        for index, (units, weight) in enumerate(zip(micro_batches, weights)):
-            batch = collate_fn(units)  # just before its forward: memory does not grow with accumulation
-            with gradient_sync(backbone, sync=index == len(micro_batches) - 1):
-                with autocast():
-                    losses = causal_lm_losses(model, batch["inputs"], batch["labels"], backbone=backbone)
-                scaler.scale(losses.loss_sum * (scale * weight)).backward()
-            if weight:
-                figures += torch.tensor([float(losses.loss_sum.detach()), losses.correct, losses.entropy_sum])
-    device = next(model.parameters()).device
-    loss_sum, correct, entropy = sum_across(processes, figures.tolist(), device)
-    step_loss = loss_sum / max(step_tokens, 1)
-    scaler.unscale_(optimizer)  # the true gradients, before they are clipped (fp16; otherwise nothing)
-    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm if max_grad_norm > 0 else math.inf))
-    overflowed = scaler.is_enabled() and math.isfinite(step_loss) and not math.isfinite(grad_norm)
-    if not overflowed and not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-        raise NonFiniteStep(f"loss {step_loss}, gradient norm {grad_norm}")
-    scaler.step(optimizer)  # optimizer.step(), unless fp16's gradients overflowed
-    scaler.update()
-    schedule.step()
-    optimizer.zero_grad(set_to_none=True)
-    return step_loss, correct, entropy, grad_norm
-
-
 def micro_batches_of_step(
-    step: int, unit_count: int, config: RunConfig, steps_per_epoch: int, seed: int, world_size: int = 1
-):
+    step: int, unit_count: int, batch_size: int, accumulation: int, steps_per_epoch: int, seed: int,
+    world_size: int = 1,
+) -> list[list[int]]:  # fmt: skip
     """The unit indices of every micro-batch of `step`, all processes' together: a pure function of (seed, step).
 
-    A step covers gradient_accumulation_steps × world_size micro-batches of per_device_train_batch_size units.
+    A step covers accumulation × world_size micro-batches of batch_size units.
     """
-    args = config.training
     epoch, step_in_epoch = divmod(step, steps_per_epoch)
     order = torch.randperm(unit_count, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    size = args.per_device_train_batch_size
-    per_step = args.gradient_accumulation_steps * world_size
+    per_step = accumulation * world_size
     first = step_in_epoch * per_step
-    starts = range(first * size, min((first + per_step) * size, unit_count), size)
-    return [order[start : start + size] for start in starts]
+    starts = range(first * batch_size, min((first + per_step) * batch_size, unit_count), batch_size)
+    return [order[start : start + batch_size] for start in starts]
 
 
-def share_of(micro_batches: list[list[int]], processes: Processes) -> tuple[list[list[int]], list[float]]:
-    """This process's micro-batches of a step (every world_size-th), with weight 1, padded with weight-0 repeats.
-
-    At the end of an epoch a step can have fewer micro-batches than processes × accumulation. Every
-    process must still run as many forward and backward passes as the others (the gradient
-    synchronisation waits for all of them), so a process short of data repeats one micro-batch
-    with its loss multiplied by 0: it adds nothing to the gradient and is not counted.
-    """
-    mine = micro_batches[processes.rank :: processes.world_size]
-    rounds = math.ceil(len(micro_batches) / processes.world_size)
-    padding = rounds - len(mine)
-    return mine + [micro_batches[0]] * padding, [1.0] * len(mine) + [0.0] * padding
-
-
-def total_norm(norm: torch.Tensor) -> float:
-    """The gradient norm as a number; under FSDP clip_grad_norm_ returns it as a distributed tensor."""
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-
-def collate(units: list[dict], config: RunConfig, pad_token_id: int, device: torch.device) -> dict:
+def collate(
+    units: list[dict], model, pad_token_id: int, padding_free: bool, pad_to_multiple_of: int | None,
+    device: torch.device,
+) -> dict:  # fmt: skip
     """A micro-batch as model inputs and labels, boundaries included for packed or padding-free rows."""
-    args = config.training
-    implementation = config.model.attn_implementation
-    if "seq_lengths" in units[0] or args.padding_free:
+    if "seq_lengths" in units[0] or padding_free:
         rows = units if "seq_lengths" in units[0] else [padding_free_row(units)]
-        batch = on_device(collate_rows(rows, pad_token_id, args.pad_to_multiple_of), device)
-        inputs = packed_model_inputs(batch, implementation, DTYPES[config.model.resolved_dtype()])
-        labels = flatten_rows(batch)["labels"] if implementation in FLATTENED else batch["labels"]
-    else:
-        batch = on_device(collate_padded(units, pad_token_id, args.pad_to_multiple_of), device)
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        labels = batch["labels"]
-    return {"inputs": inputs, "labels": labels}
+        inputs, labels = packed_inputs(on_device(collate_rows(rows, pad_token_id, pad_to_multiple_of), device), model)
+        return {"inputs": inputs, "labels": labels}
+    batch = on_device(collate_padded(units, pad_token_id, pad_to_multiple_of), device)
+    return {
+        "inputs": {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
+        "labels": batch["labels"],
+    }
 
 
 def on_device(batch: dict, device: torch.device) -> dict:
@@ -575,27 +674,22 @@ def save_due(args: TrainingConfig, completed: int, steps_per_epoch: int, total_s
     return completed % steps_of(args.save_steps, total_steps) == 0
 
 
-@torch.no_grad()
-def evaluate(model, backbone, eval_units: list[dict], config: RunConfig, batch_for, autocast, processes) -> float:
-    """Σ token losses / trained tokens over the whole eval split (each process takes every world_size-th batch)."""
-    model.eval()
-    size = config.training.per_device_eval_batch_size
-    starts = list(range(0, len(eval_units), size))
-    mine, weights = share_of([list(range(start, min(start + size, len(eval_units)))) for start in starts], processes)
-    loss_sum, tokens = 0.0, 0
-    for indices, weight in zip(mine, weights):
-        batch = batch_for([eval_units[index] for index in indices])
-        with autocast():
-            losses = causal_lm_losses(model, batch["inputs"], batch["labels"], backbone=backbone)
-        loss_sum += float(losses.loss_sum) * weight
-        tokens += losses.tokens * weight
-    loss_sum, tokens = sum_across(processes, [loss_sum, tokens], next(model.parameters()).device)
-    return loss_sum / max(tokens, 1)
-
-
 def write_outputs(
-    model, tokenizer, output_dir: Path, lora_settings, config: RunConfig, console: Console, state_dict=None
+    model, tokenizer, output_dir: Path, lora_settings, config: RunConfig, console: Console, processes: Processes
 ) -> Path | None:
+    """Rank 0 writes the model (or adapter), the tokenizer and, with --merge_lora, the merged model."""
+    state_dict = full_state_dict(model, config.training.fsdp)  # under FSDP every process sends its shards to rank 0
+    merged_dir = None
+    if processes.is_main:
+        try:
+            merged_dir = write_model(model, tokenizer, output_dir, lora_settings, config, console, state_dict)
+        except WRITE_ERRORS as error:
+            raise CheckpointError(write_failure(f"the trained model to {output_dir}", error, output_dir)) from None
+    barrier(processes)
+    return merged_dir
+
+
+def write_model(model, tokenizer, output_dir: Path, lora_settings, config: RunConfig, console, state_dict=None):
     base_name = config.model.model_name_or_path
     if lora_settings is None:
         model.save_pretrained(output_dir, state_dict=state_dict)
@@ -633,7 +727,7 @@ class Interval:
         self.steps, self.loss, self.tokens, self.correct, self.entropy = 0, 0.0, 0, 0, 0.0
         self.started = time.perf_counter()
 
-    def add_step(self, loss, tokens, correct, entropy, grad_norm: float, learning_rate: float) -> None:
+    def add_step(self, loss, correct, entropy, grad_norm: float, tokens, learning_rate: float) -> None:
         self.steps += 1
         self.loss += loss
         self.tokens += int(tokens)
@@ -641,12 +735,12 @@ class Interval:
         self.entropy += entropy
         self.grad_norm, self.learning_rate = grad_norm, learning_rate
 
-    def figures(self, step: int, epoch: float, device: torch.device) -> dict:
+    def figures(self, where: dict, device: torch.device) -> dict:
+        """The interval's log record, after `where` ({"step", "epoch"}); the next interval starts."""
         seconds = time.perf_counter() - self.started
         self.total_tokens += self.tokens
         record = {
-            "step": step,
-            "epoch": round(epoch, 4),
+            **where,
             "loss": self.loss / max(self.steps, 1),
             "learning_rate": self.learning_rate,
             "grad_norm": self.grad_norm,

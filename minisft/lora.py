@@ -485,3 +485,32 @@ def four_bit_quantization(
         bnb_4bit_use_double_quant=nested,
         bnb_4bit_quant_storage=storage or "uint8",
     )
+
+
+# ----------------------------------------------------------------------------- the output head, for the loss
+
+
+def check_head(model) -> None:
+    """What head_matrix assumes, checked once when the run is set up rather than on every micro-batch."""
+    head = model.get_output_embeddings()
+    if isinstance(head, LoraLinear) and (
+        not isinstance(head.dropout, nn.Identity) or head.lora_magnitude_vector is not None
+    ):
+        raise UserError(
+            "LoRA on the output head needs --lora_dropout 0 and no --use_dora: the loss folds its update into the "
+            "head's matrix."
+        )
+    if getattr(head, "bias", None) is not None:
+        raise UserError("minisft's loss assumes an output head without bias, as in the models it supports.")
+
+
+def head_matrix(model) -> torch.Tensor:
+    """The output head as one matrix (vocabulary × hidden) for minisft/loss.py, a LoRA update folded into it.
+
+    W + (α/r)·B·A is exactly what a LoraLinear head computes without dropout (see check_head), and it
+    lets the loss run the head chunk by chunk on the trained positions only.
+    """
+    head = model.get_output_embeddings()
+    if isinstance(head, LoraLinear):
+        return head.base.weight + head.delta_weight().to(head.base.weight.dtype)
+    return head.weight

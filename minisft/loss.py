@@ -36,9 +36,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .errors import UserError
 from .masking import IGNORE_INDEX
 
 # Tokens per chunk of the head. On a CPU a chunk's fp32 logits (256 × 49,152 × 4 B = 50 MB for SmolLM2) stay
@@ -68,62 +66,29 @@ def count_trained_tokens_of(units: list[dict]) -> int:
     return sum(sum(label != IGNORE_INDEX for label in unit["labels"][1:]) for unit in units)
 
 
-def causal_lm_losses(
-    model, inputs: dict, labels: torch.Tensor, chunk_tokens: int | None = None, backbone=None
-) -> TokenLosses:
-    """Run the model's backbone, then the head on the trained positions only (see the module docstring).
+def token_losses(
+    hidden: torch.Tensor, labels: torch.Tensor, head: torch.Tensor, softcap: float | None = None,
+    chunk_tokens: int | None = None,
+) -> TokenLosses:  # fmt: skip
+    """The loss of the trained positions, from the backbone's last hidden states and the head's matrix.
 
-    `backbone` runs the model without its head; by default `model.base_model`. Under DDP or FSDP it is
-    the wrapped backbone, whose forward synchronises the processes (minisft/distributed.py).
+    hidden (..., tokens, hidden) and labels (..., tokens) as the model and collator give them; head the
+    (vocabulary × hidden) output matrix (lora.head_matrix folds a LoRA update into it); softcap Gemma 2's
+    final_logit_softcapping, if the model has one. With gradients wanted, the fused chunked function
+    below; without (evaluation), the plain formula, which would waste nothing on gradients.
     """
-    hidden = (backbone or model.base_model)(**inputs, use_cache=False).last_hidden_state
-    return losses_from_hidden(model, hidden, labels, chunk_tokens)
-
-
-def losses_from_hidden(
-    model, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int | None = None
-) -> TokenLosses:
-    """The head and the loss on the backbone's last hidden states."""
     targets = labels[..., 1:]
     keep = targets != IGNORE_INDEX
     hidden, targets = hidden[..., :-1, :][keep], targets[keep]
-    weight = head_weight(model)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
     chunk_tokens = chunk_tokens or CHUNK_TOKENS.get(hidden.device.type, CHUNK_TOKENS["cuda"])
     # Filled by the forward (correct, entropy sum) on the device, and read once: one host sync per micro-batch.
     metrics = torch.zeros(2, dtype=torch.float64, device=hidden.device)
     if torch.is_grad_enabled():
-        loss_sum = ChunkedLinearCrossEntropy.apply(hidden, weight, targets, softcap, chunk_tokens, metrics)
-    else:  # evaluation: the fused version would compute the head's gradients for nothing
-        loss_sum = plain_losses(hidden, weight, targets, softcap, chunk_tokens, metrics)
+        loss_sum = ChunkedLinearCrossEntropy.apply(hidden, head, targets, softcap, chunk_tokens, metrics)
+    else:
+        loss_sum = plain_losses(hidden, head, targets, softcap, chunk_tokens, metrics)
     correct, entropy_sum = metrics.tolist()
     return TokenLosses(loss_sum, int(targets.numel()), int(correct), entropy_sum)
-
-
-def check_head(model) -> None:
-    """What head_weight assumes, checked once when the run is set up rather than on every micro-batch."""
-    from .lora import LoraLinear
-
-    head = model.get_output_embeddings()
-    if isinstance(head, LoraLinear) and (
-        not isinstance(head.dropout, nn.Identity) or head.lora_magnitude_vector is not None
-    ):
-        raise UserError(
-            "LoRA on the output head needs --lora_dropout 0 and no --use_dora: the loss folds its update into the "
-            "head's matrix."
-        )
-    if getattr(head, "bias", None) is not None:
-        raise UserError("minisft's loss assumes an output head without bias, as in the models it supports.")
-
-
-def head_weight(model) -> torch.Tensor:
-    """The output head as one matrix (vocabulary × hidden), LoRA on the head merged into it (see check_head)."""
-    from .lora import LoraLinear
-
-    head = model.get_output_embeddings()
-    if isinstance(head, LoraLinear):
-        return head.base.weight + head.delta_weight().to(head.base.weight.dtype)
-    return head.weight
 
 
 def plain_losses(hidden, weight, targets, softcap, chunk_tokens: int, metrics: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,13 @@
 """Attention isolation: every example inside a packed row computes exactly what it computes alone."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import minisft.attention
-from minisft.attention import FLASH_IMPLEMENTATIONS, flatten_rows, packed_model_inputs, use_sdpa_by_example
+from minisft.attention import FLASH_IMPLEMENTATIONS, flatten_rows, packed_inputs, use_sdpa_by_example
 from minisft.masking import IGNORE_INDEX
 from minisft.models import tiny_model
 from minisft.packing import collate_rows, make_row, padding_free_row
@@ -40,15 +42,14 @@ def packed_batch(examples, pad_token_id):
     return collate_rows(rows, pad_token_id, pad_to_multiple_of=64)
 
 
-def largest_differences(model, batch, inputs, examples):
+def largest_differences(model, batch, inputs, labels):
     """Max |logit difference| and max |per-token loss difference| of every example, packed vs alone.
 
-    Flattened inputs (cu_seq_lens) hold the rows end to end, padding removed, as one row.
+    Flattened inputs (cu_seq_lens) hold the rows end to end, padding removed, as one row; so do their labels.
     """
     flattened = "cu_seq_lens_q" in inputs
     with torch.no_grad():
         logits = model(**inputs).logits
-        labels = flatten_rows(batch)["labels"] if flattened else batch["labels"]
         logit_gap = loss_gap = 0.0
         flat_start = 0
         for row_index, row_lengths in enumerate(batch["seq_lengths"]):
@@ -71,7 +72,7 @@ def test_packed_examples_equal_examples_alone(tokenizer, examples, implementatio
     model = tiny_model(tokenizer, attn_implementation=implementation).eval()
     use_sdpa_by_example(model)  # as minisft's loop does; only sdpa models change
     batch = packed_batch(examples, tokenizer.pad_token_id)
-    logit_gap, loss_gap = largest_differences(model, batch, packed_model_inputs(batch, implementation), examples)
+    logit_gap, loss_gap = largest_differences(model, batch, *packed_inputs(batch, model))
     assert logit_gap <= TOLERANCE and loss_gap <= TOLERANCE, (logit_gap, loss_gap)
 
 
@@ -89,7 +90,7 @@ def test_sdpa_runs_one_causal_attention_per_example(tokenizer, examples, monkeyp
     use_sdpa_by_example(model)
     batch = packed_batch(examples, tokenizer.pad_token_id)
     with torch.no_grad():
-        model(**packed_model_inputs(batch, "sdpa"))
+        model(**packed_inputs(batch, model)[0])
     lengths = [len(ids) for ids in examples]
     assert calls == [(length, None) for _ in range(model.config.num_hidden_layers) for length in lengths]
 
@@ -98,7 +99,7 @@ def test_without_boundaries_examples_see_each_other(tokenizer, examples):
     """The negative control: the same rows with a plain causal mask and running positions differ."""
     model = tiny_model(tokenizer).eval()
     batch = packed_batch(examples, tokenizer.pad_token_id)
-    logit_gap, loss_gap = largest_differences(model, batch, {"input_ids": batch["input_ids"]}, examples)
+    logit_gap, loss_gap = largest_differences(model, batch, {"input_ids": batch["input_ids"]}, batch["labels"])
     assert logit_gap > 1e-2 and loss_gap > 1e-2  # measured 0.73 and 0.27
 
 
@@ -115,7 +116,7 @@ def test_padding_free_batch_is_isolated_too(tokenizer, examples):
     batch = collate_rows(
         [padding_free_row([{"input_ids": ids, "labels": ids} for ids in examples])], tokenizer.pad_token_id
     )
-    logit_gap, loss_gap = largest_differences(model, batch, packed_model_inputs(batch, "sdpa"), examples)
+    logit_gap, loss_gap = largest_differences(model, batch, *packed_inputs(batch, model))
     assert logit_gap <= TOLERANCE and loss_gap <= TOLERANCE
 
 
@@ -128,8 +129,20 @@ def test_flatten_rows_drops_padding(tokenizer, examples):
 
 def test_unknown_implementation_is_a_clear_error(tokenizer, examples):
     batch = packed_batch(examples, tokenizer.pad_token_id)
+    model = SimpleNamespace(config=SimpleNamespace(_attn_implementation="paged_attention"), dtype=torch.float32)
     with pytest.raises(ValueError, match="use one of sdpa, eager, flex_attention"):
-        packed_model_inputs(batch, "paged_attention")
+        packed_inputs(batch, model)
+
+
+def test_plain_sdpa_is_refused_not_silently_relied_on(tokenizer, examples):
+    """transformers' own sdpa ignores cu_seq_lens: packed inputs for it would be right only by its implicit
+    detection of restarted positions, so they are refused until use_sdpa_by_example switched the model."""
+    model = tiny_model(tokenizer).eval()
+    batch = packed_batch(examples, tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match="use_sdpa_by_example"):
+        packed_inputs(batch, model)
+    use_sdpa_by_example(model)
+    assert "cu_seq_lens_q" in packed_inputs(batch, model)[0]
 
 
 def flash_available() -> bool:
@@ -150,7 +163,7 @@ def test_flash_varlen_equals_examples_alone(tokenizer, examples, implementation)
     batch = packed_batch(examples, tokenizer.pad_token_id)
     inputs = {
         key: value.to("cuda") if torch.is_tensor(value) else value
-        for key, value in packed_model_inputs(batch, implementation).items()
+        for key, value in packed_inputs(batch, model)[0].items()
     }
     with torch.no_grad():
         logits = model(**inputs).logits[0].float()

@@ -108,7 +108,7 @@ def test_lora_with_modules_to_save_resumes_exactly(tiny_dir, tmp_path, lora_r):
 
 def signal_during_step(monkeypatch, step: int, signals: list[signal.Signals]):
     """Send these signals to this very process from inside the forward pass of `step` (1-based)."""
-    original = minisft.loop.causal_lm_losses
+    original = minisft.loop.model_losses
     calls = {"count": 0}
 
     def forward(*args, **kwargs):
@@ -120,7 +120,7 @@ def signal_during_step(monkeypatch, step: int, signals: list[signal.Signals]):
                 os.kill(os.getpid(), number)  # Python runs the handler before the next bytecode
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(minisft.loop, "causal_lm_losses", forward)
+    monkeypatch.setattr(minisft.loop, "model_losses", forward)
 
 
 @pytest.mark.parametrize(

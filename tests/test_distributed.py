@@ -3,7 +3,7 @@
 Each test starts `torchrun --standalone --nproc_per_node 2 -m minisft.train` on the tiny model, and compares with
 one process running minisft.loop.train in this test process. 13 examples and 8 per step: the second step of each
 epoch has 5 examples, fewer micro-batches than 2 processes × 2 accumulation steps, so one process pads its share
-with a weight-0 micro-batch (loop.share_of).
+with a weight-0 micro-batch (DataParallel.mine).
 
 Tolerances: the processes sum the same token losses in another order (each its own micro-batches, then the
 gradient all-reduce), so the weights differ by float32 rounding, amplified a little by AdamW for gradients near

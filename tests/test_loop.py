@@ -209,7 +209,7 @@ def test_accumulation_does_not_change_the_step(tiny_dir, tmp_path, split):
 
 def interrupt_during_step(monkeypatch, step):
     """Make the loop raise KeyboardInterrupt (as Ctrl-C does) in the forward pass of `step` (1-based)."""
-    original = minisft.loop.causal_lm_losses
+    original = minisft.loop.model_losses
     calls = {"count": 0}
 
     def forward(*args, **kwargs):
@@ -218,7 +218,7 @@ def interrupt_during_step(monkeypatch, step):
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(minisft.loop, "causal_lm_losses", forward)
+    monkeypatch.setattr(minisft.loop, "model_losses", forward)
 
 
 @pytest.mark.parametrize("use_peft", [False, True])
@@ -247,7 +247,7 @@ def test_stopped_and_resumed_equals_uninterrupted(tiny_dir, tmp_path, monkeypatc
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_dir, tmp_path, monkeypatch):
-    original = minisft.loop.causal_lm_losses
+    original = minisft.loop.model_losses
     calls = {"count": 0}
 
     def poisoned(*args, **kwargs):
@@ -257,7 +257,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_dir, tmp_path,
             losses.loss_sum = losses.loss_sum * float("nan")
         return losses
 
-    monkeypatch.setattr(minisft.loop, "causal_lm_losses", poisoned)
+    monkeypatch.setattr(minisft.loop, "model_losses", poisoned)
     with pytest.raises(TrainingError, match="not finite at step 3"):
         train(run_config(tiny_dir, tmp_path, max_steps=6, per_device_train_batch_size=10, save_steps=2))
     assert (tmp_path / "checkpoint-2").is_dir() and not (tmp_path / "checkpoint-3").exists()
@@ -336,7 +336,8 @@ def test_fp16_scales_the_loss_and_stays_near_fp32(tiny_dir, tmp_path, monkeypatc
 
 @pytest.mark.parametrize("mode", ["padded", "packed", "padding_free"])
 def test_trained_tokens_are_counted_before_collating(tokenizer, mode):
-    from minisft.loop import RunConfig, collate
+    from minisft.attention import use_sdpa_by_example
+    from minisft.loop import collate
     from minisft.loss import count_trained_tokens, count_trained_tokens_of
     from minisft.packing import pack
 
@@ -344,19 +345,19 @@ def test_trained_tokens_are_counted_before_collating(tokenizer, mode):
     examples = [{"input_ids": ids, "labels": ids} for ids in (tokenizer(text)["input_ids"] for text in texts)]
     examples[1]["labels"] = [-100] * 3 + examples[1]["labels"][3:]  # a prompt that is not trained
     units = pack(examples, 16, "bfd").rows if mode == "packed" else examples
-    config = RunConfig(training=TrainingConfig(padding_free=mode == "padding_free"))
     for implementation in ("sdpa", "eager"):
-        config.model.attn_implementation = implementation
-        batch = collate(units, config, tokenizer.pad_token_id, torch.device("cpu"))
+        model = tiny_model(tokenizer, attn_implementation=implementation)
+        use_sdpa_by_example(model)
+        batch = collate(units, model, tokenizer.pad_token_id, mode == "padding_free", None, torch.device("cpu"))
         assert count_trained_tokens_of(units) == count_trained_tokens(batch["labels"]) > 0
 
 
 def test_each_micro_batch_is_collated_just_before_its_forward(tiny_dir, tmp_path, monkeypatch):
     events = []
-    original_collate, original_losses = minisft.loop.collate, minisft.loop.causal_lm_losses
+    original_collate, original_losses = minisft.loop.collate, minisft.loop.model_losses
     monkeypatch.setattr(minisft.loop, "collate", lambda *a, **k: events.append("collate") or original_collate(*a, **k))
     monkeypatch.setattr(
-        minisft.loop, "causal_lm_losses", lambda *a, **k: events.append("forward") or original_losses(*a, **k)
+        minisft.loop, "model_losses", lambda *a, **k: events.append("forward") or original_losses(*a, **k)
     )
     train(
         run_config(

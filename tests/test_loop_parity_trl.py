@@ -434,15 +434,16 @@ def test_packing_without_boundaries_is_visible_at_these_tolerances(workspace, mo
     examples see each other) ends far from the unpacked run."""
     from minisft.attention import block_causal_mask
 
-    def plain_causal(batch, attn_implementation, dtype=torch.float32):
+    def plain_causal(batch, model):
         one_document = torch.zeros_like(batch["document_ids"])
-        return {
+        inputs = {
             "input_ids": batch["input_ids"],
             "position_ids": batch["position_ids"],
             "attention_mask": block_causal_mask(one_document),
         }
+        return inputs, batch["labels"]
 
-    monkeypatch.setattr(minisft.loop, "packed_model_inputs", plain_causal)
+    monkeypatch.setattr(minisft.loop, "packed_inputs", plain_causal)
     leaky = workspace.minisft(packing=True, label="no boundaries")
     found = differences(leaky.weights, workspace.minisft().weights)
     assert max(frobenius for frobenius, _ in found.values()) > 10 * FROBENIUS_RTOL

@@ -579,7 +579,7 @@ def test_adapter_for_another_base_is_an_error_naming_the_module(tokenizer, tmp_p
 )
 def test_lora_on_the_head_is_checked_when_the_run_is_set_up(tokenizer, settings, refused):
     from minisft.errors import UserError
-    from minisft.loss import check_head
+    from minisft.lora import check_head
 
     model = tiny_model(tokenizer)
     model.config.tie_word_embeddings = False

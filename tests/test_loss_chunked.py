@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minisft.loss import ChunkedLinearCrossEntropy, losses_from_hidden, plain_losses
+from minisft.loss import ChunkedLinearCrossEntropy, plain_losses, token_losses
 
 
 def reference(hidden, weight, targets, softcap):
@@ -100,17 +100,14 @@ def test_the_plain_formula_gives_the_same_sums(chunk_tokens, softcap):
 def test_evaluation_computes_no_head_gradient(monkeypatch):
     """Under no_grad the fused function (which computes the gradients in its forward) is not called at all."""
     hidden, weight, targets = inputs()
-    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-    head.weight.data = weight
-    model = type("Model", (), {"config": object(), "get_output_embeddings": lambda self: head})()
     labels = torch.cat([torch.tensor([-100]), targets])[None]
-    with_gradients = losses_from_hidden(model, torch.cat([hidden, hidden[:1]])[None], labels, chunk_tokens=8)
+    with_gradients = token_losses(torch.cat([hidden, hidden[:1]])[None], labels, weight, chunk_tokens=8)
 
     def refuse(*args):
         raise AssertionError("the fused loss ran under no_grad")
 
     monkeypatch.setattr(ChunkedLinearCrossEntropy, "apply", refuse)
     with torch.no_grad():
-        without = losses_from_hidden(model, torch.cat([hidden, hidden[:1]])[None], labels, chunk_tokens=8)
+        without = token_losses(torch.cat([hidden, hidden[:1]])[None], labels, weight, chunk_tokens=8)
     torch.testing.assert_close(without.loss_sum, with_gradients.loss_sum.detach(), rtol=LOSS_RTOL, atol=0)
     assert (without.tokens, without.correct) == (with_gradients.tokens, with_gradients.correct)
