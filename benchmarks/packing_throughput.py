@@ -1,4 +1,4 @@
-"""Packing throughput, side by side: minisft's four ways of batching against TRL's SFTTrainer, in one run.
+"""Packing throughput, side by side: minisft's four ways of batching against TRL's SFTTrainer and torchtune, in one run.
 
     python benchmarks/packing_throughput.py                        # CPU, tiny 16M-parameter Llama, ~10 min on 2 cores
     python benchmarks/packing_throughput.py --model smollm2-135m --steps 3 --repeats 1     # CPU, slow
@@ -11,9 +11,18 @@ Modes (every one trains the same model from the same initial weights on the same
     minisft_wrapped       everything concatenated and cut every max_length tokens, boundaries kept inside rows
     trl_padded            trl.SFTTrainer, padding
     trl_packed            trl.SFTTrainer, packing=True (its bfd, which turns padding-free on)
+    torchtune_padded      torchtune 0.6.1's single-device full fine-tune (its recipe's step), padded batches
+    torchtune_packed      the same with its PackedDataset: greedy packing in dataset order, block-causal mask
+
+torchtune 0.6.1 runs with this torch (2.13) only beside torchao 0.10.0, so it is installed in a folder of its
+own, and its workers get that folder on PYTHONPATH (--torchtune_path; the modes are skipped, with the reason,
+when torchtune does not import):
+    pip install --target /tmp/torchtune-0.6.1 --no-deps torchtune==0.6.1 torchao==0.10.0 torchdata==0.11.0 \
+        omegaconf antlr4-python3-runtime==4.9.3 sentencepiece tiktoken blobfile kagglehub
 
 What is held equal. The model, the data (the same N = steps × examples_per_step conversations, tokenized by each
-side's own code into the same tokens, truncated to max_length), the optimizer (AdamW, lr, no weight decay,
+side's own code into the same tokens, truncated to max_length; torchtune has no tokenizer for this vocabulary, so
+its samples come from the HF chat template), the optimizer (AdamW, lr, no weight decay,
 clipping at 1.0, constant schedule), fp32 on CPU / bf16 autocast on GPU, and the number of optimizer steps: each
 mode trains one epoch over the N examples in `steps` steps. Unpacked modes take examples_per_step examples per
 step, in micro-batches of micro_batch_size (TRL's default, 8); packed modes take the rows those examples fill,
@@ -21,7 +30,11 @@ rows / steps per step (rounded: a step may hold half a row more or less; the tab
 row per micro-batch. One row per micro-batch is TRL's best case: its padding-free collator lays a micro-batch's
 rows end to end as one sequence, and sdpa then attends over all of them at once (--rows_per_micro_batch 4
 shows that cost). TRL defaults that change the work are undone in `trl_settings` (gradient checkpointing, bf16
-on a CPU without bf16 instructions, ...).
+on a CPU without bf16 instructions, ...). torchtune's weights are the HF model's through its own hf_to_tune
+conversion, and after training they go back (tune_to_hf) into the HF model for the held-out loss. Its packing
+differs by design: greedy rows in dataset order (so more rows than bfd, each step trains rows / steps of its own),
+and a packed row's labels are not cut at example boundaries, so each example after the first in a row also
+trains its first token from the end of the previous one (one token per example; counted in its trained tokens).
 
 What is measured, per mode, in its own process (peak memory is per process; TRL's state stays in its own):
     trained tokens/s   tokens whose label is trained (labels[1:] != -100, counted the same way for every mode)
@@ -61,8 +74,13 @@ import numpy as np
 import torch
 from packer_speed import skewed_lengths  # the same length distribution as the packer benchmark
 
-MODES = ("minisft_padded", "minisft_padding_free", "minisft_bfd", "minisft_wrapped", "trl_padded", "trl_packed")
-PACKED_MODES = ("minisft_bfd", "minisft_wrapped", "trl_packed")
+MODES = (
+    "minisft_padded", "minisft_padding_free", "minisft_bfd", "minisft_wrapped", "trl_padded", "trl_packed",
+    "torchtune_padded", "torchtune_packed",
+)  # fmt: skip
+PACKED_MODES = ("minisft_bfd", "minisft_wrapped", "trl_packed", "torchtune_packed")
+TORCHTUNE_PATH = "/tmp/torchtune-0.6.1"  # where the docstring's pip install --target puts torchtune
+IGNORE_INDEX = -100  # the label that takes a token out of the loss, in minisft, TRL and torchtune alike
 REFERENCE = "trl_packed"  # every figure is also shown as a ratio to this mode
 GPU_BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
 TINY_SHAPE = dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=1024)
@@ -169,8 +187,9 @@ def micro_batch_figures(input_ids: torch.Tensor, labels: torch.Tensor, attention
 def run_minisft(mode: str, args, work: Path) -> dict:
     """minisft's own training step (minisft.loop.train_step, the function the loop calls), over this mode's units."""
     from minisft.attention import use_sdpa_by_example
-    from minisft.config import DataConfig, ModelConfig, TrainingConfig
-    from minisft.loop import RunConfig, collate, mixed_precision, train_step
+    from minisft.config import DataConfig
+    from minisft.distributed import Processes, data_parallel
+    from minisft.loop import collate, mixed_precision, train_step
     from minisft.loss import count_trained_tokens_of
     from minisft.models import load_model, load_tokenizer
     from minisft.optim import build_optimizer, build_schedule
@@ -189,11 +208,8 @@ def run_minisft(mode: str, args, work: Path) -> dict:
     units = pack(examples, args.max_length, strategy).rows if strategy else examples
     preparation_seconds = time.perf_counter() - start
 
-    config = RunConfig(
-        model=ModelConfig(model_name_or_path=args.model_source, attn_implementation="sdpa"),
-        training=TrainingConfig(padding_free=mode == "minisft_padding_free", bf16=args.device == "cuda"),
-    )
-    autocast = mixed_precision(config.training.bf16, False, device, "float32")
+    autocast = mixed_precision(args.device == "cuda", False, device, "float32")
+    parallel = data_parallel(model, Processes(), fsdp=False)  # one process: the model's own backbone
     optimizer = build_optimizer(model, "adamw_torch", args.learning_rate, 0.0)
     schedule = build_schedule(optimizer, "constant", 0, args.steps)
     per_step, micro_batch = units_per_step(mode, len(units), args)
@@ -203,7 +219,7 @@ def run_minisft(mode: str, args, work: Path) -> dict:
     figures: list[tuple[int, int, int]] = []
 
     def collate_and_count(group: list[dict]) -> dict:  # the step collates; the figures are counted on the way
-        batch = collate(group, config, tokenizer.pad_token_id, device)
+        batch = collate(group, model, tokenizer.pad_token_id, mode == "minisft_padding_free", None, device)
         figures.append(
             micro_batch_figures(batch["inputs"]["input_ids"], batch["labels"], batch["inputs"].get("attention_mask"))
         )
@@ -218,8 +234,10 @@ def run_minisft(mode: str, args, work: Path) -> dict:
         ]
         figures.clear()
         step_tokens = sum(count_trained_tokens_of(group) for group in groups)
-        weights = [1.0] * len(groups)
-        train_step(model, groups, weights, step_tokens, collate_and_count, optimizer, schedule, scaler, autocast, 1.0)
+        micro_batches = [(group, 1.0) for group in groups]
+        train_step(
+            model, micro_batches, step_tokens, collate_and_count, optimizer, schedule, scaler, autocast, 1.0, parallel
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         now = time.perf_counter()
@@ -229,6 +247,7 @@ def run_minisft(mode: str, args, work: Path) -> dict:
         "steps": steps,
         "preparation_seconds": preparation_seconds,
         "final_loss": held_out_loss(model, tokenizer, work, args),
+        "rows": len(units),
     }
 
 
@@ -252,19 +271,21 @@ def step_totals(figures: list[tuple[int, int, int]]) -> dict:
 def held_out_loss(model, tokenizer, work: Path, args) -> float:
     """Σ token losses / trained tokens on the held-out conversations: the same code whichever mode trained."""
     from minisft.config import DataConfig
-    from minisft.loss import causal_lm_losses
+    from minisft.distributed import Processes, data_parallel
+    from minisft.loop import model_losses
     from minisft.packing import collate_padded
     from minisft.prepare import prepare_dataset
 
     examples = prepare_dataset(read_jsonl(work / "held_out.jsonl"), tokenizer, DataConfig(max_length=args.max_length))
     model.eval()
+    parallel = data_parallel(model, Processes(), fsdp=False)
     loss_sum, tokens = 0.0, 0
     with torch.no_grad():
         for example in examples.examples:
             batch = collate_padded([example], tokenizer.pad_token_id)
             inputs = {key: batch[key].to(args.device) for key in ("input_ids", "attention_mask")}
             with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
-                losses = causal_lm_losses(model, inputs, batch["labels"].to(args.device))
+                losses = model_losses(model, {"inputs": inputs, "labels": batch["labels"].to(args.device)}, parallel)
             loss_sum += float(losses.loss_sum)
             tokens += losses.tokens
     return loss_sum / max(tokens, 1)
@@ -364,6 +385,161 @@ def run_trl(mode: str, args, work: Path) -> dict:
     }
 
 
+def torchtune_samples(conversations: list[dict], tokenizer, max_length: int) -> list[dict]:
+    """torchtune's sample form, {"tokens", "labels"}, from the model's own chat template (HF tokenizer).
+
+    torchtune has no ChatML tokenizer for SmolLM2's vocabulary, so the template is the HF tokenizer's; the
+    result is the token list minisft and TRL make (tests/test_benchmark.py checks it). Every token is trained,
+    as in the other modes, so labels are the tokens; torchtune's recipe shifts them itself.
+    """
+    samples = []
+    for index, conversation in enumerate(conversations):
+        if "messages" not in conversation:
+            raise SystemExit(f"torchtune modes take conversations ({{'messages': ...}}); row {index} is not one")
+        tokens = tokenizer.apply_chat_template(conversation["messages"], tokenize=True, return_dict=True)
+        tokens = list(tokens["input_ids"])[:max_length]  # truncation keeps the start, as minisft and TRL
+        samples.append({"tokens": tokens, "labels": list(tokens)})
+    return samples
+
+
+def torchtune_model(config, max_length: int):
+    """torchtune's Llama 3.2 builder shaped like this HF Llama (SmolLM2 is one): tied head, plain RoPE.
+
+    scale_factor=1 turns Llama 3.2's RoPE scaling off (every frequency divided by 1), leaving the plain
+    RoPE with SmolLM2's base; the logits match the HF model's to 1e-6 relative (measured).
+    """
+    from torchtune.models.llama3_2 import llama3_2
+
+    rope = getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]
+    return llama3_2(
+        vocab_size=config.vocab_size,
+        num_layers=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads,
+        embed_dim=config.hidden_size,
+        max_seq_len=max_length,
+        rope_base=rope,
+        intermediate_dim=config.intermediate_size,
+        norm_eps=config.rms_norm_eps,
+        scale_factor=1,
+        tie_word_embeddings=config.tie_word_embeddings,
+    )
+
+
+def run_torchtune(mode: str, args, work: Path) -> dict:
+    """torchtune's single-device full fine-tune, as recipes/full_finetune_single_device.py (0.6.1) trains.
+
+    Its parts, used as the recipe sets them up: the llama3_2 builder with the HF weights through
+    convert_weights.hf_to_tune; padded_collate_sft (right padding, no attention mask: causal attention alone) or
+    PackedDataset (greedy packing in dataset order, whole samples) with padded_collate_packed (a dense
+    block-causal mask on CPU; flex attention only on CUDA); CEWithChunkedOutputLoss (8 chunks, the recipe's
+    configs); a StatefulDataLoader. The step is the recipe's: each micro-batch's mean loss × its label count
+    goes backward, then training.scale_grads by 1 / the step's label count, clip_grad_norm_, AdamW
+    (fused, as its configs), zero_grad(set_to_none). No lr scheduler: the recipe's constant. The order of the
+    units is the benchmark's seeded permutation, as for minisft, so torchtune_padded trains minisft_padded's
+    micro-batches exactly.
+    """
+    from functools import partial
+
+    from torchdata.stateful_dataloader import StatefulDataLoader
+    from torchtune import training
+    from torchtune.data import padded_collate_packed, padded_collate_sft
+    from torchtune.datasets import PackedDataset
+    from torchtune.models.convert_weights import hf_to_tune, tune_to_hf
+    from torchtune.modules.loss import CEWithChunkedOutputLoss
+
+    from minisft.models import load_model, load_tokenizer
+
+    device = torch.device(args.device)
+    tokenizer = load_tokenizer(args.model_source)
+    hf_model = load_model(args.model_source, attn_implementation="sdpa")
+    config = hf_model.config
+    shape = dict(num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads, dim=config.hidden_size)
+    with training.set_default_dtype(torch.float32), device:
+        model = torchtune_model(config, args.max_length)
+    state = {key: value for key, value in hf_model.state_dict().items() if key != "lm_head.weight"}  # tied
+    model.load_state_dict(hf_to_tune(state, **shape))
+    # HF's Llama gives its embedding padding_idx=pad_token_id, so the lookup never trains the pad token's row;
+    # SmolLM2's pad is <|im_end|>, which every conversation holds. torchtune's builder trains it. Left so, the
+    # two jobs differ (tiny model: held-out loss 9.9835 against minisft's 9.9677 after the same 2 steps);
+    # with it, torchtune_padded ends at minisft_padded's loss exactly. It costs nothing: the same kernel.
+    model.tok_embeddings.padding_idx = config.pad_token_id
+    del hf_model, state  # torchtune holds its own copy; the HF one is rebuilt for the held-out loss
+
+    start = time.perf_counter()
+    samples = torchtune_samples(read_jsonl(work / "train.jsonl"), tokenizer, args.max_length)
+    packed = mode == "torchtune_packed"
+    if packed:
+        dataset = PackedDataset(samples, max_seq_len=args.max_length, padding_idx=tokenizer.pad_token_id)
+        collate = padded_collate_packed
+    else:
+        dataset = samples
+        collate = partial(padded_collate_sft, padding_idx=tokenizer.pad_token_id, ignore_idx=IGNORE_INDEX)
+    preparation_seconds = time.perf_counter() - start
+
+    loss_fn = CEWithChunkedOutputLoss()
+    model.set_num_output_chunks(loss_fn.num_output_chunks)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0, fused=True)
+    per_step, micro_batch = units_per_step(mode, len(dataset), args)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    step_batches = [  # micro-batches of indices, step by step, cut as run_minisft cuts them
+        [
+            order[step * per_step : (step + 1) * per_step][start : start + micro_batch]
+            for start in range(0, per_step, micro_batch)
+        ]
+        for step in range(args.steps)
+    ]
+    step_batches = [[group for group in groups if group] for groups in step_batches]
+    loader = StatefulDataLoader(
+        dataset, batch_sampler=[group for groups in step_batches for group in groups], collate_fn=collate
+    )
+    batches = iter(loader)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    model.train()
+    optimizer.zero_grad()
+    steps, step_end = [], time.perf_counter()
+    for groups in step_batches:
+        figures, num_tokens = [], 0
+        for _ in groups:
+            batch = {key: value.to(device) for key, value in next(batches).items()}
+            labels = batch.pop("labels")
+            # Every real token is trained here (and pads are -100 in both collators), so labels mark the real ones.
+            figures.append(micro_batch_figures(batch["tokens"], labels, labels != IGNORE_INDEX))
+            current_num_tokens = (labels != IGNORE_INDEX).sum()  # before the shift, as the recipe counts
+            num_tokens += current_num_tokens
+            with autocast:
+                logits = model(**batch)
+            # The recipe's shift: labels[1:] and one ignored label at the end, instead of slicing the logits.
+            shifted = torch.hstack((labels[..., 1:], torch.full_like(labels[..., :1], IGNORE_INDEX)))
+            loss = loss_fn(logits, shifted) * current_num_tokens
+            del logits
+            loss.backward()
+        training.scale_grads(model, 1 / num_tokens)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        steps.append({"seconds": now - step_end, **step_totals(figures)})
+        step_end = now
+
+    # The held-out loss by the code every mode uses: torchtune's weights back in the HF model.
+    del optimizer, loader, batches
+    trained = tune_to_hf(model.state_dict(), **shape)
+    del model
+    hf_model = load_model(args.model_source, attn_implementation="sdpa").to(device)
+    missing, unexpected = hf_model.load_state_dict(trained, strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)  # lm_head is tied
+    return {
+        "steps": steps,
+        "preparation_seconds": preparation_seconds,
+        "final_loss": held_out_loss(hf_model, tokenizer, work, args),
+        "rows": len(dataset),
+    }
+
+
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -372,7 +548,8 @@ def worker(mode: str, args) -> None:
     """Run one mode and write its figures to work/result.json."""
     work = Path(args.work)
     torch.manual_seed(args.seed)
-    result = (run_trl if mode.startswith("trl") else run_minisft)(mode, args, work)
+    run = {"trl": run_trl, "torchtune": run_torchtune}.get(mode.split("_")[0], run_minisft)
+    result = run(mode, args, work)
     result["peak_memory_mb"] = peak_memory_mb(args.device)
     (work / f"result-{mode}.json").write_text(json.dumps(result), encoding="utf-8")
 
@@ -395,6 +572,7 @@ def summarise(result: dict, warmup: int, flops_per_token: float, peak_flops: flo
         "preparation_seconds": result["preparation_seconds"],
         "final_loss": result["final_loss"],
         "mfu": tokens_per_second * flops_per_token / peak_flops,
+        "units": result.get("rows"),  # examples or packed rows the mode trained (not a median figure)
     }
 
 
@@ -460,7 +638,8 @@ def bar_chart(summary: dict, path: Path, title: str) -> bool:
     shown = ("trained_tokens_per_second", "slot_efficiency", "peak_memory_mb", "mfu")
     figure, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 4))
     modes = list(summary)
-    colours = ["tab:blue" if mode.startswith("minisft") else "tab:orange" for mode in modes]
+    palette = {"minisft": "tab:blue", "trl": "tab:orange", "torchtune": "tab:green"}
+    colours = [palette[mode.split("_")[0]] for mode in modes]
     for axis, name in zip(axes, shown):
         axis.bar(range(len(modes)), [summary[mode]["median"][name] for mode in modes], color=colours)
         axis.set_xticks(range(len(modes)), [mode.replace("_", "\n", 1) for mode in modes], fontsize=7)
@@ -482,6 +661,24 @@ def versions() -> dict:
     except ImportError:
         pass
     return found
+
+
+def torchtune_environment(path: str | None) -> tuple[dict, str | None, str]:
+    """(environment for a torchtune worker, torchtune's version or None, why not) with `path` first on PYTHONPATH.
+
+    torchtune lives outside the test environment (its torchao pin would not fit there), so its workers get the
+    folder on PYTHONPATH; one import in a child process says whether it runs with this torch.
+    """
+    environment = dict(os.environ)
+    if path and Path(path).is_dir():
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [path, environment.get("PYTHONPATH")]))
+    probe = "import torchtune.models.llama3_2, torchtune.datasets, torchtune.modules.loss, torchtune; "
+    probe += "print(torchtune.__version__)"
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=environment)
+    if found.returncode:
+        lines = found.stderr.strip().splitlines() or ["no output"]
+        return environment, None, f"torchtune does not import (PYTHONPATH {path!r}): {lines[-1]}"
+    return environment, found.stdout.strip().splitlines()[-1], ""
 
 
 def prepare_workspace(args, work: Path) -> tuple[object, list[int]]:
@@ -539,6 +736,11 @@ def main() -> None:
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peak_tflops", type=float, help="GPU bf16 dense peak, if the card is not known")
+    parser.add_argument(
+        "--torchtune_path",
+        default=os.environ.get("MINISFT_TORCHTUNE_PATH", TORCHTUNE_PATH),
+        help="folder with torchtune 0.6.1 and its pins (see the docstring), put on its workers' PYTHONPATH",
+    )
     parser.add_argument("--output", default="benchmarks/results/packing_throughput", help="path stem of .json/.png")
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -552,6 +754,15 @@ def main() -> None:
         parser.error("--steps must be larger than --warmup_steps: nothing would be measured")
 
     started, load_at_start = time.perf_counter(), os.getloadavg()
+    environment = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    torchtune_env, torchtune_version, skipped = environment, None, {}
+    if any(mode.startswith("torchtune") for mode in args.modes):
+        torchtune_env, torchtune_version, reason = torchtune_environment(args.torchtune_path)
+        torchtune_env["TOKENIZERS_PARALLELISM"] = "false"
+        if reason:
+            skipped = {mode: reason for mode in args.modes if mode.startswith("torchtune")}
+            args.modes = [mode for mode in args.modes if mode not in skipped]
+            print(f"skipping {', '.join(skipped)}: {reason}", file=sys.stderr)
     if args.device == "cpu":
         peak_flops, peak_source = cpu_matmul_flops(), "fp32 2048³ matmul measured on this machine"
     else:
@@ -567,7 +778,7 @@ def main() -> None:
                 print(f"repetition {repeat + 1}/{args.repeats}: {mode}", file=sys.stderr, flush=True)
                 command = [sys.executable, __file__, "--worker", mode, "--work", str(work)]
                 command += ["--model_source", args.model_source] + passed_on(args)
-                subprocess.run(command, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                subprocess.run(command, check=True, env=torchtune_env if mode.startswith("torchtune") else environment)
                 result = read_json(work / f"result-{mode}.json")
                 repetitions[mode].append(summarise(result, args.warmup_steps, flops_per_token, peak_flops))
 
@@ -601,7 +812,8 @@ def main() -> None:
         "arguments": {key: value for key, value in vars(args).items() if key not in ("worker", "work")},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "load_average": {"start": load_at_start, "end": os.getloadavg()},  # 1, 5, 15 minutes
-        "versions": versions(),
+        "versions": {**versions(), **({"torchtune": torchtune_version} if torchtune_version else {})},
+        "skipped": skipped,
         "peak_flops": peak_flops,
         "peak_flops_source": peak_source,
         "model_flops_per_trained_token": flops_per_token,

@@ -55,3 +55,39 @@ def test_benchmark_reports_every_figure_for_every_mode(tmp_path):
     assert packed[0] == pytest.approx(packed[1], rel=1e-4)
     assert len(record["targets"]) == 4  # speed-ups over padded and over TRL, memory, MFU
     assert record["versions"]["trl"]
+
+
+def load_benchmark():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import packing_throughput
+
+    return packing_throughput
+
+
+def test_torchtune_modes_train_the_tokens_minisft_trains():
+    """torchtune's samples (the HF chat template, labels = tokens) are minisft's prepared examples, token for token.
+
+    Needs no torchtune: the samples are made before it sees them. Conversations of 1 to 3 exchanges, one cut by
+    max_length, so truncation is checked too.
+    """
+    from minisft.config import DataConfig
+    from minisft.models import load_tokenizer
+    from minisft.prepare import prepare_dataset
+
+    benchmark = load_benchmark()
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    conversations = benchmark.synthetic_conversations(6, seed=0)
+    max_length = 128
+    samples = benchmark.torchtune_samples(conversations, tokenizer, max_length)
+    examples = prepare_dataset(conversations, tokenizer, DataConfig(max_length=max_length)).examples
+    assert [sample["tokens"] for sample in samples] == [example["input_ids"] for example in examples]
+    assert [sample["labels"] for sample in samples] == [example["labels"] for example in examples]
+    assert max(len(sample["tokens"]) for sample in samples) == max_length  # at least one was truncated
+
+
+def test_torchtune_modes_are_skipped_with_the_reason_when_it_does_not_import():
+    benchmark = load_benchmark()
+    _, version, reason = benchmark.torchtune_environment("/nonexistent-torchtune-folder")
+    if version:
+        pytest.skip(f"torchtune {version} is importable in this environment itself")
+    assert "torchtune does not import" in reason and "No module named" in reason
