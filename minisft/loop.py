@@ -410,13 +410,13 @@ def prepare_data(config: RunConfig, tokenizer, processes: Processes, console) ->
     splits = load_and_prepare(config.data.dataset_name or demo_dataset_path(), tokenizer, config.data, config.packing)
     if processes.is_main:
         barrier(processes)
-    console.print(splits.cache_note, highlight=False)  # whether the preparation was reused (minisft/cache.py)
     if (args.eval_strategy != "no" or args.eval_on_start) and splits.eval is None:
         asked = f"--eval_strategy {args.eval_strategy}" if args.eval_strategy != "no" else "--eval_on_start"
         raise ConfigError(
             f"{asked}: there is no eval split to evaluate on. Hold one out with "
             "--eval_split_size 0.1, or give a dataset with a test split (--dataset_test_split), or --eval_strategy no."
         )
+    console.print(splits.cache_note, highlight=False)  # whether the preparation was reused (minisft/cache.py)
     pad_note = setup_pad_token(tokenizer, config.data.pad_token)  # before any batch: the tokenizer may have none
     if pad_note:
         console.print(pad_note)
