@@ -189,7 +189,7 @@ class Run:
     data_order: Callable[[], dict]
     completed: int = 0  # steps done
     saved: Path | None = None  # the checkpoint of step `completed`, if there is one
-    interval: Interval = None  # the figures since the last log line
+    interval: Interval = field(default_factory=lambda: Interval())  # the figures since the last log line (below)
 
 
 def run_steps(run: Run, args: TrainingConfig, stop, metrics_log, console: Console) -> tuple[dict, bool]:
@@ -203,7 +203,7 @@ def run_steps(run: Run, args: TrainingConfig, stop, metrics_log, console: Consol
         with progress:
             task = progress.add_task("training", total=run.total_steps, completed=run.completed, figures="")
             if args.eval_on_start:  # a check that evaluation works before any time goes into training
-                log(run, metrics_log, {**epoch_record(run), "eval_loss": evaluate(run, args)}, last_metrics)
+                log(metrics_log, {**epoch_record(run), "eval_loss": evaluate(run, args)}, last_metrics)
             for step in range(run.completed, run.total_steps):
                 indices = micro_batches_of_step(
                     step, len(run.train_units), args.per_device_train_batch_size, args.gradient_accumulation_steps,
@@ -223,13 +223,13 @@ def run_steps(run: Run, args: TrainingConfig, stop, metrics_log, console: Consol
                 figures = checked_step(run, micro_batches, step_tokens, args.max_grad_norm, stop, console, step)
                 run.completed = step + 1
                 run.interval.add_step(*figures, step_tokens, learning_rate)
-                record = run.interval.figures(epoch_record(run), run.parallel.device) if logging_due(
-                    args, run.completed, run.total_steps
-                ) else {}  # fmt: skip
+                record = {}
+                if logging_due(args, run.completed, run.total_steps):
+                    record = run.interval.figures(epoch_record(run), run.parallel.device)
                 if evaluation_due(args, run.completed, run.steps_per_epoch, run.total_steps) and run.eval_units:
                     record.update({**epoch_record(run), "eval_loss": evaluate(run, args)})
                 if record:
-                    log(run, metrics_log, record, last_metrics)
+                    log(metrics_log, record, last_metrics)
                     progress.update(task, figures=progress_figures(last_metrics))
                 if save_due(args, run.completed, run.steps_per_epoch, run.total_steps):
                     run.saved = save(run, args)
@@ -355,7 +355,7 @@ def epoch_record(run: Run) -> dict:
     return {"step": run.completed, "epoch": round(run.completed / run.steps_per_epoch, 4)}
 
 
-def log(run: Run, metrics_log: MetricsLog | None, record: dict, last_metrics: dict) -> None:
+def log(metrics_log: MetricsLog | None, record: dict, last_metrics: dict) -> None:
     if metrics_log is not None:  # rank 0
         metrics_log.write(record)
         last_metrics.update(record)
