@@ -3,6 +3,8 @@
     output_dir/checkpoint-40/
         model.safetensors + config.json    the weights (or adapter_model.safetensors + adapter_config.json with LoRA)
         optimizer.pt                       AdamW's running averages m and v
+        sharded/                           under FSDP instead of the two above: weights (LoRA: the adapter) and
+                                           optimizer state, each process's own shards (torch.distributed.checkpoint)
         scheduler.pt                       where the learning-rate schedule is
         rng_state.pt                       the random generators (dropout, shuffling); under torchrun
                                            one rng_state_{rank}.pt per process
@@ -12,35 +14,48 @@ Writing. A checkpoint is written to .checkpoint-40.partial, flushed to the disk 
 into place. A rename is atomic, so a process killed at any moment (SIGKILL, or the machine losing
 power) leaves each checkpoint-N folder whole or absent. An old checkpoint is renamed away before it is
 deleted, for the same reason. A write that fails (a full disk) removes its partial folder and stops
-the run with one line; the checkpoints before it stay as they were.
+the run with one line; the checkpoints before it stay as they were. Under FSDP every process writes
+its shards in parallel, and nothing is gathered to one process: the save costs what one shard does.
 
 Resuming. The examples a step sees are a function of the seed, the step, and the settings that cut the
 data into steps (minisft/loop.py). The checkpoint stores those settings and a fingerprint of the
 tokenized training data, and a resume that would change them is refused by name: it would no longer
 continue the same run. --ignore_data_order_mismatch lets a user who means it go on anyway.
 
+Another number of processes. What decides a step's examples is the global batch (processes ×
+per-process batch × accumulation), not its split, so a checkpoint of N processes continues on M
+when the per-process batch or the accumulation is re-derived to keep it; the run says which. A
+sharded checkpoint loads into any number of processes, with FSDP or without: DCP reshards each
+tensor by name. Only the float rounding of the sums differs; with N = M the run goes on bit for bit.
+
 Reading. Each file is read with its name at hand, so a truncated or missing file is reported by name,
 with the previous checkpoint offered. Everything but the weights is loaded with
-torch.load(weights_only=True): plain tensors and numbers, no pickled code.
+torch.load(weights_only=True): plain tensors and numbers, no pickled code; DCP's files hold tensors
+and their layout only.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
 import random
 import re
 import shutil
+import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from .distributed import Processes, device_of, sum_across
+from .distributed import DataParallel
 from .errors import UserError
 from .lora import ADAPTER_WEIGHTS, PEFT_PREFIX, LoraSettings, save_adapter
 from .storage import from_examples
@@ -49,10 +64,15 @@ PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 PARTIAL = ".partial"  # .checkpoint-N.partial: being written
 TRASH = ".trash"  # .checkpoint-N.trash: being deleted
+SHARDED = "sharded"  # under FSDP: the weights and optimizer state, one file of shards per process (DCP)
 # What a failed write raises: torch.save reports a full disk as a RuntimeError ("unexpected pos"), safetensors
 # as a SafetensorError ("No space left on device"), plain Python files as an OSError (errno ENOSPC).
-WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
-READ_ERRORS = (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError, KeyError)
+# DCP gathers every process's failure into one CheckpointException (a BaseException) on all of them.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError, dcp.CheckpointException)
+READ_ERRORS = (
+    OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError, KeyError,
+    dcp.CheckpointException,
+)  # fmt: skip
 
 
 class CheckpointError(UserError, ValueError):
@@ -63,70 +83,85 @@ class CheckpointError(UserError, ValueError):
 
 
 def save_checkpoint(
-    output_dir: Path,
-    step: int,
-    model,
-    optimizer,
-    schedule,
-    state: dict,
-    lora: LoraSettings | None,
-    base_name: str,
-    processes: Processes = Processes(),
-) -> Path:
-    """Write checkpoint-{step}: every process its random state, rank 0 the rest. All succeed, or all raise."""
+    output_dir: Path, step: int, model, optimizer, schedule, state: dict, lora: LoraSettings | None,
+    base_name: str, parallel: DataParallel,
+) -> Path:  # fmt: skip
+    """Write checkpoint-{step}: every process its random state (and under FSDP its shards), rank 0 the rest.
+
+    All processes succeed, or all raise: under torchrun they check together after each phase (the folder
+    made, the files written, the folder renamed into place), so one failing never leaves the others waiting.
+    """
     final = output_dir / f"{PREFIX}{step}"
     partial = output_dir / f".{PREFIX}{step}{PARTIAL}"
-    writing = partial  # what is being written, for the message if it fails (torch.save's own names no file)
-
-    def make_folder():
-        shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while writing this step
-        partial.mkdir(parents=True)
+    writing = [partial]  # the file being written, for the message if it fails (torch.save's own names no file)
 
     def write(name: str, save) -> None:
-        nonlocal writing
-        writing = partial / name
-        save(writing)
+        writing[0] = partial / name
+        save(writing[0])
 
     def write_files():
-        write(rng_file(processes), lambda path: torch.save(rng_state(), path))  # dropout and shuffling generators
+        processes = parallel.processes
+        if parallel.sharded:  # every process its own shards, in parallel; first, as every process must enter it
+            write(SHARDED, lambda path: dcp.save(sharded_state(model, optimizer, lora), checkpoint_id=path))
+        write(rng_file(processes.rank, processes.world_size), lambda path: torch.save(rng_state(), path))
         if not processes.is_main:
             return
-        if lora is not None:
-            write(ADAPTER_WEIGHTS, lambda path: save_adapter(model, partial, lora, base_name))
-        else:  # an ordinary HF folder: from_pretrained can open any checkpoint
-            write("model.safetensors", lambda path: model.save_pretrained(partial))
-        write("optimizer.pt", lambda path: torch.save(optimizer.state_dict(), path))
+        if not parallel.sharded:  # rank 0 holds them whole
+            if lora is not None:
+                write(ADAPTER_WEIGHTS, lambda path: save_adapter(model, partial, lora, base_name))
+            else:  # an ordinary HF folder: from_pretrained can open the checkpoint
+                write("model.safetensors", lambda path: model.save_pretrained(partial))
+            write("optimizer.pt", lambda path: torch.save(optimizer.state_dict(), path))
         write("scheduler.pt", lambda path: torch.save(schedule.state_dict(), path))
         write(STATE_FILE, lambda path: path.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8"))
 
     def commit():
-        nonlocal writing
-        writing = final
-        # fsync first: after a power cut the renamed folder must not hold files the disk never received.
-        for path in partial.iterdir():
-            _fsync(path)
-        _fsync(partial)
-        replaced = output_dir / f".{final.name}{TRASH}"
-        if final.exists():  # an older run's checkpoint of this step: moved away, not deleted in place
-            shutil.rmtree(replaced, ignore_errors=True)
-            final.rename(replaced)
-        partial.rename(final)
-        _fsync(output_dir)
-        shutil.rmtree(replaced, ignore_errors=True)
+        writing[0] = final
+        _commit(partial, final)
 
-    # Under torchrun the processes check together after each phase, so one failing never leaves the others waiting.
-    for work, everyone in ((make_folder, False), (write_files, True), (commit, False)):
+    for work, everyone in ((lambda: _make_folder(partial), False), (write_files, True), (commit, False)):
         failure = None
-        if everyone or processes.is_main:
+        if everyone or parallel.processes.is_main:
             try:
                 work()
             except WRITE_ERRORS as error:
                 failure = error
-        if sum_across(processes, [float(failure is not None)], device_of(processes))[0]:
-            if processes.is_main:
+        if parallel.sum([float(failure is not None)])[0]:
+            if parallel.processes.is_main:
                 shutil.rmtree(partial, ignore_errors=True)
-            raise CheckpointError(write_failure(f"checkpoint-{step} ({writing})", failure, output_dir))
+            raise CheckpointError(write_failure(f"checkpoint-{step} ({writing[0]})", failure, output_dir))
     return final
+
+
+def _make_folder(partial: Path) -> None:
+    shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while writing this step
+    partial.mkdir(parents=True)
+
+
+def _commit(partial: Path, final: Path) -> None:
+    """Rename the written folder into place; an older folder of the same step is moved away first, not deleted."""
+    # fsync first: after a power cut the renamed folder must not hold files the disk never received.
+    for path in [*partial.rglob("*"), partial]:
+        _fsync(path)
+    replaced = final.with_name(f".{final.name}{TRASH}")
+    if final.exists():
+        shutil.rmtree(replaced, ignore_errors=True)
+        final.rename(replaced)
+    partial.rename(final)
+    _fsync(final.parent)
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
+def sharded_state(model, optimizer, lora: LoraSettings | None) -> dict:
+    """The model's and the optimizer's state as torch.distributed.checkpoint saves and loads it: keyed by
+    parameter name, each tensor this process's shard (a DTensor) under FSDP, or whole in a single process,
+    which is what lets DCP load a checkpoint into another number of processes (it reshards by name).
+    With LoRA only the trained tensors: the frozen base is the base model's, already on disk."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    if lora is not None:
+        trained = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+        model_state = {name: tensor for name, tensor in model_state.items() if name in trained}
+    return {"model": model_state, "optimizer": optimizer_state}
 
 
 def write_failure(what: str, error: Exception | None, output_dir: Path) -> str:
@@ -179,8 +214,8 @@ def prune(output_dir: Path, keep: int | None, current: Path) -> None:
         _remove(old)
 
 
-def rng_file(processes: Processes) -> str:
-    return "rng_state.pt" if not processes.distributed else f"rng_state_{processes.rank}.pt"
+def rng_file(rank: int, world_size: int) -> str:
+    return "rng_state.pt" if world_size == 1 else f"rng_state_{rank}.pt"
 
 
 def rng_state() -> dict:
@@ -230,24 +265,54 @@ def data_fingerprint(units: Sequence[dict]) -> str:
     return f"{len(units)} units, sha256 {hashed.fingerprint()[:16]}"
 
 
-def check_resume(
-    directory: Path, processes: Processes, data_order: dict, ignore_mismatch: bool
-) -> tuple[dict, list[str]]:
-    """The checkpoint's trainer state, once it is known that this run can continue it.
-
-    Returns the state and the data-order changes the user allowed with --ignore_data_order_mismatch.
-    """
+def read_trainer_state(directory: Path) -> dict:
     with reading(directory / STATE_FILE) as path:
         state = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(state, dict) or "step" not in state:
             raise ValueError("it holds no step")
+    return state
+
+
+def batch_for_processes(
+    directory: Path, state: dict, batch_size: int, accumulation: int, world_size: int
+) -> tuple[int, int, str | None]:
+    """The per-process batch and accumulation that keep the checkpoint's global batch on `world_size` processes.
+
+    A step covers the same units of the epoch's order whatever the split of its global batch
+    (processes × per-process batch × accumulation), so a checkpoint continues exactly on another number of
+    processes if the global batch stays (the sums differ only in float rounding). The flags given are kept
+    if they keep it; else the per-process batch is kept and the accumulation re-derived, or the other way.
+    Returns (batch, accumulation, what was re-derived or None).
+    """
     saved_by = state.get("world_size", 1)
-    if saved_by != processes.world_size:
+    if saved_by == world_size:
+        return batch_size, accumulation, None  # any change is the data order's to refuse (check_resume)
+    global_batch = state.get("data_order", {}).get("global_batch_size")
+    if global_batch is None:  # written before minisft could resume on another number of processes
         raise CheckpointError(
             f"{directory} was saved by {saved_by} processes; resume it with as many "
-            f"(torchrun --nproc_per_node {saved_by}), not {processes.world_size}: the data order and the "
-            "random states are per process."
+            f"(torchrun --nproc_per_node {saved_by}), not {world_size}."
         )
+    for batch, steps in [(batch_size, accumulation), (batch_size, None), (None, accumulation)]:
+        batch = batch or global_batch // (world_size * steps)
+        steps = steps or global_batch // (world_size * batch)
+        if batch >= 1 and steps >= 1 and world_size * batch * steps == global_batch:
+            note = (
+                f"resuming on {world_size} processes a checkpoint of {saved_by}: --per_device_train_batch_size "
+                f"{batch} × --gradient_accumulation_steps {steps} keeps its global batch of {global_batch}"
+                + ("" if (batch, steps) == (batch_size, accumulation) else f" (given: {batch_size} × {accumulation})")
+            )
+            return batch, steps, note
+    raise CheckpointError(
+        f"{directory} was saved by {saved_by} processes with a global batch of {global_batch}, which "
+        f"{world_size} processes cannot split: pass --per_device_train_batch_size and "
+        f"--gradient_accumulation_steps whose product × {world_size} is {global_batch}."
+    )
+
+
+def check_resume(directory: Path, state: dict, data_order: dict, ignore_mismatch: bool) -> list[str]:
+    """Whether this run continues the checkpoint's: the data-order changes that --ignore_data_order_mismatch
+    allowed (refused without it)."""
     saved = state.get("data_order", {})  # absent from checkpoints older than this check
     changes = [
         _change(name, saved[name], value)
@@ -260,10 +325,15 @@ def check_resume(
             "these: resume with the checkpoint's values, or pass --ignore_data_order_mismatch to go on with the "
             "new ones (the rest of the run then differs from the one the checkpoint came from)."
         )
-    return state, changes
+    return changes
 
 
 def _change(name: str, saved, now) -> str:
+    if name == "global_batch_size":
+        return (
+            f"the global batch (processes × --per_device_train_batch_size × --gradient_accumulation_steps) was "
+            f"{saved} there and is {now} here"
+        )
     if name == "train_data":
         return (
             f"the tokenized training data was {saved} there and is {now} here (another dataset or file content, "
@@ -280,9 +350,75 @@ def _flag_text(value) -> str:
 
 
 def load_checkpoint(
-    directory: Path, model, optimizer, schedule, lora: LoraSettings | None, processes: Processes = Processes()
+    directory: Path, model, optimizer, schedule, lora: LoraSettings | None, parallel: DataParallel, saved_by: int
 ) -> None:
-    """Restore the weights, optimizer, schedule and random state (check_resume has read the trainer state)."""
+    """Restore the weights, optimizer, schedule and random state (check_resume has read the trainer state).
+
+    A checkpoint saved under FSDP (its `sharded` folder) loads into any number of processes, with FSDP or
+    without: DCP reshards. One saved without FSDP holds the whole model and loads into DDP or one process.
+    `saved_by` processes wrote it; process r takes the random state of process r mod saved_by.
+    """
+    if (directory / SHARDED).is_dir():
+        with reading(directory / SHARDED / ".metadata") as path, warnings.catch_warnings():
+            # One process loading a sharded checkpoint is meant: DCP's warning that it assumed so is not news.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            check_metadata(path)
+            state = sharded_state(model, optimizer, lora)
+            dcp.load(state, checkpoint_id=path.parent, planner=WeightsOnlyPlanner())
+        set_state_dict(
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+            options=StateDictOptions(strict=lora is None),
+        )  # fmt: skip
+    elif parallel.sharded:
+        raise CheckpointError(
+            f"{directory} was saved without --fsdp (it holds the whole model): resume it without --fsdp, "
+            "with any number of processes."
+        )
+    else:
+        load_whole(directory, model, optimizer, lora)
+    with reading(directory / "scheduler.pt") as path:
+        schedule.load_state_dict(torch.load(path, weights_only=True))
+    rank = parallel.processes.rank % saved_by
+    with reading(directory / rng_file(rank, saved_by)) as path:
+        restore_rng_state(torch.load(path, weights_only=True))
+
+
+# What DCP's .metadata may name: its own layout classes, torch's sizes, dtypes and layouts, and a path.
+METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": None,  # any of its classes
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"} | {name for name in dir(torch) if isinstance(getattr(torch, name), torch.dtype)},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath"},
+}
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module in METADATA_CLASSES and (METADATA_CLASSES[module] is None or name in METADATA_CLASSES[module]):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which DCP's metadata never holds")
+
+
+def check_metadata(path: Path) -> None:
+    """DCP reads its .metadata with a plain pickle.load, which would run any code the file names. Unpickled
+    here first with only DCP's own classes allowed, the same bytes can then only build those."""
+    with path.open("rb") as file:
+        MetadataUnpickler(file).load()
+
+
+class WeightsOnlyPlanner(DefaultLoadPlanner):
+    """DCP's loader, with the non-tensor values (the optimizer's lr, betas...) read by torch.load(weights_only=True)
+    first: DCP itself reads them with weights_only=False."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        torch.load(value, weights_only=True)  # raises on anything but tensors and plain values
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
+def load_whole(directory: Path, model, optimizer, lora: LoraSettings | None) -> None:
+    """The weights (or adapter) and the optimizer of a checkpoint written without FSDP."""
     with reading(directory / (ADAPTER_WEIGHTS if lora is not None else "model.safetensors")) as path:
         saved = load_file(path)
     if lora is not None:
@@ -291,10 +427,6 @@ def load_checkpoint(
     _copy_into(model, saved, path)
     with reading(directory / "optimizer.pt") as path:
         optimizer.load_state_dict(torch.load(path, weights_only=True))
-    with reading(directory / "scheduler.pt") as path:
-        schedule.load_state_dict(torch.load(path, weights_only=True))
-    with reading(directory / rng_file(processes)) as path:
-        restore_rng_state(torch.load(path, weights_only=True))
 
 
 @contextmanager

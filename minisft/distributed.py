@@ -24,7 +24,21 @@ takes with batch N·b.
   processes, each decoder layer gathered only while it computes: for models too big for one
   device.
 
-Only rank 0 prints, logs and writes files; every rank saves its own random state in checkpoints.
+LoRA and QLoRA under FSDP2. LoRA's layers are injected first, then each decoder layer is one
+FSDP unit holding its frozen base weights and its trained A and B together. That mix is what
+breaks naive FSDP1 wrapping: FSDP1 flattens a unit's parameters into one FlatParameter with one
+requires_grad (use_orig_params=True lifts this at a memory cost), so peft's and answer.ai's
+fsdp_qlora recipes wrap every trained Linear as a unit of its own. FSDP2 shards each parameter
+on its own, as a DTensor cut along its first dimension: a unit may mix frozen and trained
+parameters, and the reduce-scatter carries only the gradients that exist (A's and B's). So the
+wrapping stays one unit per layer, the granularity that overlaps communication with compute.
+A 4-bit QLoRA base is sharded the same way: its packed codes are a parameter like any other
+(uint8, or --bnb_4bit_quant_storage's dtype: FSDP2 gathers mixed dtypes), and bitsandbytes keeps
+each layer's quantization state on the module, so the gathered codes dequantize again. At the
+end only the adapter is gathered to rank 0 and written in peft's format (whole_weights below).
+
+Only rank 0 prints, logs and writes files; in checkpoints every rank saves its own random state,
+and under FSDP its own shards (minisft/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -37,8 +51,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 
 from .errors import UserError
+from .lora import LoraSettings, adapter_state_dict
 
 
 class DistributedError(UserError, RuntimeError):
@@ -89,15 +106,6 @@ def barrier(processes: Processes) -> None:
         dist.barrier()
 
 
-def sum_across(processes: Processes, values: list[float], device: torch.device) -> list[float]:
-    """The element-wise sum of `values` over all processes (the values themselves with one process)."""
-    if not processes.distributed:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
 class Backbone(nn.Module):
     """The model without its output head: what DDP and FSDP wrap.
 
@@ -146,8 +154,18 @@ class DataParallel:
         padding = math.ceil(len(micro_batches) / world_size) - len(mine)
         return [(batch, 1.0) for batch in mine] + [(micro_batches[0], 0.0)] * padding
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP2: every process holds a shard of each weight (a DTensor), not the whole model."""
+        return isinstance(self.backbone, FSDPModule)
+
     def sum(self, values: list[float]) -> list[float]:
-        return sum_across(self.processes, values, self.device)
+        """The element-wise sum of `values` over all processes (the values themselves with one process)."""
+        if not self.processes.distributed:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
 
     @contextmanager
     def sync(self, last: bool):
@@ -157,7 +175,7 @@ class DataParallel:
         elif isinstance(self.backbone, nn.parallel.DistributedDataParallel):
             with self.backbone.no_sync():
                 yield
-        else:  # FSDP2
+        else:  # FSDP2: the reduce-scatter waits for the last micro-batch
             self.backbone.set_requires_gradient_sync(False)
             try:
                 yield
@@ -178,8 +196,6 @@ def data_parallel(model: nn.Module, processes: Processes, fsdp: bool) -> DataPar
     if not fsdp:
         device_ids = [processes.local_rank] if torch.cuda.is_available() else None
         return DataParallel(processes, nn.parallel.DistributedDataParallel(backbone, device_ids=device_ids), device)
-    from torch.distributed.fsdp import fully_shard
-
     layers = getattr(model.base_model, "layers", None)
     if layers is None:
         name = type(model).__name__
@@ -194,10 +210,15 @@ def total_norm(norm: torch.Tensor) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
-def full_state_dict(model: nn.Module, fsdp: bool) -> dict | None:
-    """The whole model's weights on rank 0 (gathered from the shards under FSDP); None elsewhere."""
-    if not fsdp:
+def whole_weights(model: nn.Module, lora: LoraSettings | None) -> dict[str, torch.Tensor] | None:
+    """Under FSDP, the weights to write, gathered from every process's shards: the whole model's, or with
+    LoRA only the adapter's (a small gather, the frozen base stays sharded). None without FSDP: the model
+    holds them whole. Every process must call this, in step: each gather is a collective; rank 0 writes.
+    """
+    if not any(isinstance(parameter, DTensor) for parameter in model.parameters()):
         return None
+    if lora is not None:
+        return {name: tensor.full_tensor() for name, tensor in adapter_state_dict(model, lora).items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -316,11 +316,15 @@ def adapter_state_dict(model: nn.Module, settings: LoraSettings) -> dict[str, to
 
 
 def save_adapter(
-    model: nn.Module, directory: str | Path, settings: LoraSettings, base_model_name_or_path: str | None
-) -> None:
+    model: nn.Module, directory: str | Path, settings: LoraSettings, base_model_name_or_path: str | None,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> None:  # fmt: skip
+    """adapter_model.safetensors and adapter_config.json, as peft writes them; `tensors`: the adapter's tensors
+    when they were gathered already (from FSDP's shards, minisft/distributed.py), else taken from the model."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state_dict(model, settings), directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    tensors = adapter_state_dict(model, settings) if tensors is None else tensors
+    save_file(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
