@@ -2,6 +2,7 @@
 
     python benchmarks/step_costs.py                      # CPU, the tiny Llama over SmolLM2's vocabulary, ~2 min
     python benchmarks/step_costs.py --minisft ../old     # part 2 with another checkout's minisft (same command line)
+    python benchmarks/step_costs.py --memory             # part 3 alone: live tensor bytes of train_step, ~4 min
 
 1. Evaluation per token, against a training step per token. `minisft.loop.evaluate` runs under no_grad,
    and the loss then takes the plain formula (loss.plain_losses). The fused loss (what training runs)
@@ -12,7 +13,16 @@
    rows under eager attention make the effect easy to see: each micro-batch carries a dense
    (1, 1, L, L) fp32 mask, 4 MB at L = 1024, which a loop collating the whole step first would hold
    `accumulation` times. Each accumulation count runs `python -m minisft.train` in its own process (peak
-   RSS is per process) on the same data, 3 steps, one row per micro-batch.
+   RSS is per process) on the same data, 3 steps, one row per micro-batch. RSS carries the allocator's
+   slack and the machine's noise, larger here than the effect: part 3 is the measurement to read.
+3. (--memory) The same question, answered exactly: the peak of live tensor bytes during one
+   `minisft.loop.train_step`, from the profiler's allocation events (torch.profiler, profile_memory=True:
+   the running sum of their sizes in time order, above what was live when the step began). Two variants
+   of the same step over one packed row repeated `accumulation` times: "one at a time", train_step as the
+   loop calls it, and "collated ahead", the loop before this change (commit 7b15111), simulated by
+   collating every micro-batch first and handing train_step a collate_fn that returns them in turn. Under
+   eager attention (a dense mask per micro-batch) and sdpa per example (no mask). The difference per extra
+   micro-batch is checked against the bytes of one collated micro-batch, counted by formula and measured.
 
 Output: a table and a JSON file (--out). Timings drift on a shared machine; compare ratios within one run.
 """
@@ -48,7 +58,7 @@ def eval_costs(repeats: int) -> dict:
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     model = tiny_model(tokenizer, **TINY_SHAPE)
     use_sdpa_by_example(model)
-    examples = prepare_dataset(synthetic_conversations(64, seed=0), tokenizer, DataConfig(), truncate=False).examples
+    examples = prepare_dataset(synthetic_conversations(64, seed=0), tokenizer, DataConfig(max_length=1024)).examples
     rows = list(pack(examples, 1024, "bfd").rows)[:8]
     parallel = data_parallel(model, Processes(), fsdp=False)
     batches = [collate([row], model, tokenizer.pad_token_id, False, None, torch.device("cpu")) for row in rows]
@@ -115,6 +125,118 @@ def accumulation_memory(counts: list[int], minisft_path: Path, work: Path) -> di
     return figures
 
 
+def live_bytes(work) -> tuple[int, int, object]:
+    """(peak, end, work()): live CPU tensor bytes while work() runs, above those live when it began.
+
+    The profiler records every allocation (+size) and free (−size) of a tensor allocated inside the window;
+    frees of tensors older than the window count 0. The allocator's slack and non-tensor memory are not in it.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        result = work()
+    events = [event for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda event: event.start_ns()):  # stable: ties keep the recorded order
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak, live, result
+
+
+def step_memory(counts: list[int], length: int) -> dict:
+    """Peak live tensor bytes of one train_step by accumulation count, micro-batches collated one at a time
+    (the loop) or all ahead (the loop at commit 7b15111), under eager attention and sdpa per example."""
+    import functools
+    from contextlib import nullcontext
+
+    from minisft.attention import use_sdpa_by_example
+    from minisft.config import DataConfig
+    from minisft.distributed import Processes, data_parallel
+    from minisft.loop import collate, gradient_scaler, train_step
+    from minisft.loss import count_trained_tokens_of
+    from minisft.models import load_tokenizer, tiny_model
+    from minisft.optim import build_optimizer, build_schedule
+    from minisft.packing import pack
+    from minisft.prepare import prepare_dataset
+
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    examples = prepare_dataset(synthetic_conversations(64, seed=0), tokenizer, DataConfig(max_length=length)).examples
+    row = max(pack(examples, length, "bfd").rows, key=lambda row: len(row["input_ids"]))
+    width, documents = len(row["input_ids"]), len(row["seq_lengths"])
+    trained = count_trained_tokens_of([row])
+    figures = {"row": {"length": width, "examples": documents, "trained_tokens": trained}}
+    for implementation in ("eager", "sdpa"):
+        model = tiny_model(tokenizer, **TINY_SHAPE, attn_implementation=implementation)
+        use_sdpa_by_example(model)  # sdpa → sdpa per example, as the loop runs packed rows; eager stays
+        parallel = data_parallel(model, Processes(), fsdp=False)
+        optimizer = build_optimizer(model, "adamw_torch_fused", 1e-5, 0.0)
+        schedule = build_schedule(optimizer, "constant", 0, 1000)
+        scaler = gradient_scaler(False, torch.device("cpu"))
+        collate_fn = functools.partial(
+            collate, model=model, pad_token_id=tokenizer.pad_token_id, padding_free=False, pad_to_multiple_of=None,
+            device=torch.device("cpu"),
+        )  # fmt: skip
+
+        def step(count: int, ahead: bool) -> None:
+            micro_batches = [([row], 1)] * count
+            step_collate = collate_fn
+            if ahead:  # the old loop: the whole step's micro-batches collated before the first forward pass
+                batches = [collate_fn(units) for units, _ in micro_batches]
+                pending = iter(batches)
+                step_collate = lambda units: next(pending)  # noqa: E731
+            train_step(
+                model, micro_batches, trained * count, step_collate, optimizer, schedule, scaler, nullcontext,
+                1.0, parallel,
+            )  # fmt: skip
+
+        step(1, ahead=False)  # the optimizer's state is created here, outside the measured steps
+        _, batch_bytes, _ = live_bytes(lambda: collate_fn([row]))  # what one collated micro-batch holds
+        if implementation == "eager":  # the (1, 1, L, L) mask in the model's dtype, ids, labels and positions
+            formula = width * width * model.dtype.itemsize + 3 * width * 8
+        else:  # the flattened ids, labels and positions, and the examples' boundaries (int32)
+            formula = 3 * width * 8 + 4 * (documents + 1)
+        peaks = {"one_at_a_time": {}, "collated_ahead": {}}
+        for count in counts:
+            for variant, ahead in (("one_at_a_time", False), ("collated_ahead", True)):
+                peaks[variant][count] = live_bytes(lambda: step(count, ahead))[0]
+        later = [count for count in counts if count >= 2]  # from 1 to 2 the gradients start living across passes
+        per_extra = {
+            variant: (by_count[later[-1]] - by_count[later[0]]) / (later[-1] - later[0])
+            for variant, by_count in peaks.items()
+        }
+        figures[implementation] = {
+            "collated_micro_batch_bytes": {"formula": formula, "measured": batch_bytes},
+            "peak_live_bytes": peaks,
+            "per_extra_micro_batch_bytes": {"counts": [later[0], later[-1]], **per_extra},
+        }
+    return figures
+
+
+def print_step_memory(figures: dict) -> None:
+    mib = 2**20
+    row = figures["row"]
+    print(f"one packed row of {row['length']} tokens ({row['examples']} examples) per micro-batch; MiB = 2^20 bytes")
+    for implementation in ("eager", "sdpa"):
+        entry = figures[implementation]
+        batch = entry["collated_micro_batch_bytes"]
+        print(
+            f"{implementation}: one collated micro-batch {batch['measured']:,} bytes measured, "
+            f"{batch['formula']:,} by formula ({batch['measured'] / mib:.3f} MiB)"
+        )
+        peaks = entry["peak_live_bytes"]
+        for count in peaks["one_at_a_time"]:
+            one, ahead = peaks["one_at_a_time"][count], peaks["collated_ahead"][count]
+            print(
+                f"  accumulation {count:>3}: one at a time {one / mib:8.2f} MiB, collated ahead {ahead / mib:8.2f} MiB "
+                f"(+{(ahead - one) / mib:.2f})"
+            )
+        extra = entry["per_extra_micro_batch_bytes"]
+        print(
+            f"  per extra micro-batch ({extra['counts'][0]} to {extra['counts'][1]}): one at a time "
+            f"{extra['one_at_a_time']:,.0f} bytes, collated ahead {extra['collated_ahead']:,.0f} bytes"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -123,25 +245,42 @@ def main() -> None:
         default=Path(__file__).resolve().parents[1],
         help="checkout whose python -m minisft.train part 2 runs",
     )
-    parser.add_argument("--accumulation", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument(
+        "--memory", action="store_true", help="part 3 alone: live tensor bytes of train_step by accumulation"
+    )
+    parser.add_argument(
+        "--accumulation", type=int, nargs="+", help="accumulation counts (default 1 4 16; --memory: 1 2 4 8 16)"
+    )
+    parser.add_argument("--row_length", type=int, default=1024, help="--memory: the packed row's length")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu_step_costs.json")
+    parser.add_argument("--out", type=Path, help="default results/cpu_step_costs.json (--memory: cpu_step_memory.json)")
     args = parser.parse_args()
+    results = Path(__file__).parent / "results"
     torch.manual_seed(0)
     figures = {"minisft": str(args.minisft), "torch": torch.__version__, "threads": torch.get_num_threads()}
-    figures["microseconds_per_trained_token"] = eval_costs(args.repeats)
-    with tempfile.TemporaryDirectory() as work:
-        figures["peak_rss_mb_by_accumulation"] = accumulation_memory(args.accumulation, args.minisft, Path(work))
-    costs = figures["microseconds_per_trained_token"]
-    print(
-        f"per trained token: train step {costs['train_step']:.1f} µs, eval {costs['eval']:.1f} µs "
-        f"({costs['eval'] / costs['train_step']:.2f}× a step), eval with the fused loss "
-        f"{costs['eval_fused_loss']:.1f} µs"
-    )
-    for count, megabytes in figures["peak_rss_mb_by_accumulation"].items():
-        print(f"--gradient_accumulation_steps {count:>3}: peak RSS {megabytes:,.0f} MB")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(figures, indent=2) + "\n")
+    if args.memory:
+        start = time.perf_counter()
+        figures["step_memory"] = step_memory(args.accumulation or [1, 2, 4, 8, 16], args.row_length)
+        figures["seconds"] = round(time.perf_counter() - start, 1)
+        print_step_memory(figures["step_memory"])
+        out = args.out or results / "cpu_step_memory.json"
+    else:
+        figures["microseconds_per_trained_token"] = eval_costs(args.repeats)
+        with tempfile.TemporaryDirectory() as work:
+            figures["peak_rss_mb_by_accumulation"] = accumulation_memory(
+                args.accumulation or [1, 4, 16], args.minisft, Path(work)
+            )
+        costs = figures["microseconds_per_trained_token"]
+        print(
+            f"per trained token: train step {costs['train_step']:.1f} µs, eval {costs['eval']:.1f} µs "
+            f"({costs['eval'] / costs['train_step']:.2f}× a step), eval with the fused loss "
+            f"{costs['eval_fused_loss']:.1f} µs"
+        )
+        for count, megabytes in figures["peak_rss_mb_by_accumulation"].items():
+            print(f"--gradient_accumulation_steps {count:>3}: peak RSS {megabytes:,.0f} MB")
+        out = args.out or results / "cpu_step_costs.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":

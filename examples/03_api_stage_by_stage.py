@@ -67,8 +67,8 @@ def main() -> None:
 
     stage("4. pack (minisft/packing.py): examples share rows, positions restart per example")
     demo = load_splits(demo_dataset_path()).train
-    demo_prepared = prepare_dataset(demo, tokenizer, DataConfig(assistant_only_loss=True), truncate=False)
-    packed = pack(demo_prepared.examples, max_length=256)
+    demo_prepared = prepare_dataset(demo, tokenizer, DataConfig(assistant_only_loss=True, max_length=256))
+    packed = pack(demo_prepared.examples, max_length=256)  # bfd: the examples come truncated to 256 tokens
     table = Table("row", "examples (seq_lengths)", "tokens", "position_ids (the collator's)")
     for index, row in enumerate(packed.rows):
         positions = collate_rows([row], tokenizer.pad_token_id)["position_ids"][0].tolist()

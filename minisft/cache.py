@@ -10,8 +10,9 @@ named by a sha256 of:
   mtime; reading 64 MiB takes a tenth of a second, a warm run's budget allows it);
 - the tokenizer: its whole vocabulary and merges (the fast tokenizer's JSON), its added and
   special tokens, and the chat template it will render with;
-- every flag that changes the prepared tokens: DATA_FLAGS below, and whether each split is
-  packed (a packed split is truncated by the packer, not here);
+- every flag that changes the prepared tokens: DATA_FLAGS below, the seed when it picks the
+  held-out rows, and the length each split is truncated to (prepare.cut_lengths: --max_length,
+  or nothing for a split that bfd_split or wrapped will split over rows);
 - PREPARATION_FORMAT, raised whenever preparation's output changes for the same inputs.
 
 A second run with the same inputs finds the folder and maps it; any change gives another
@@ -33,21 +34,22 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from .config import DataConfig, PackingConfig
+from .config import DataConfig
 from .models import cache_root
 
-PREPARATION_FORMAT = 1
+# 2: bfd-packed splits are truncated by preparation (format 1 left them whole for the packer to cut).
+PREPARATION_FORMAT = 2
 CONTENT_HASHED_BELOW = 64 << 20  # bytes
 # The DataConfig fields that change what preparation writes. The others (the dataset's name, the pad
 # token, the cache itself, the number of processes) do not: the files are fingerprinted instead of
-# the name, padding happens in batches, and workers give the same output as one process.
+# the name, padding happens in batches, and workers give the same output as one process. --max_length
+# counts through the lengths the splits are cut to (fingerprint's cut_to), the only thing it changes here.
 DATA_FLAGS = (
     "dataset_config",
     "dataset_train_split",
     "dataset_test_split",
     "eval_split_size",
     "dataset_text_field",
-    "max_length",
     "completion_only_loss",
     "assistant_only_loss",
     "response_template",
@@ -86,16 +88,17 @@ def tokenizer_identity(tokenizer) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def fingerprint(files: list[Path], tokenizer, config: DataConfig, packing: PackingConfig) -> str:
+def fingerprint(files: list[Path], tokenizer, config: DataConfig, seed: int, cut_to: dict[str, int | None]) -> str:
+    """The cache key of preparing `files`; `cut_to`: the length each split is truncated to (prepare.cut_lengths)."""
     settings = {flag: getattr(config, flag) for flag in DATA_FLAGS}
     if config.eval_split_size:  # the seed picks the held-out rows; otherwise it only shuffles training
-        settings["seed"] = config.seed
+        settings["seed"] = seed
     described = {
         "format": PREPARATION_FORMAT,
         "files": [file_identity(file) for file in files],
         "tokenizer": tokenizer_identity(tokenizer),
         "settings": settings,
-        "packed": {split: packing.packs(split) for split in ("train", "eval")},
+        "cut_to": cut_to,
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:24]
 

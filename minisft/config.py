@@ -184,11 +184,13 @@ class DataConfig:
             "instead of the dataset's own test split."
         },
     )
-    seed: int = field(default=42, metadata={"help": "Seed for the held-out split (and, in training, shuffling)."})
     dataset_text_field: str = field(default="text", metadata={"help": "The column that holds plain text."})
     max_length: int | None = field(
         default=1024,
-        metadata={"help": "Truncate every tokenized example to this many tokens, keeping the start. Counted."},
+        metadata={
+            "help": "Truncate every tokenized example to this many tokens, keeping the start (under --packing_strategy "
+            "bfd_split or wrapped: split it over rows instead). Counted. Also the length of a packed row."
+        },
     )
     completion_only_loss: bool | None = field(
         default=None,
@@ -268,6 +270,16 @@ class PackingConfig:
         default=None,
         metadata={"help": "Pack the eval split too. Default: as --packing.", "nargs": "?", "const": True},
     )
+    padding_free: bool = field(
+        default=False,
+        metadata={"help": "Without packing: lay each micro-batch's examples end to end in one row, with boundaries."},
+    )
+    pad_to_multiple_of: int | None = field(
+        default=None, metadata={"help": "Pad each batch's length up to a multiple of this (e.g. 8 or 64)."}
+    )
+
+    def __post_init__(self):
+        check_ranges(self)
 
     def packs(self, split: str) -> bool:
         """Whether `split` ("train" or "eval") is packed: eval follows --packing unless --eval_packing says."""
@@ -316,8 +328,8 @@ class LoraConfig:
     bnb_4bit_quant_storage: str | None = field(
         default=None,
         metadata={
-            "help": "The dtype the packed 4-bit codes are stored in. Default: uint8. FSDP needs the dtype of the "
-            "other weights.",
+            "help": "The dtype the packed 4-bit codes are stored in. Default: uint8. FSDP1 needed the dtype of the "
+            "other weights; FSDP2 (--fsdp) shards any.",
             "choices": ["uint8", "float32", "bfloat16", "float16"],
         },
     )
@@ -357,6 +369,10 @@ class TrainingConfig:
     )
     num_train_epochs: float = field(default=3.0, metadata={"help": "Passes over the training data."})
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps to run; overrides num_train_epochs if > 0."})
+    seed: int = field(
+        default=42,
+        metadata={"help": "Seed for each epoch's shuffling of the training data, and for the --eval_split_size rows."},
+    )
     warmup_steps: float = field(
         default=0,
         metadata={
@@ -444,13 +460,6 @@ class TrainingConfig:
             "help": "NEFTune: in training only, add uniform noise of magnitude alpha / sqrt(length × hidden) to the "
             "input embeddings (the paper uses 5 to 15). Default: off."
         },
-    )
-    padding_free: bool = field(
-        default=False,
-        metadata={"help": "Without packing: lay each micro-batch's examples end to end in one row, with boundaries."},
-    )
-    pad_to_multiple_of: int | None = field(
-        default=None, metadata={"help": "Pad each batch's length up to a multiple of this (e.g. 8 or 64)."}
     )
     logging_steps: float = field(
         default=10,

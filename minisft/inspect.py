@@ -1,7 +1,7 @@
 """`python -m minisft.inspect`: look at exactly what training will consume.
 
-It runs the data side of a training run (load → format → mask → truncate → drop) with the
-same flags as `python -m minisft.train`, and shows the result:
+It runs the data side of a training run (load → format → mask → truncate → drop → pack) with
+the same flags as `python -m minisft.train`, and shows the result:
 
 - by default, the first examples as tokens, trained tokens highlighted, masked ones dim,
   and the figures of the whole split: examples, tokens, trained tokens, truncated, dropped;
@@ -9,8 +9,9 @@ same flags as `python -m minisft.train`, and shows the result:
   very rows the loop is fed (figures go to stderr, so the output pipes cleanly).
 
 With --packing it shows packed rows instead: each row drawn as a bar of its examples, and the
-packing efficiency (tokens / row slots); with --json one {"input_ids", "labels",
-"position_ids", "seq_lengths"} object per row.
+packing efficiency (tokens / row slots) beside what was truncated (bfd, as unpacked) or split
+over rows (bfd_split, wrapped); with --json one {"input_ids", "labels", "position_ids",
+"seq_lengths"} object per row.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from rich.table import Table
 from rich.text import Text
 
 from .cli import demo_dataset_path, parse_flags, run, stderr_console
-from .config import DataConfig, ModelConfig, PackingConfig
+from .config import DataConfig, ModelConfig, PackingConfig, TrainingConfig
 from .masking import IGNORE_INDEX
 from .models import load_tokenizer
 from .packing import PackedDataset, pack, positions_of, setup_pad_token
-from .prepare import PreparedDataset, load_and_prepare
+from .prepare import PreparedDataset, PrepareStats, load_and_prepare
 
 
 @dataclass
@@ -40,6 +41,10 @@ class InspectConfig:
     json: bool = field(default=False, metadata={"help": "Print one JSON object per example: input_ids and labels."})
     split: str = field(
         default="train", metadata={"help": "Which split to inspect: train or eval.", "choices": ["train", "eval"]}
+    )
+    seed: int = field(  # training's --seed, which also picks the held-out rows: inspect holds out the same ones
+        default=TrainingConfig.seed,
+        metadata={"help": "As for training: the seed that picks the --eval_split_size rows."},
     )
 
 
@@ -52,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     tokenizer = load_tokenizer(model_config.model_name_or_path, trust_remote_code=model_config.trust_remote_code)
     source = data_config.dataset_name or demo_dataset_path()
-    splits = load_and_prepare(source, tokenizer, data_config, packing_config)
+    splits = load_and_prepare(source, tokenizer, data_config, packing_config, inspect_config.seed)
     stderr_console.print(splits.cache_note, highlight=False, soft_wrap=True)
     pad_note = setup_pad_token(tokenizer, data_config.pad_token)  # as training pads: checked, and said
     if pad_note:
@@ -62,9 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         stderr_console.print("This dataset has no eval split; ask for one with --eval_split_size 0.1.")
         return
     if packing_config.packs(inspect_config.split):
-        show_packed_rows(
-            pack(prepared.examples, data_config.max_length, packing_config.packing_strategy), inspect_config
-        )
+        packed = pack(prepared.examples, data_config.max_length, packing_config.packing_strategy)
+        show_packed_rows(packed, prepared.stats, inspect_config)
         return
     if inspect_config.json:
         limit = inspect_config.num_examples
@@ -98,13 +102,13 @@ def main(argv: list[str] | None = None) -> None:
     console.print(figures_table(prepared, splits, str(source), inspect_config.split))
 
 
-def show_packed_rows(packed: PackedDataset, inspect_config: InspectConfig) -> None:
+def show_packed_rows(packed: PackedDataset, stats: PrepareStats, inspect_config: InspectConfig) -> None:
     if inspect_config.json:
         for row in packed.rows[: inspect_config.num_examples]:
             # the positions the loop's collator derives from seq_lengths: rows do not store them
             positions = positions_of(torch.tensor(row["seq_lengths"])).tolist()
             sys.stdout.write(json.dumps({**row, "position_ids": positions}) + "\n")
-        stderr_console.print(packing_table(packed))
+        stderr_console.print(packing_table(packed, stats))
         return
     console = Console()
     shown = 3 if inspect_config.num_examples is None else inspect_config.num_examples
@@ -118,7 +122,7 @@ def show_packed_rows(packed: PackedDataset, inspect_config: InspectConfig) -> No
             f" an empty slot; each cell ≈ {_cell_tokens(capacity)} tokens",
         )
     )
-    console.print(packing_table(packed))
+    console.print(packing_table(packed, stats))
 
 
 _BAR_WIDTH = 40
@@ -142,7 +146,8 @@ def row_bar(seq_lengths: list[int], capacity: int) -> Text:
     return bar
 
 
-def packing_table(packed: PackedDataset) -> Table:
+def packing_table(packed: PackedDataset, prepared: PrepareStats) -> Table:
+    """The rows' figures, and what preparation cut and dropped before packing (bfd_split and wrapped split instead)."""
     stats = packed.stats
     table = Table(title="packing", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -150,13 +155,17 @@ def packing_table(packed: PackedDataset) -> Table:
     table.add_row("rows", f"{stats.rows:,}")
     table.add_row("tokens / row slots", f"{stats.tokens:,} / {stats.slots:,}")
     table.add_row("packing efficiency", f"{stats.efficiency:.1%}")
-    if stats.truncated_examples:
-        table.add_row(
-            "truncated (bfd)", f"{stats.truncated_examples:,} examples, {stats.truncated_tokens:,} tokens cut"
-        )
     if stats.split_examples:
         table.add_row("split across sequences", f"{stats.split_examples:,} examples")
+    add_cut_rows(table, prepared)
     return table
+
+
+def add_cut_rows(table: Table, stats: PrepareStats) -> None:
+    """What preparation truncated to max_length (as prepare.cut_lengths decides) and what it dropped."""
+    table.add_row("truncated to max_length", f"{stats.truncated:,} examples, {stats.truncated_tokens:,} tokens cut")
+    dropped = ", ".join(f"{count} {reason}" for reason, count in stats.drop_reasons.items())
+    table.add_row("dropped (nothing to train)", f"{stats.dropped:,}" + (f" ({dropped})" if dropped else ""))
 
 
 def render_tokens(tokenizer, input_ids: list[int], labels: list[int]) -> Text:
@@ -195,9 +204,7 @@ def figures_table(prepared: PreparedDataset, splits, source: str, split: str) ->
     if stats.examples:
         lengths = prepared.examples.lengths
         table.add_row("length mean / max", f"{lengths.mean():.0f} / {lengths.max()}")
-    table.add_row("truncated to max_length", f"{stats.truncated:,} examples, {stats.truncated_tokens:,} tokens cut")
-    dropped = ", ".join(f"{count} {reason}" for reason, count in stats.drop_reasons.items())
-    table.add_row("dropped (nothing to train)", f"{stats.dropped:,}" + (f" ({dropped})" if dropped else ""))
+    add_cut_rows(table, stats)
     if stats.response_template_missing:
         table.add_row("response template not found", f"{stats.response_template_missing:,}")
     if stats.completion_mask_unused:

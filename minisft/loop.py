@@ -20,6 +20,7 @@ and the loop reads the same with one process or many.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import random
@@ -39,10 +40,12 @@ from .attention import packed_inputs, use_sdpa_by_example
 from .checkpoint import (
     WRITE_ERRORS,
     CheckpointError,
+    batch_for_processes,
     check_resume,
     data_fingerprint,
     load_checkpoint,
     prune,
+    read_trainer_state,
     remove_leftovers,
     resolve_resume,
     save_checkpoint,
@@ -50,7 +53,7 @@ from .checkpoint import (
 )
 from .cli import demo_dataset_path
 from .config import ConfigError, DataConfig, LoraConfig, ModelConfig, PackingConfig, TrainingConfig
-from .distributed import DataParallel, Processes, barrier, data_parallel, device_of, full_state_dict, start, total_norm
+from .distributed import DataParallel, Processes, barrier, data_parallel, device_of, start, total_norm, whole_weights
 from .errors import UserError
 from .extras import check_run_packages
 from .lora import (
@@ -69,7 +72,7 @@ from .models import fit_embeddings_to_tokenizer, load_model, load_tokenizer
 from .neftune import add_neftune_noise
 from .optim import build_optimizer, build_schedule, warmup_steps
 from .packing import collate_padded, collate_rows, pack, padding_free_row, setup_pad_token
-from .prepare import load_and_prepare
+from .prepare import PreparedDataset, cut_lengths, load_and_prepare
 from .reporting import MetricsLog
 from .stopping import stop_requests
 
@@ -104,24 +107,24 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
     check_flags(config, processes)
     args = config.training
     output_dir, resume_from = open_output_dir(args, processes)
-    random.seed(config.data.seed)
-    torch.manual_seed(config.data.seed)
+    resumed, args = resume_state(resume_from, args, processes.world_size, console)
+    config = dataclasses.replace(config, training=args)  # the per-process batch a resume may have re-derived
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
 
     # 1. Data: raw rows → canonical examples → input_ids and labels → packed rows or examples.
     tokenizer = load_tokenizer(config.model.model_name_or_path, trust_remote_code=config.model.trust_remote_code)
     train_units, eval_units = prepare_data(config, tokenizer, processes, console)
     # Hashing the data takes seconds on a large dataset: done once, and only for a checkpoint read or written.
-    order = functools.cache(functools.partial(data_order, config, train_units))
-    resumed = resume_state(resume_from, processes, order, args.ignore_data_order_mismatch, console)
+    order = functools.cache(functools.partial(data_order, config, train_units, processes.world_size))
+    check_data_order(resume_from, resumed, order, args.ignore_data_order_mismatch, console)
 
     # 2. Model: load, grow the embeddings if the tokenizer grew, LoRA, memory savers; wrapped under torchrun.
     device = device_of(processes)
     model, lora_settings = prepare_model(config, tokenizer, device, console)
     parallel = data_parallel(model, processes, args.fsdp)
     autocast = mixed_precision(args.bf16, args.fp16, device, config.model.resolved_dtype())
-    # fp16: the loss is multiplied by a scale before backward and the gradients divided by it before clipping;
-    # a step whose gradients overflowed is skipped and the scale halved. Disabled, the scaler does nothing.
-    scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)
+    scaler = gradient_scaler(args.fp16, device)
 
     # 3. How the run is cut into steps (each covers world_size × batch × accumulation units), and the optimizer.
     steps_per_epoch, total_steps = count_steps(len(train_units), args, processes.world_size)
@@ -132,31 +135,26 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
     schedule = build_schedule(optimizer, args.lr_scheduler_type, warmup, total_steps, args.lr_scheduler_kwargs)
     console.print(run_line(config, output_dir, processes, total_steps, warmup, model, device, autocast))
     if resume_from is not None:
-        load_checkpoint(resume_from, model, optimizer, schedule, lora_settings, processes)
+        load_checkpoint(resume_from, model, optimizer, schedule, lora_settings, parallel, resumed.get("world_size", 1))
         console.print(f"resumed from {resume_from} at step {resumed['step']}")
 
     # 4. The steps. From here on Ctrl-C, SIGTERM and SIGUSR1 stop the run cleanly (minisft/stopping.py).
     collate_fn = functools.partial(
-        collate, model=model, pad_token_id=tokenizer.pad_token_id, padding_free=args.padding_free,
-        pad_to_multiple_of=args.pad_to_multiple_of, device=device,
+        collate, model=model, pad_token_id=tokenizer.pad_token_id, padding_free=config.packing.padding_free,
+        pad_to_multiple_of=config.packing.pad_to_multiple_of, device=device,
     )  # fmt: skip
     in_output_dir = resume_from is not None and resume_from.resolve().parent == output_dir.resolve()
     run = Run(
         model, optimizer, schedule, scaler, autocast, parallel, collate_fn, train_units, eval_units,
-        steps_per_epoch, total_steps, output_dir, lora_settings, config.model.model_name_or_path, config.data.seed,
+        steps_per_epoch, total_steps, output_dir, lora_settings, config.model.model_name_or_path, args.seed,
         order, completed=resumed["step"], saved=resume_from if in_output_dir else None,
         interval=Interval(resumed.get("num_tokens", 0)),
     )  # fmt: skip
     metrics_log = open_metrics_log(config, output_dir, run.completed) if processes.is_main else None
     with stop_requests(one_process=not processes.distributed, speak=processes.is_main) as stop:
         last_metrics, stopped = run_steps(run, args, stop, metrics_log, console)
-        if stopped:
-            # Still inside stop_requests: a second SIGTERM (torchrun forwards the one SLURM sent) cannot cut this.
-            path = run.saved if run.saved and run.saved.name == f"checkpoint-{run.completed}" else save(run, args)
-            console.print(
-                f"{stop.signal or 'a stop request'}: stopped after step {run.completed}, saved in {path}. "
-                "Continue with --resume_from_checkpoint true."
-            )
+        if stopped:  # still inside stop_requests: a second SIGTERM cannot cut the checkpoint short
+            save_on_stop(run, args, stop.signal, console)
             return TrainResult(output_dir, run.completed, last_metrics, interrupted=True)
 
         # 5. Outputs: an HF-format model (or a peft adapter), the tokenizer with its chat template.
@@ -344,11 +342,22 @@ def save(run: Run, args: TrainingConfig) -> Path:
     }
     path = save_checkpoint(
         run.output_dir, run.completed, run.model, run.optimizer, run.schedule, state, run.lora_settings,
-        run.base_name, processes,
+        run.base_name, run.parallel,
     )  # fmt: skip
     if processes.is_main:
         prune(run.output_dir, args.save_total_limit, current=path)
     return path
+
+
+def save_on_stop(run: Run, args: TrainingConfig, signal: str | None, console: Console) -> None:
+    """The checkpoint of the last whole step (unless it was just written), and how to continue.
+
+    Written inside stop_requests, so that a second SIGTERM (torchrun forwards the one SLURM sent) cannot cut it."""
+    path = run.saved if run.saved and run.saved.name == f"checkpoint-{run.completed}" else save(run, args)
+    console.print(
+        f"{signal or 'a stop request'}: stopped after step {run.completed}, saved in {path}. "
+        "Continue with --resume_from_checkpoint true."
+    )
 
 
 def epoch_record(run: Run) -> dict:
@@ -369,10 +378,10 @@ def check_flags(config: RunConfig, processes: Processes) -> None:
     args = config.training
     if args.output_dir is None and (args.resume_from_checkpoint or processes.distributed):
         raise ConfigError("--resume_from_checkpoint and torchrun runs need an explicit --output_dir.")
-    if args.fsdp and (config.lora.use_peft or saves_checkpoints(args) or args.resume_from_checkpoint):
+    if args.fsdp and args.optim not in ("adamw_torch_fused", "adamw_torch"):
         raise ConfigError(
-            "--fsdp trains the full model and writes it at the end; LoRA and checkpoints under FSDP are not "
-            "supported yet: drop --use_peft, and pass --save_strategy no."
+            f"--optim {args.optim} does not run on FSDP's sharded weights (DTensors): bitsandbytes' kernels and "
+            "Adafactor's factored state take whole tensors. Use --optim adamw_torch_fused (the default) with --fsdp."
         )
     if config.lora.load_in_4bit and not config.lora.use_peft:
         raise ConfigError("--load_in_4bit needs --use_peft: a 4-bit base is frozen, only LoRA can train over it.")
@@ -402,12 +411,13 @@ def open_output_dir(args: TrainingConfig, processes: Processes) -> tuple[Path, P
 
 
 def prepare_data(config: RunConfig, tokenizer, processes: Processes, console) -> tuple[Sequence, Sequence | None]:
-    """The train and eval units (packed rows, or examples), with the counts of what preparation did."""
+    """The train and eval units (packed rows, or examples), each split's counts said in one line."""
     args = config.training
     # Under torchrun rank 0 prepares first and the others then find its preparation in the cache.
     if not processes.is_main:
         barrier(processes)
-    splits = load_and_prepare(config.data.dataset_name or demo_dataset_path(), tokenizer, config.data, config.packing)
+    source = config.data.dataset_name or demo_dataset_path()
+    splits = load_and_prepare(source, tokenizer, config.data, config.packing, args.seed)
     if processes.is_main:
         barrier(processes)
     if (args.eval_strategy != "no" or args.eval_on_start) and splits.eval is None:
@@ -420,39 +430,37 @@ def prepare_data(config: RunConfig, tokenizer, processes: Processes, console) ->
     pad_note = setup_pad_token(tokenizer, config.data.pad_token)  # before any batch: the tokenizer may have none
     if pad_note:
         console.print(pad_note)
-    max_length, strategy = config.data.max_length, config.packing.packing_strategy
-    train_units = units_for(
-        splits.train.examples, max_length, strategy, config.packing.packs("train"), "train", console
-    )
-    eval_units = None
-    if splits.eval:
-        eval_units = units_for(
-            splits.eval.examples, max_length, strategy, config.packing.packs("eval"), "eval", console
-        )
-    stats = splits.train.stats
-    console.print(
-        f"data: {stats.examples:,} train examples, {stats.trained_tokens:,} trained tokens "
-        + (
-            f"before packing ({stats.dropped} dropped; what the packer cut is above)"
-            if config.packing.packs("train")
-            else f"({stats.truncated} truncated, {stats.dropped} dropped)"
-        )
-        + (f"; {splits.eval.stats.examples:,} eval examples" if splits.eval else "")
-    )
-    if stats.completion_mask_unused:  # TRL's default for pre-tokenized rows: every token trained
+    max_length = config.data.max_length
+    train_units = units_for(splits.train, "train", max_length, config.packing, console)
+    eval_units = units_for(splits.eval, "eval", max_length, config.packing, console) if splits.eval else None
+    if splits.train.stats.completion_mask_unused:  # TRL's default for pre-tokenized rows: every token trained
         console.print("data: the rows' completion_mask is not applied; --completion_only_loss applies it")
     return train_units, eval_units
 
 
-def resume_state(resume_from: Path | None, processes: Processes, order, ignore_mismatch: bool, console) -> dict:
-    """The trainer state to go on from ({"step": 0} for a new run), refused before the model loads if this
-    run cannot continue the checkpoint."""
+def resume_state(
+    resume_from: Path | None, args: TrainingConfig, world_size: int, console
+) -> tuple[dict, TrainingConfig]:
+    """The trainer state to go on from ({"step": 0} for a new run), and the training flags, with the
+    per-process batch that keeps the checkpoint's global batch if it was saved by another number of processes."""
     if resume_from is None:
-        return {"step": 0}
-    resumed, changes = check_resume(resume_from, processes, order(), ignore_mismatch)
+        return {"step": 0}, args
+    state = read_trainer_state(resume_from)
+    batch, accumulation, note = batch_for_processes(
+        resume_from, state, args.per_device_train_batch_size, args.gradient_accumulation_steps, world_size
+    )
+    if note:
+        console.print(note)
+    return state, dataclasses.replace(args, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation)
+
+
+def check_data_order(resume_from: Path | None, state: dict, order, ignore_mismatch: bool, console) -> None:
+    """Refused before the model loads: a resume whose steps would not see the checkpoint's run's examples."""
+    if resume_from is None:
+        return
+    changes = check_resume(resume_from, state, order(), ignore_mismatch)
     if changes:
         console.print(f"[yellow]warning:[/] --ignore_data_order_mismatch: resuming although {'; '.join(changes)}")
-    return resumed
 
 
 def prepare_model(config: RunConfig, tokenizer, device: torch.device, console: Console):
@@ -533,13 +541,15 @@ def prepare_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> Non
         remove_leftovers(output_dir)  # what runs killed while saving left: minisft's own temporary folders
 
 
-def data_order(config: RunConfig, train_units: Sequence[dict]) -> dict:
-    """What decides the examples of each step: every checkpoint stores it, and a resume must match it."""
+def data_order(config: RunConfig, train_units: Sequence[dict], world_size: int) -> dict:
+    """What decides the examples of each step: every checkpoint stores it, and a resume must match it.
+
+    The global batch, not its split: a step covers the same units of the epoch's order whatever the
+    number of processes, the per-process batch and the accumulation that multiply to it."""
     args = config.training
     order = {
-        "per_device_train_batch_size": args.per_device_train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "seed": config.data.seed,
+        "global_batch_size": world_size * args.per_device_train_batch_size * args.gradient_accumulation_steps,
+        "seed": config.training.seed,
         "max_length": config.data.max_length,
         "packing": config.packing.packing,
     }
@@ -551,23 +561,31 @@ def data_order(config: RunConfig, train_units: Sequence[dict]) -> dict:
 
 
 def units_for(
-    examples: Sequence[dict], max_length: int, strategy: str, packs: bool, split: str, console
+    prepared: PreparedDataset, split: str, max_length: int | None, packing: PackingConfig, console
 ) -> Sequence[dict]:
-    """What a batch is made of: packed rows, or the examples themselves.
+    """What a batch of `split` is made of, packed rows or the examples themselves, and the split's one line of
+    counts: what it holds, what was cut to fit max_length (or split over rows instead), what was dropped.
 
-    A split that is packed was not truncated by preparation: the packer cuts (bfd) or splits (bfd_split,
-    wrapped) what is longer than max_length, and says so here.
+    Preparation made every cut, as prepare.cut_lengths decided; a packer of bfd_split or wrapped splits instead.
     """
-    if not packs:
-        return examples
-    packed = pack(examples, max_length, strategy)
-    stats = packed.stats
-    cut = (
-        f"{stats.truncated_examples:,} examples truncated ({stats.truncated_tokens:,} tokens cut)"
-        if strategy == "bfd"
-        else f"{stats.split_examples:,} examples split over rows, nothing cut"
+    stats, cut_to = prepared.stats, cut_lengths(max_length, packing)[split]
+    packed = pack(prepared.examples, max_length, packing.packing_strategy) if packing.packs(split) else None
+    if cut_to is not None:
+        fitted = f"{stats.truncated:,} truncated to {cut_to} tokens ({stats.truncated_tokens:,} tokens cut)"
+    elif packed is not None:
+        fitted = f"{packed.stats.split_examples:,} split over rows (nothing cut)"
+    else:
+        fitted = "nothing cut (no --max_length)"
+    reasons = ", ".join(f"{count:,} {reason}" for reason, count in stats.drop_reasons.items())
+    line = (
+        f"data ({split}): {stats.examples:,} examples, {stats.trained_tokens:,} trained tokens; {fitted}, "
+        f"{stats.dropped:,} dropped" + (f" ({reasons})" if reasons else "")
     )
-    console.print(f"packing ({split}): {stats.rows:,} rows of {max_length}, efficiency {stats.efficiency:.1%}; {cut}")
+    if packed is None:
+        console.print(line)
+        return prepared.examples
+    rows = packed.stats
+    console.print(f"{line}; packed into {rows.rows:,} rows of {max_length}, efficiency {rows.efficiency:.1%}")
     return packed.rows
 
 
@@ -585,6 +603,12 @@ def attach_lora(model, lora: LoraConfig, console: Console):
         settings = lora.settings()
         console.print(str(inject_lora(model, settings)))
     return settings
+
+
+def gradient_scaler(fp16: bool, device: torch.device) -> torch.amp.GradScaler:
+    """fp16: the loss is multiplied by a scale before backward and the gradients divided by it before clipping;
+    a step whose gradients overflowed is skipped and the scale halved. Disabled, the scaler does nothing."""
+    return torch.amp.GradScaler(device.type, enabled=fp16)
 
 
 def mixed_precision(bf16: bool | None, fp16: bool, device: torch.device, torch_dtype: str):
@@ -678,29 +702,31 @@ def write_outputs(
     model, tokenizer, output_dir: Path, lora_settings, config: RunConfig, console: Console, processes: Processes
 ) -> Path | None:
     """Rank 0 writes the model (or adapter), the tokenizer and, with --merge_lora, the merged model."""
-    state_dict = full_state_dict(model, config.training.fsdp)  # under FSDP every process sends its shards to rank 0
+    weights = whole_weights(model, lora_settings)  # under FSDP every process sends its shards to rank 0
     merged_dir = None
     if processes.is_main:
         try:
-            merged_dir = write_model(model, tokenizer, output_dir, lora_settings, config, console, state_dict)
+            merged_dir = write_model(model, tokenizer, output_dir, lora_settings, config, console, weights)
         except WRITE_ERRORS as error:
             raise CheckpointError(write_failure(f"the trained model to {output_dir}", error, output_dir)) from None
     barrier(processes)
     return merged_dir
 
 
-def write_model(model, tokenizer, output_dir: Path, lora_settings, config: RunConfig, console, state_dict=None):
+def write_model(model, tokenizer, output_dir: Path, lora_settings, config: RunConfig, console, weights=None):
+    """`weights`: gathered from FSDP's shards (distributed.whole_weights), or None: the model holds them."""
     base_name = config.model.model_name_or_path
     if lora_settings is None:
-        model.save_pretrained(output_dir, state_dict=state_dict)
+        model.save_pretrained(output_dir, state_dict=weights)
     else:
-        save_adapter(model, output_dir, lora_settings, base_name)
+        save_adapter(model, output_dir, lora_settings, base_name, tensors=weights)
     tokenizer.save_pretrained(output_dir)
     console.print(f"saved the {'adapter' if lora_settings else 'model'} and tokenizer to {output_dir}")
     if not config.lora.merge_lora:
         return None
-    if config.lora.load_in_4bit:
-        # A 4-bit base cannot take the update exactly: merge into the full-precision base instead.
+    if config.lora.load_in_4bit or weights is not None:
+        # A 4-bit base cannot take the update exactly, and a sharded one is not whole in this process:
+        # merge into the full-precision base, loaded afresh, instead.
         model = load_model(
             base_name, dtype=DTYPES[config.model.resolved_dtype()], trust_remote_code=config.model.trust_remote_code
         )

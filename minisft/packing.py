@@ -26,7 +26,9 @@ tokens are read from the memory-mapped storage (minisft/storage.py) when a batch
 
 Strategies, with the names and meanings of TRL's `packing_strategy`:
 - bfd        best-fit decreasing: longest examples first, each into the row whose free space
-             fits it most tightly. An example longer than max_length is truncated (counted).
+             fits it most tightly. An example longer than max_length is truncated: in a run
+             preparation has done it (minisft/prepare.py decides every cut, and counts it);
+             pack() given a longer example cuts it here, as TRL's pack_dataset does (counted).
 - bfd_split  the same, but an overlong example is split into max_length chunks, which are
              packed as separate sequences (each chunk loses the context of the one before).
 - wrapped    concatenate everything and cut every max_length tokens: no slot wasted, but
@@ -63,7 +65,7 @@ class PackStats:
     rows: int = 0
     tokens: int = 0
     slots: int = 0  # rows × max_length: what the model computes over when every row is full-length
-    truncated_examples: int = 0  # bfd: examples longer than max_length
+    truncated_examples: int = 0  # bfd given examples longer than max_length (in a run preparation cut them first)
     truncated_tokens: int = 0  # bfd: tokens cut off
     split_examples: int = 0  # bfd_split and wrapped: examples spread over several sequences or rows
 

@@ -3,6 +3,10 @@
     canonical example ──formatting──▶ token ids ──masking──▶ labels ──truncate──▶ drop untrained
                                                                        (keep the start)
 
+This is the one stage that cuts examples to --max_length, in every mode (cut_lengths): padded
+and padding-free batches and bfd packing take the truncated examples; bfd_split and wrapped,
+which split an overlong example over rows instead, get it whole.
+
 Every decision is counted, never silent: examples truncated to --max_length (and the tokens
 cut), examples dropped because no token is left to train on (and why), examples where a
 response template was never found. `python -m minisft.inspect` prints exactly this output.
@@ -102,8 +106,7 @@ class _Job:
     tokenizer: object
     plan: _MaskPlan
     eos_token: str | None
-    max_length: int | None
-    truncate: dict[str, bool]  # split -> cut to max_length here (not when the packer will)
+    cut_to: dict[str, int | None]  # split -> the length its examples are truncated to (cut_lengths)
     text_field: str
     first: tuple[str, str] | None  # (raw format, origin) every raw row must share; None: rows are canonical
     own_labels: bool  # pre-tokenized rows with their own labels: stored as they are, not as a trained mask
@@ -123,14 +126,15 @@ class _Encoded:
 def prepare_dataset(
     examples: list[dict], tokenizer, config: DataConfig | None = None, truncate: bool = True
 ) -> PreparedDataset:
-    """Format, mask, truncate to max_length (unless packing will cut instead: truncate=False), drop, count.
+    """Format, mask, truncate to max_length, drop, count. truncate=False keeps overlong examples whole, for a
+    packer that splits them (bfd_split, wrapped).
 
     For canonical examples already in memory (load_splits, the Python API); nothing is cached.
     """
     config = config or DataConfig()
     if not examples:
         return PreparedDataset(TokenStorage(np.zeros(0, np.int64), np.zeros(1, np.int64)), PrepareStats())
-    job = _job(examples[0], tokenizer, config, {"train": truncate}, first_row=None)
+    job = _job(examples[0], tokenizer, config, {"train": config.max_length if truncate else None}, first_row=None)
     batches = _batches(((example.get("origin", f"example {index}"), example) for index, example in enumerate(examples)),
                        frozenset(), "train")  # fmt: skip
     folder = scratch_folder()
@@ -264,14 +268,13 @@ def _check_templates_found(job: _Job, first: dict, stats: PrepareStats) -> None:
 # ----------------------------------------------------------------------------- one batch (in a worker or not)
 
 
-def _job(first: dict, tokenizer, config: DataConfig, truncate: dict[str, bool], first_row) -> _Job:
+def _job(first: dict, tokenizer, config: DataConfig, cut_to: dict[str, int | None], first_row) -> _Job:
     """The job for a dataset whose first canonical example is `first`."""
     return _Job(
         tokenizer=tokenizer,
         plan=_plan_masks(dataset_format(first), set(first), tokenizer, config),
         eos_token=resolve_eos_token(tokenizer, config.eos_token),
-        max_length=config.max_length,
-        truncate=truncate,
+        cut_to=cut_to,
         text_field=config.dataset_text_field,
         first=first_row,
         own_labels=dataset_format(first) == "tokenized" and "labels" in first,
@@ -308,10 +311,11 @@ def _finish_example(job: _Job, formatted: Formatted, split: str, stats: PrepareS
     else:
         labels = labels_from_masks(input_ids, _masks(formatted, job.plan, stats))
     trained_before_truncation = any(label != IGNORE_INDEX for label in labels)
-    if job.truncate[split] and job.max_length is not None and len(input_ids) > job.max_length:
+    cut_to = job.cut_to[split]
+    if cut_to is not None and len(input_ids) > cut_to:
         stats.truncated += 1
-        stats.truncated_tokens += len(input_ids) - job.max_length
-        input_ids, labels = input_ids[: job.max_length], labels[: job.max_length]
+        stats.truncated_tokens += len(input_ids) - cut_to
+        input_ids, labels = input_ids[:cut_to], labels[:cut_to]
     trained = sum(label != IGNORE_INDEX for label in labels)
     if not trained:
         stats.dropped += 1
@@ -395,21 +399,34 @@ class PreparedSplits:
     cache_note: str = ""  # one line for the run's opening: whether the preparation was reused, prepared, or not kept
 
 
-def load_and_prepare(source, tokenizer, config: DataConfig, packing: PackingConfig | None = None) -> PreparedSplits:
+def cut_lengths(max_length: int | None, packing: PackingConfig) -> dict[str, int | None]:
+    """What each split's examples are truncated to: the one decision of what is cut, for every mode.
+
+    max_length, but nothing for a split that bfd_split or wrapped packs: they split an overlong example over
+    rows, keeping every token, as TRL's do. bfd packs the truncated examples that unpacked batches would take
+    (TRL's bfd truncates in its packer; the rows are the same).
+    """
+    splits_overlong = packing.packing_strategy in ("bfd_split", "wrapped")
+    return {split: None if splits_overlong and packing.packs(split) else max_length for split in ("train", "eval")}
+
+
+def load_and_prepare(
+    source, tokenizer, config: DataConfig, packing: PackingConfig | None = None, seed: int = 42
+) -> PreparedSplits:
     """From a dataset source to prepared train and eval splits: the whole data side of a run.
 
-    A split that will be packed is not truncated here: the packer truncates (bfd) or splits
-    (bfd_split, wrapped) what is longer than max_length, as TRL does. A preparation of local files
-    is kept in the cache (minisft/cache.py) and reused while its inputs stay the same.
+    Each split is truncated as cut_lengths decides for `packing`; `seed` (training's --seed) picks the rows
+    --eval_split_size holds out. A preparation of local files is kept in the cache (minisft/cache.py) and
+    reused while its inputs stay the same.
     """
-    packing = packing or PackingConfig()
+    cut_to = cut_lengths(config.max_length, packing or PackingConfig())
     streams = stream_splits(
         source,
         dataset_config=config.dataset_config,
         train_split=config.dataset_train_split,
         test_split=config.dataset_test_split,
         eval_split_size=config.eval_split_size,
-        seed=config.seed,
+        seed=seed,
         text_field=config.dataset_text_field,
     )
     needs_template = config.chat_template_path is not None or "conversational" in streams.format
@@ -418,23 +435,22 @@ def load_and_prepare(source, tokenizer, config: DataConfig, packing: PackingConf
     if root is None or not streams.files:
         why = "--cache_dir none" if root is None else "only local files are fingerprinted for the cache"
         folder = scratch_folder()
-        _prepare_into(folder, streams, tokenizer, config, packing)
+        _prepare_into(folder, streams, tokenizer, config, cut_to)
         return _opened(folder, added_tokens, f"data: prepared, not cached ({why})", keep=False)
-    key = cache.fingerprint(streams.files, tokenizer, config, packing)
+    key = cache.fingerprint(streams.files, tokenizer, config, seed, cut_to)
     found = cache.complete(root, key)
     if found is not None:
         return _opened(found, added_tokens, f"data: reused the preparation cached in {found}", keep=True)
     with cache.building(root, key) as partial:
-        _prepare_into(partial, streams, tokenizer, config, packing)
+        _prepare_into(partial, streams, tokenizer, config, cut_to)
     return _opened(root / key, added_tokens, f"data: prepared and cached in {root / key}", keep=True)
 
 
-def _prepare_into(folder: Path, streams, tokenizer, config: DataConfig, packing: PackingConfig) -> None:
+def _prepare_into(folder: Path, streams, tokenizer, config: DataConfig, cut_to: dict[str, int | None]) -> None:
     """Stream every row of `streams` through preparation into folder/train and folder/eval (and its blank lines)."""
     first_origin, first_row = next(rows_of(streams.train, [0]))
     first = normalize_example(first_row, first_origin, config.dataset_text_field)
-    truncate = {split: not packing.packs(split) for split in ("train", "eval")}
-    job = _job(first, tokenizer, config, truncate, first_row=streams.first)
+    job = _job(first, tokenizer, config, cut_to, first_row=streams.first)
     blank_lines = [0]
     batches = _batches(rows_of(streams.train, blank_lines), streams.held_out, "train")
     if streams.eval is not None:

@@ -49,3 +49,14 @@ def chatty_dir(tmp_path_factory, tokenizer):
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny model's matmuls are too small to share: on a busy 2-core machine, OpenMP threads waiting
+    for each other made each forward pass ~40x slower (0.4 s instead of 0.01 s). Restored afterwards.
+    A module asks for it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -172,13 +172,18 @@ def copy_of(saved_run: Path, tmp_path: Path) -> Path:
     return tmp_path / "run"
 
 
+GLOBAL_BATCH = (
+    "the global batch (processes × --per_device_train_batch_size × --gradient_accumulation_steps) was 4 there and is "
+)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(training={"per_device_train_batch_size": 2}), "--per_device_train_batch_size was 4 there and is 2 here"),
-        (dict(training={"gradient_accumulation_steps": 2}), "--gradient_accumulation_steps was 1 there and is 2 here"),
+        (dict(training={"per_device_train_batch_size": 2}), GLOBAL_BATCH + "2 here"),
+        (dict(training={"gradient_accumulation_steps": 2}), GLOBAL_BATCH + "8 here"),
         (dict(data={"max_length": 16}), "--max_length was 256 there and is 16 here"),
-        (dict(data={"seed": 1}), "--seed was 42 there and is 1 here"),
+        (dict(training={"seed": 1}), "--seed was 42 there and is 1 here"),
         (dict(packing=True), "--packing was false there and is true here"),
         (dict(dataset=True), "the tokenized training data was 10 units, sha256"),
     ],
@@ -213,7 +218,16 @@ def test_ignore_data_order_mismatch_goes_on_from_the_checkpoint(tiny_dir, tmp_pa
     flags = dict(FLAGS, per_device_train_batch_size=2, resume_from_checkpoint="true", ignore_data_order_mismatch=True)
     result = train(run_config(tiny_dir, output_dir, **flags))
     assert result.steps == FLAGS["max_steps"] and [record["step"] for record in metrics(output_dir)] == [1, 2, 3, 4, 5]
-    assert "resuming although --per_device_train_batch_size was 4" in words_of(capsys.readouterr().err)
+    assert "resuming although " + GLOBAL_BATCH + "2 here" in words_of(capsys.readouterr().err)
+
+
+def test_the_same_global_batch_split_otherwise_continues_the_run(tiny_dir, tmp_path, saved_run, capsys):
+    """Batch 2 × accumulation 2 covers the units that batch 4 × 1 did, step for step: the same data order."""
+    output_dir = copy_of(saved_run, tmp_path)
+    flags = dict(FLAGS, per_device_train_batch_size=2, gradient_accumulation_steps=2, resume_from_checkpoint="true")
+    train(run_config(tiny_dir, output_dir, **flags))
+    assert [record["step"] for record in metrics(output_dir)] == [1, 2, 3, 4, 5]
+    assert "resuming although" not in words_of(capsys.readouterr().err)
 
 
 def test_the_refusal_is_one_line_exit_2(tiny_dir, tmp_path, saved_run, capsys):
@@ -222,7 +236,7 @@ def test_the_refusal_is_one_line_exit_2(tiny_dir, tmp_path, saved_run, capsys):
         run(main, cli_flags(tiny_dir, output_dir, resume_from_checkpoint="true", per_device_train_batch_size=2))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err
-    assert "--per_device_train_batch_size was 4 there and is 2 here" in words_of(err)
+    assert GLOBAL_BATCH + "2 here" in words_of(err)
 
 
 # ----------------------------------------------------------------------------- damaged checkpoints

@@ -32,10 +32,10 @@ from minisft.lora import (
 )
 from minisft.models import load_model, tiny_model
 
-from .test_lora import input_ids, logits_of, one_thread, quiet, relative_diff  # noqa: F401 (one_thread: autouse)
-from .tiny_runs import run_config
+from .tiny_runs import input_ids, logits_of, quiet, relative_diff, run_config
 
 peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SETTINGS = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules="all-linear", use_dora=True)
 # Merged f·(W + s·B A) x against unmerged W x + (f − 1)·W x + f·s·B (A x), in max|a−b|/max|b|: float32 rounding,

@@ -42,7 +42,7 @@ def test_smollm2_walkthrough_monitors_the_run(tmp_path):
         "02_smollm2_walkthrough.py", "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2",
         "--output_dir", str(output_dir),
     )  # fmt: skip
-    assert "packing (train):" in output and "run summary" in output and "eval loss" in output
+    assert "packed into" in output and "run summary" in output and "eval loss" in output
     assert (output_dir / "metrics.png").read_bytes()[:4] == b"\x89PNG"
     assert (output_dir / "checkpoint-2").is_dir() and (output_dir / "model.safetensors").is_file()
     assert output.count("answered: ") == 3  # the three held-out prompts

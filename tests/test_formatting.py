@@ -15,7 +15,7 @@ from minisft.formatting import (
 from minisft.models import fit_embeddings_to_tokenizer, tiny_model
 from minisft.prepare import prepare_dataset
 
-from .test_masking import GEMMA_TEMPLATE, SEED
+from .tiny_runs import GEMMA_TEMPLATE, SEED
 
 
 def word_level_tokenizer():

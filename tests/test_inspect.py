@@ -118,8 +118,9 @@ def test_max_length_must_be_positive(capsys, flags):
     assert "--max_length must be a positive number of tokens" in capsys.readouterr().err
 
 
-def test_packed_split_is_not_truncated_before_packing(capsys, tokenizer):
-    """As in TRL, a packed split is cut by the packer: bfd_split keeps every token, bfd truncates."""
+def test_bfd_split_keeps_every_token_and_bfd_truncates(capsys, tokenizer):
+    """As in TRL, bfd_split keeps every token (preparation leaves overlong examples whole for it to split), and bfd
+    packs examples truncated to max_length (by preparation, as unpacked batches take them)."""
     untruncated = prepare_dataset(load_splits(demo_dataset_path()).train, tokenizer, DataConfig(), truncate=False)
     total = sum(len(example["input_ids"]) for example in untruncated.examples)
     longer = [len(example["input_ids"]) for example in untruncated.examples if len(example["input_ids"]) > 32]

@@ -368,26 +368,41 @@ def test_each_micro_batch_is_collated_just_before_its_forward(tiny_dir, tmp_path
     assert events == ["collate", "forward"] * 5  # ten conversations in micro-batches of 2: 3 in step 1, 2 in step 2
 
 
+TRUNCATED = r"1 truncated to 64 tokens \(\d+ tokens cut\), 0 dropped"
+SPLIT = r"1 split over rows \(nothing cut\), 0 dropped"
+
+
 @pytest.mark.parametrize(
-    "strategy, said", [("bfd", r"1 examples truncated \(\d+ tokens cut\)"), ("wrapped", "1 examples split over rows")]
+    "packing, said",
+    [
+        ({}, TRUNCATED + r"\n"),
+        ({"padding_free": True}, TRUNCATED + r"\n"),
+        ({"packing": True}, TRUNCATED + r"; packed into \d+ rows of 64"),
+        ({"packing": True, "packing_strategy": "bfd_split"}, SPLIT + r"; packed into \d+ rows of 64"),
+        ({"packing": True, "packing_strategy": "wrapped"}, SPLIT + r"; packed into \d+ rows of 64"),
+    ],
+    ids=["padded", "padding_free", "bfd", "bfd_split", "wrapped"],
 )
-def test_what_the_packer_cuts_is_reported(tokenizer, tmp_path, strategy, said):
-    """Under packing, preparation does not truncate (the packer does): the run must say what the packer cut."""
+def test_what_is_cut_is_said_in_one_line_per_split(tokenizer, tmp_path, packing, said):
+    """Preparation alone cuts to max_length (bfd_split and wrapped split over rows instead): each split's one line
+    says what was cut or split, and what was dropped, in every mode."""
     from io import StringIO
 
     from rich.console import Console
 
     long = " ".join(["word"] * 100)
     rows = [{"text": long}] + [{"text": f"short example {n}"} for n in range(5)]
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     model_dir = tmp_path / "model"
     tiny_model(tokenizer).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    config = run_config(str(model_dir), tmp_path / "out", max_steps=1, packing=PackingConfig(packing=True))
+    config = run_config(str(model_dir), tmp_path / "out", max_steps=1, packing=PackingConfig(**packing))
     config.data.dataset_name, config.data.max_length = str(data), 64
-    config.packing.packing_strategy = strategy
     log = StringIO()
     train(config, console=Console(file=log, width=300))
     printed = log.getvalue()
-    assert re.search(said, printed) and "0 truncated" not in printed, printed
+    for split in ("train", "eval"):
+        assert re.search(rf"data \({split}\): 6 examples, \d+ trained tokens; {said}", printed), printed

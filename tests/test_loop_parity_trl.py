@@ -183,13 +183,14 @@ class Workspace:
                 model=ModelConfig(
                     model_name_or_path=str(self.model_dir), torch_dtype="float32", attn_implementation="sdpa"
                 ),
-                data=DataConfig(dataset_name=str(self.data), seed=SEED, max_length=MAX_LENGTH),
+                data=DataConfig(dataset_name=str(self.data), max_length=MAX_LENGTH),
                 packing=PackingConfig(packing=packing, packing_strategy="bfd"),
                 lora=LoraConfig(
                     use_peft=lora_adapter is not None, lora_adapter=str(lora_adapter) if lora_adapter else None
                 ),
                 training=TrainingConfig(
                     output_dir=str(output_dir),
+                    seed=SEED,
                     bf16=False,
                     gradient_checkpointing=False,
                     save_steps=0,

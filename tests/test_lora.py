@@ -12,7 +12,6 @@ differently; those comparisons have bounds, measured or derived, beside them.
 
 import json
 import re
-import warnings
 
 import pytest
 import torch
@@ -33,19 +32,12 @@ from minisft.lora import (
 )
 from minisft.models import tiny_model
 
+from .tiny_runs import input_ids, logits_of, max_diff, quiet, relative_diff
+
 peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PEFT_PREFIX = "base_model.model."
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's matmuls are too small to share: on a busy 2-core machine, OpenMP threads waiting
-    for each other made each forward pass ~40x slower (0.4 s instead of 0.01 s). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # One row per targeting rule: (id, LoraSettings keyword arguments). r and alpha differ from
@@ -90,13 +82,6 @@ def peft_config_of(kwargs):
     )
 
 
-def quiet(function, *args, **kwargs):
-    """peft warns about tied embeddings in modules_to_save and transformers about deprecations: noise here."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return function(*args, **kwargs)
-
-
 def peft_model(tokenizer, kwargs, **model_kwargs):
     return quiet(peft.get_peft_model, tiny_model(tokenizer, **model_kwargs), peft_config_of(kwargs))
 
@@ -137,27 +122,6 @@ def randomize_and_copy(peft_wrapped, mini, seed=0):
                 values = parameter + torch.randn(parameter.shape, generator=generator) * 0.05
             parameter.copy_(values)
             target[name].copy_(values)
-
-
-def input_ids(tokenizer):
-    texts = ["LoRA trains a low-rank update beside a frozen weight.", "The capital of France is Paris, said the model."]
-    batch = [tokenizer(text)["input_ids"][:10] for text in texts]
-    return torch.tensor(batch)
-
-
-def logits_of(model, ids) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
-
-
-def relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b|: rounding relative to the size of the values compared."""
-    return max_diff(a, b) / b.float().abs().max().item()
 
 
 # Merged (W + s·B A) x against unmerged W x + s·B (A x) logits, and logits after a merge/unmerge round trip, in

@@ -6,15 +6,7 @@ from minisft.config import DataConfig
 from minisft.masking import IGNORE_INDEX, MaskingError, template_variants
 from minisft.prepare import prepare_dataset
 
-# Gemma's chat template, as the first seed uses it (Gemma-2b-it).
-GEMMA_TEMPLATE = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
-    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
-    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
-)
+from .tiny_runs import GEMMA_TEMPLATE, SEED
 
 LLAMA3_TEMPLATE = (
     "{% for message in messages %}{% if loop.index0 == 0 %}{{ bos_token }}{% endif %}"
@@ -33,7 +25,6 @@ CHATML_GENERATION_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-SEED = {"messages": [{"role": "user", "content": "微调测试"}, {"role": "assistant", "content": "我学会了"}]}
 MULTI_TURN = {
     "messages": [
         {"role": "system", "content": "Be brief."},

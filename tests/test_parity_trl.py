@@ -13,7 +13,7 @@ pytest.importorskip("trl", reason="the parity tests compare against TRL: pip ins
 
 from minisft.config import DataConfig  # noqa: E402
 from minisft.prepare import prepare_dataset  # noqa: E402
-from tests.trl_reference import trl_prepared  # noqa: E402
+from tests.trl_reference import assert_same_examples, trl_prepared  # noqa: E402
 
 EOS = "<|im_end|>"
 
@@ -165,47 +165,6 @@ def reference(examples, tokenizer, **config):
     # max_length spelled out on both sides, so a change of either default cannot hide behind the other.
     config.setdefault("max_length", 1024)
     return trl_prepared(examples, tokenizer, **config)
-
-
-def _show(tokenizer, sequence, start, stop):
-    shown = []
-    for token in sequence[start:stop]:
-        shown.append("-100" if token == -100 else f"{token}:{tokenizer.decode([token])!r}")
-    return " ".join(shown) or "(nothing)"
-
-
-def _assert_same_sequence(tokenizer, index, origin, key, ours, theirs):
-    if ours == theirs:
-        return
-    position = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-    start, stop = max(0, position - 4), position + 5
-    pytest.fail(
-        f"example {index} ({origin}): {key} differ at position {position} "
-        f"(minisft has {len(ours)} tokens, TRL {len(theirs)})\n"
-        f"  minisft [{start}:{stop}]: {_show(tokenizer, ours, start, stop)}\n"
-        f"  TRL     [{start}:{stop}]: {_show(tokenizer, theirs, start, stop)}\n"
-        + (
-            f"  TRL's whole example: {tokenizer.decode(theirs)!r}"
-            if key == "input_ids"
-            else f"  TRL trains on: {tokenizer.decode([t for t in theirs if t != -100])!r}"
-        )
-    )
-
-
-def assert_same_examples(tokenizer, prepared, theirs):
-    """minisft's prepared examples equal TRL's, example by example: same count, same input_ids, same labels."""
-    ours = prepared.examples
-    origins = prepared.origins if getattr(prepared, "origins", None) else [f"minisft #{i}" for i in range(len(ours))]
-    if len(ours) != len(theirs):
-        pytest.fail(
-            f"minisft kept {len(ours)} examples, TRL {len(theirs)}\n"
-            + "\n".join(f"  minisft {i}: {tokenizer.decode(e['input_ids'][:12])!r}" for i, e in enumerate(ours))
-            + "\n"
-            + "\n".join(f"  TRL     {i}: {tokenizer.decode(e['input_ids'][:12])!r}" for i, e in enumerate(theirs))
-        )
-    for index, (mine, reference_example) in enumerate(zip(ours, theirs)):
-        for key in ("input_ids", "labels"):
-            _assert_same_sequence(tokenizer, index, origins[index], key, list(mine[key]), reference_example[key])
 
 
 def _masked_somewhere(rows):

@@ -8,7 +8,7 @@ import pytest
 from minisft.cli import run
 from minisft.plot import main
 
-from .test_summary import records
+from .tiny_runs import records
 
 
 @pytest.fixture

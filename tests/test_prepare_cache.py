@@ -39,9 +39,9 @@ def data(tmp_path):
     return path
 
 
-def prepared(data, tokenizer, cache_dir, packing_config=None, **flags):
+def prepared(data, tokenizer, cache_dir, packing_config=None, seed=42, **flags):
     config = DataConfig(cache_dir=str(cache_dir), **flags)
-    return load_and_prepare(str(data), tokenizer, config, packing_config or PackingConfig())
+    return load_and_prepare(str(data), tokenizer, config, packing_config or PackingConfig(), seed)
 
 
 def count_preparations(monkeypatch) -> list:
@@ -74,7 +74,7 @@ def test_second_run_reuses_the_preparation(data, fresh_tokenizer, tmp_path, monk
         {"eval_split_size": 0.3},
         {"seed": 7},  # the seed picks the held-out rows
         {"response_template": "<|im_start|>assistant\n", "assistant_only_loss": False},
-        {"packing": True},  # a packed split is not truncated by preparation
+        {"packing_strategy": "bfd_split"},  # bfd_split splits overlong examples: preparation keeps them whole
         {"file": "appended"},
         {"chat_template": "changed"},
     ],
@@ -85,7 +85,8 @@ def test_any_change_prepares_afresh(data, fresh_tokenizer, tmp_path, monkeypatch
     before = prepared(data, fresh_tokenizer, cache_dir, **flags)
     calls = count_preparations(monkeypatch)
     change = dict(change)
-    packing_config = PackingConfig(packing=change.pop("packing", False))
+    strategy = change.pop("packing_strategy", None)
+    packing_config = PackingConfig(packing=True, packing_strategy=strategy) if strategy else PackingConfig()
     if change.pop("file", None):
         data.write_text(data.read_text(encoding="utf-8") * 2, encoding="utf-8")
     if change.pop("chat_template", None):
@@ -113,6 +114,20 @@ def test_the_training_seed_alone_does_not_invalidate(data, fresh_tokenizer, tmp_
     calls = count_preparations(monkeypatch)
     assert "reused" in prepared(data, fresh_tokenizer, tmp_path / "cache", seed=2, dataset_num_proc=2).cache_note
     assert not calls
+
+
+def test_bfd_packing_reuses_the_unpacked_preparation(data, fresh_tokenizer, tmp_path, monkeypatch):
+    """Preparation alone truncates: bfd packs the examples unpacked batches take, so one preparation serves both.
+    bfd_split keeps overlong examples whole, so its preparation does not depend on --max_length."""
+    cache_dir, bfd_split = tmp_path / "cache", PackingConfig(packing=True, packing_strategy="bfd_split")
+    unpacked = prepared(data, fresh_tokenizer, cache_dir, max_length=16)
+    whole = prepared(data, fresh_tokenizer, cache_dir, bfd_split, max_length=16)
+    calls = count_preparations(monkeypatch)
+    bfd = prepared(data, fresh_tokenizer, cache_dir, PackingConfig(packing=True), max_length=16)
+    longer_rows = prepared(data, fresh_tokenizer, cache_dir, bfd_split, max_length=32)
+    assert not calls
+    assert bfd.train.examples.folder == unpacked.train.examples.folder and bfd.train.stats.truncated
+    assert longer_rows.train.examples.folder == whole.train.examples.folder and not whole.train.stats.truncated
 
 
 def test_an_interrupted_preparation_is_never_trusted(data, fresh_tokenizer, tmp_path, monkeypatch):

@@ -8,27 +8,7 @@ from rich.console import Console
 from minisft.cli import run
 from minisft.summary import chart, main, print_summary, warning_signs
 
-
-def records(losses, eval_losses=None):
-    """Metrics records as the loop writes them: one per step, eval_loss on some."""
-    rows = []
-    for step, loss in enumerate(losses, start=1):
-        row = {
-            "step": step,
-            "epoch": step / 10,
-            "loss": loss,
-            "learning_rate": 1e-3,
-            "grad_norm": 1.0,
-            "num_tokens": 100 * step,
-            "tokens_per_second": 50.0,
-            "mean_token_accuracy": 0.5,
-            "entropy": 2.0,
-            "peak_memory_mb": 500.0,
-        }
-        if eval_losses and step in eval_losses:
-            row["eval_loss"] = eval_losses[step]
-        rows.append(row)
-    return rows
+from .tiny_runs import records
 
 
 def test_healthy_run_has_no_warning_signs():

@@ -17,8 +17,7 @@ from minisft.config import DataConfig  # noqa: E402
 from minisft.data import load_splits  # noqa: E402
 from minisft.masking import IGNORE_INDEX  # noqa: E402
 from minisft.prepare import prepare_dataset  # noqa: E402
-from tests.test_parity_trl import assert_same_examples  # noqa: E402
-from tests.trl_reference import trl_prepared_rows  # noqa: E402
+from tests.trl_reference import assert_same_examples, trl_prepared_rows  # noqa: E402
 
 TRUNCATE_AT = 13
 PAIRS = [

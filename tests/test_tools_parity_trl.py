@@ -25,8 +25,7 @@ from minisft.data import load_splits  # noqa: E402
 from minisft.formatting import FormattingError  # noqa: E402
 from minisft.masking import IGNORE_INDEX  # noqa: E402
 from minisft.prepare import prepare_dataset  # noqa: E402
-from tests.test_parity_trl import assert_same_examples  # noqa: E402
-from tests.trl_reference import trl_prepared_rows  # noqa: E402
+from tests.trl_reference import assert_same_examples, trl_prepared_rows  # noqa: E402
 
 TOOLS_TEMPLATE = (Path(__file__).parent / "chatml_tools.jinja").read_text(encoding="utf-8")
 

@@ -1,12 +1,15 @@
-"""Helpers (not fixtures) for tests that run the training loop on a tiny model: its data, config and outputs.
+"""Plain helpers (not fixtures) that several test modules share, so that no test module imports another.
 
-The fixture that builds the model folder, `tiny_dir`, is in conftest.py; these are the plain functions the
-loop and checkpoint tests share.
+Mostly for tests that run the training loop on a tiny model: its data, config and outputs, metrics records as
+the loop writes them, and the tiny model's logits. The fixtures (the tokenizer, `tiny_dir`, ...) are in
+conftest.py; the helpers that compare with TRL are in trl_reference.py.
 """
 
 import json
+import warnings
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 from minisft.config import DataConfig, LoraConfig, ModelConfig, PackingConfig, TrainingConfig
@@ -25,6 +28,21 @@ CONVERSATIONS = [
     ("Describe the sea in one sentence.", "The sea is a grey-green field that never stops moving."),
     ("Is the sky blue?", "Yes, on a clear day."),
 ]
+
+# The first seed's one conversation.
+SEED = {"messages": [{"role": "user", "content": "微调测试"}, {"role": "assistant", "content": "我学会了"}]}
+
+# Gemma's chat template, as the first seed uses it (Gemma-2b-it).
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
 
 
 def write_conversations(path: Path) -> None:
@@ -56,3 +74,56 @@ def metrics(output_dir):
 
 def weights(folder):
     return load_file(folder / "model.safetensors")
+
+
+# ----------------------------------------------------------------------------- metrics, peft comparisons
+
+
+def records(losses, eval_losses=None):
+    """Metrics records as the loop writes them: one per step, eval_loss on some."""
+    rows = []
+    for step, loss in enumerate(losses, start=1):
+        row = {
+            "step": step,
+            "epoch": step / 10,
+            "loss": loss,
+            "learning_rate": 1e-3,
+            "grad_norm": 1.0,
+            "num_tokens": 100 * step,
+            "tokens_per_second": 50.0,
+            "mean_token_accuracy": 0.5,
+            "entropy": 2.0,
+            "peak_memory_mb": 500.0,
+        }
+        if eval_losses and step in eval_losses:
+            row["eval_loss"] = eval_losses[step]
+        rows.append(row)
+    return rows
+
+
+def quiet(function, *args, **kwargs):
+    """peft warns about tied embeddings in modules_to_save and transformers about deprecations: noise here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return function(*args, **kwargs)
+
+
+def input_ids(tokenizer):
+    texts = ["LoRA trains a low-rank update beside a frozen weight.", "The capital of France is Paris, said the model."]
+    batch = [tokenizer(text)["input_ids"][:10] for text in texts]
+    return torch.tensor(batch)
+
+
+def logits_of(model, ids) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|: rounding relative to the size of the values compared."""
+    return max_diff(a, b) / b.float().abs().max().item()

@@ -4,6 +4,7 @@
 and reads back `trainer.train_dataset`: the rows SFTTrainer would train on after its `_prepare_dataset`
 (ChatML conversion, EOS appending, tokenization, completion / assistant masks turned into labels,
 truncation to `max_length`, dropping rows left with no trained token). Nothing is trained.
+`assert_same_examples` compares minisft's prepared examples with those rows, naming the first token that differs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import logging
 import tempfile
 import warnings
 from contextlib import contextmanager
+
+import pytest
 
 # The only columns that describe an example's format. Anything else a caller's example carries
 # (minisft's "origin", say) would become a dataset column TRL does not know about.
@@ -52,7 +55,6 @@ def trl_trainer(examples: list[dict], tokenizer, **sft_config_kwargs):
     `chat_template_path`, the chat template) on the object it is given, which would leak into the
     caller's tokenizer and from there into whatever minisft is compared with.
     """
-
 
     if not examples:
         raise ValueError("trl_prepared needs at least one example: SFTTrainer reads the first one to detect the format")
@@ -144,3 +146,44 @@ def trl_train(model, examples: list[dict], tokenizer, output_dir, **sft_config_k
         trainer.remove_callback(transformers.PrinterCallback)
         trainer.train()
     return trainer
+
+
+def assert_same_examples(tokenizer, prepared, theirs):
+    """minisft's prepared examples equal TRL's, example by example: same count, same input_ids, same labels."""
+    ours = prepared.examples
+    origins = prepared.origins if getattr(prepared, "origins", None) else [f"minisft #{i}" for i in range(len(ours))]
+    if len(ours) != len(theirs):
+        pytest.fail(
+            f"minisft kept {len(ours)} examples, TRL {len(theirs)}\n"
+            + "\n".join(f"  minisft {i}: {tokenizer.decode(e['input_ids'][:12])!r}" for i, e in enumerate(ours))
+            + "\n"
+            + "\n".join(f"  TRL     {i}: {tokenizer.decode(e['input_ids'][:12])!r}" for i, e in enumerate(theirs))
+        )
+    for index, (mine, reference_example) in enumerate(zip(ours, theirs)):
+        for key in ("input_ids", "labels"):
+            _assert_same_sequence(tokenizer, index, origins[index], key, list(mine[key]), reference_example[key])
+
+
+def _assert_same_sequence(tokenizer, index, origin, key, ours, theirs):
+    if ours == theirs:
+        return
+    position = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    start, stop = max(0, position - 4), position + 5
+    pytest.fail(
+        f"example {index} ({origin}): {key} differ at position {position} "
+        f"(minisft has {len(ours)} tokens, TRL {len(theirs)})\n"
+        f"  minisft [{start}:{stop}]: {_show(tokenizer, ours, start, stop)}\n"
+        f"  TRL     [{start}:{stop}]: {_show(tokenizer, theirs, start, stop)}\n"
+        + (
+            f"  TRL's whole example: {tokenizer.decode(theirs)!r}"
+            if key == "input_ids"
+            else f"  TRL trains on: {tokenizer.decode([t for t in theirs if t != -100])!r}"
+        )
+    )
+
+
+def _show(tokenizer, sequence, start, stop):
+    shown = []
+    for token in sequence[start:stop]:
+        shown.append("-100" if token == -100 else f"{token}:{tokenizer.decode([token])!r}")
+    return " ".join(shown) or "(nothing)"
