@@ -52,7 +52,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor
 
 from .errors import UserError
 from .lora import LoraSettings, adapter_state_dict
@@ -210,13 +209,11 @@ def total_norm(norm: torch.Tensor) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
-def whole_weights(model: nn.Module, lora: LoraSettings | None) -> dict[str, torch.Tensor] | None:
+def whole_weights(model: nn.Module, lora: LoraSettings | None) -> dict[str, torch.Tensor]:
     """Under FSDP, the weights to write, gathered from every process's shards: the whole model's, or with
-    LoRA only the adapter's (a small gather, the frozen base stays sharded). None without FSDP: the model
-    holds them whole. Every process must call this, in step: each gather is a collective; rank 0 writes.
+    LoRA only the adapter's (a small gather, the frozen base stays sharded). Every process must call this,
+    in step: each gather is a collective; rank 0 writes.
     """
-    if not any(isinstance(parameter, DTensor) for parameter in model.parameters()):
-        return None
     if lora is not None:
         return {name: tensor.full_tensor() for name, tensor in adapter_state_dict(model, lora).items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

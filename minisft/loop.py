@@ -158,7 +158,7 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
             return TrainResult(output_dir, run.completed, last_metrics, interrupted=True)
 
         # 5. Outputs: an HF-format model (or a peft adapter), the tokenizer with its chat template.
-        merged_dir = write_outputs(model, tokenizer, output_dir, lora_settings, config, console, processes)
+        merged_dir = write_outputs(model, tokenizer, output_dir, lora_settings, config, console, parallel)
     return TrainResult(output_dir, run.completed, last_metrics, merged_dir)
 
 
@@ -549,7 +549,7 @@ def data_order(config: RunConfig, train_units: Sequence[dict], world_size: int) 
     args = config.training
     order = {
         "global_batch_size": world_size * args.per_device_train_batch_size * args.gradient_accumulation_steps,
-        "seed": config.training.seed,
+        "seed": args.seed,
         "max_length": config.data.max_length,
         "packing": config.packing.packing,
     }
@@ -699,11 +699,12 @@ def save_due(args: TrainingConfig, completed: int, steps_per_epoch: int, total_s
 
 
 def write_outputs(
-    model, tokenizer, output_dir: Path, lora_settings, config: RunConfig, console: Console, processes: Processes
+    model, tokenizer, output_dir: Path, lora_settings, config: RunConfig, console: Console, parallel: DataParallel
 ) -> Path | None:
     """Rank 0 writes the model (or adapter), the tokenizer and, with --merge_lora, the merged model."""
-    weights = whole_weights(model, lora_settings)  # under FSDP every process sends its shards to rank 0
-    merged_dir = None
+    # Under FSDP every process sends its shards to rank 0; otherwise the model holds its weights whole.
+    weights = whole_weights(model, lora_settings) if parallel.sharded else None
+    processes, merged_dir = parallel.processes, None
     if processes.is_main:
         try:
             merged_dir = write_model(model, tokenizer, output_dir, lora_settings, config, console, weights)

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from . import cache
-from .config import DataConfig, PackingConfig
+from .config import DataConfig, PackingConfig, TrainingConfig
 from .data import check_same_format, dataset_format, normalize_example, rows_of, stream_splits
 from .formatting import (
     Formatted,
@@ -411,7 +411,7 @@ def cut_lengths(max_length: int | None, packing: PackingConfig) -> dict[str, int
 
 
 def load_and_prepare(
-    source, tokenizer, config: DataConfig, packing: PackingConfig | None = None, seed: int = 42
+    source, tokenizer, config: DataConfig, packing: PackingConfig | None = None, seed: int = TrainingConfig.seed
 ) -> PreparedSplits:
     """From a dataset source to prepared train and eval splits: the whole data side of a run.
 
