@@ -7,10 +7,11 @@ The job is the packing benchmark's packed mode (benchmarks/packing_throughput.py
 synthetic conversations, best-fit-decreasing rows of max_length, one row per micro-batch, AdamW (fused, lr 1e-3),
 clipping at 1.0, fp32. Each variant runs in its own process, so each peak is that process's alone.
 
-The step is minisft.loop.train_step's, written out here (model_losses, backward, clip, AdamW, zero_grad) so
-that a sampler thread can name the phase each resident-memory sample falls in. Two kinds of figures:
+The step is minisft.loop.train_step itself; hooks on the model, its collate function and the optimizer mark
+where each phase begins, so that a sampler thread can name the phase each resident-memory sample falls in.
+Two kinds of figures:
     resident (RSS)  /proc/self/statm sampled every millisecond: the peak of each phase, and the process's
-                    peak (getrusage), which is what the throughput benchmark reports
+                    peak (VmHWM), which is what the throughput benchmark and the loop report
     accounted       what the step holds, by tensor: weights, gradients and AdamW's two moments (their sizes),
                     and the activations autograd saves for backward, counted by a saved_tensors_hooks pack
                     function once per storage (parameters left out), by where they were saved: the decoder
@@ -33,16 +34,17 @@ the memory it would move them to, so it is not a variant here; on a GPU it trade
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -114,10 +116,10 @@ def worker(variant: str, args) -> dict:
     from minisft.attention import use_sdpa_by_example
     from minisft.config import DataConfig
     from minisft.distributed import Processes, data_parallel
-    from minisft.loop import collate, model_losses
+    from minisft.loop import collate, gradient_scaler, peak_memory_mb, train_step
     from minisft.loss import ChunkedLinearCrossEntropy, count_trained_tokens_of
     from minisft.models import load_model, load_tokenizer, tiny_model
-    from minisft.optim import build_optimizer
+    from minisft.optim import build_optimizer, build_schedule
     from minisft.packing import pack
     from minisft.prepare import prepare_dataset
 
@@ -144,30 +146,45 @@ def worker(variant: str, args) -> dict:
     rows = pack(examples, args.max_length, "bfd").rows
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
     saved = SavedActivations(model)
+    timings, activations = [], []
     layers = model.model.layers
     for index, layer in enumerate(layers):  # name the place of each saved tensor: a layer, or after them the loss
         layer.register_forward_pre_hook(lambda module, inputs, index=index: setattr(saved, "place", "layers"))
-    layers[-1].register_forward_hook(lambda module, inputs, output: setattr(saved, "place", "loss"))
 
-    model.train()
-    timings, activations = [], []
+    # The phases, marked from inside train_step by hooks, so that the step measured is the loop's own:
+    # a micro-batch's forward starts when it is collated; its backward when the gradient reaches the last
+    # layer's output (the fused loss's backward before it only scales what its forward computed); the
+    # optimizer phase when optimizer.step() starts (clipping falls in the backward phase before it).
+    def collate_and_mark(units, step):
+        sampler.enter(f"step {step + 1} forward")
+        saved.bytes, saved.place = {}, "embedding"
+        saved.seen.clear()
+        return collate(units, model, tokenizer.pad_token_id, False, None, torch.device("cpu"))
+
+    def backward_starts(gradient, step):
+        activations.append(dict(saved.bytes))
+        sampler.enter(f"step {step + 1} backward")
+
+    def last_layer_ran(module, inputs, output):
+        saved.place = "loss"
+        hidden = output[0] if isinstance(output, tuple) else output
+        if hidden.requires_grad and torch.is_grad_enabled():
+            hidden.register_hook(lambda gradient: backward_starts(gradient, step))
+
+    layers[-1].register_forward_hook(last_layer_ran)
+    optimizer.register_step_pre_hook(lambda *unused: sampler.enter(f"step {step + 1} optimizer"))
+    schedule = build_schedule(optimizer, "constant", 0, args.steps)
+    scaler = gradient_scaler(False, torch.device("cpu"))
+
     for step in range(args.steps):
         units = [rows[index] for index in order[step * args.rows_per_step : (step + 1) * args.rows_per_step]]
         step_tokens = count_trained_tokens_of(units)
         start = time.perf_counter()
-        for row in units:
-            batch = collate([row], model, tokenizer.pad_token_id, False, None, torch.device("cpu"))
-            sampler.enter(f"step {step + 1} forward")
-            saved.bytes, saved.place = {}, "embedding"
-            with saved.hooks():
-                losses = model_losses(model, batch, parallel)
-            activations.append(dict(saved.bytes))
-            sampler.enter(f"step {step + 1} backward")
-            (losses.loss_sum / step_tokens).backward()
-        sampler.enter(f"step {step + 1} optimizer")
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with saved.hooks():
+            train_step(
+                model, [([row], 1) for row in units], step_tokens, functools.partial(collate_and_mark, step=step),
+                optimizer, schedule, scaler, nullcontext, 1.0, parallel,
+            )  # fmt: skip
         timings.append({"seconds": time.perf_counter() - start, "trained_tokens": step_tokens})
     sampler.enter("end")
     sampler.running = False
@@ -177,7 +194,7 @@ def worker(variant: str, args) -> dict:
     largest = max(activations, key=lambda found: sum(found.values()))
     return {
         "variant": variant,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_memory_mb(torch.device("cpu")),  # VmHWM: this worker's own, not its driver's
         "resident_after_imports_mb": resident_after_imports,
         "phase_peaks_mb": sampler.peaks,
         "weights_mb": parameter_bytes / MB,  # gradients: the same again; AdamW's moments: twice

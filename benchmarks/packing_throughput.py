@@ -62,7 +62,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -171,9 +170,10 @@ def gpu_peak_flops(override_tflops: float | None) -> tuple[float, str]:
 
 
 def peak_memory_mb(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """What the loop logs: the GPU allocator's peak, or this worker's own peak resident memory (not the driver's)."""
+    from minisft.loop import peak_memory_mb as loop_peak_memory_mb
+
+    return loop_peak_memory_mb(torch.device(device))
 
 
 def micro_batch_figures(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask=None) -> tuple[int, int, int]:

@@ -1,6 +1,7 @@
 """What evaluation and gradient accumulation cost, measured on the loop's own functions (issue 18).
 
     python benchmarks/step_costs.py                      # CPU, the tiny Llama over SmolLM2's vocabulary, ~2 min
+    python benchmarks/step_costs.py --model smollm2-135m # part 1 on SmolLM2-135M (parts 2 and 3 stay tiny)
     python benchmarks/step_costs.py --minisft ../old     # part 2 with another checkout's minisft (same command line)
     python benchmarks/step_costs.py --memory             # part 3 alone: live tensor bytes of train_step, ~4 min
 
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -44,24 +46,31 @@ sys.path.insert(0, str(Path(__file__).parent))
 from packing_throughput import TINY_SHAPE, synthetic_conversations, write_jsonl  # noqa: E402
 
 
-def eval_costs(repeats: int) -> dict:
-    """Seconds per trained token: a training step, evaluation (plain loss), evaluation with the fused loss."""
+def eval_costs(repeats: int, model_name: str) -> dict:
+    """Seconds per trained token: a training step (minisft.loop.train_step over the rows, forward, fused loss,
+    backward, clipping and AdamW), evaluation (plain loss), evaluation with the fused loss."""
     from minisft import loss as loss_module
     from minisft.attention import use_sdpa_by_example
     from minisft.config import DataConfig
     from minisft.distributed import Processes, data_parallel
-    from minisft.loop import collate, model_losses
-    from minisft.models import load_tokenizer, tiny_model
+    from minisft.loop import collate, gradient_scaler, model_losses, train_step
+    from minisft.loss import count_trained_tokens_of
+    from minisft.models import load_model, load_tokenizer, tiny_model
+    from minisft.optim import build_optimizer, build_schedule
     from minisft.packing import pack
     from minisft.prepare import prepare_dataset
 
     tokenizer = load_tokenizer("smollm2-135m-instruct")
-    model = tiny_model(tokenizer, **TINY_SHAPE)
+    model = tiny_model(tokenizer, **TINY_SHAPE) if model_name == "tiny" else load_model("smollm2-135m-instruct")
     use_sdpa_by_example(model)
     examples = prepare_dataset(synthetic_conversations(64, seed=0), tokenizer, DataConfig(max_length=1024)).examples
     rows = list(pack(examples, 1024, "bfd").rows)[:8]
     parallel = data_parallel(model, Processes(), fsdp=False)
     batches = [collate([row], model, tokenizer.pad_token_id, False, None, torch.device("cpu")) for row in rows]
+    tokens = count_trained_tokens_of(rows)
+    optimizer = build_optimizer(model, "adamw_torch_fused", 1e-5, 0.0)
+    schedule = build_schedule(optimizer, "constant", 0, 1000)
+    scaler = gradient_scaler(False, torch.device("cpu"))
 
     def timed(work) -> float:
         work()  # warm-up
@@ -72,13 +81,14 @@ def eval_costs(repeats: int) -> dict:
             best = min(best, (time.perf_counter() - start) / tokens)
         return best
 
-    def training() -> int:
-        tokens = 0
-        for batch in batches:
-            losses = model_losses(model, batch, parallel)
-            losses.loss_sum.backward()
-            tokens += losses.tokens
-        model.zero_grad(set_to_none=True)
+    collated = {id(row): batch for row, batch in zip(rows, batches)}  # collated once, outside the timing
+
+    def training() -> int:  # one optimizer step over the rows, one micro-batch each: the loop's train_step
+        micro_batches = [([row], 1) for row in rows]
+        train_step(
+            model, micro_batches, tokens, lambda units: collated[id(units[0])], optimizer, schedule, scaler,
+            nullcontext, 1.0, parallel,
+        )  # fmt: skip
         return tokens
 
     def evaluation() -> int:
@@ -87,8 +97,12 @@ def eval_costs(repeats: int) -> dict:
 
     def evaluation_fused() -> int:
         plain = loss_module.plain_losses
-        loss_module.plain_losses = lambda *args: loss_module.ChunkedLinearCrossEntropy.forward(
-            type("Context", (), {"needs_input_grad": (True, True), "save_for_backward": lambda *a: None})(), *args
+        context = type("Context", (), {"needs_input_grad": (True, True), "save_for_backward": lambda *a: None})()
+        fused_chunk = loss_module.CHUNK_TOKENS["cpu"]  # the fused loss at its own chunk size, as training runs it
+        loss_module.plain_losses = lambda hidden, weight, targets, softcap, chunk, metrics: (
+            loss_module.ChunkedLinearCrossEntropy.forward(
+                context, hidden, weight, targets, softcap, fused_chunk, metrics
+            )
         )
         try:
             return evaluation()
@@ -147,7 +161,6 @@ def step_memory(counts: list[int], length: int) -> dict:
     """Peak live tensor bytes of one train_step by accumulation count, micro-batches collated one at a time
     (the loop) or all ahead (the loop at commit 7b15111), under eager attention and sdpa per example."""
     import functools
-    from contextlib import nullcontext
 
     from minisft.attention import use_sdpa_by_example
     from minisft.config import DataConfig
@@ -253,6 +266,9 @@ def main() -> None:
     )
     parser.add_argument("--row_length", type=int, default=1024, help="--memory: the packed row's length")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--model", default="tiny", choices=["tiny", "smollm2-135m"], help="part 1's model (parts 2 and 3: tiny)"
+    )
     parser.add_argument("--out", type=Path, help="default results/cpu_step_costs.json (--memory: cpu_step_memory.json)")
     args = parser.parse_args()
     results = Path(__file__).parent / "results"
@@ -265,7 +281,8 @@ def main() -> None:
         print_step_memory(figures["step_memory"])
         out = args.out or results / "cpu_step_memory.json"
     else:
-        figures["microseconds_per_trained_token"] = eval_costs(args.repeats)
+        figures["model"] = args.model
+        figures["microseconds_per_trained_token"] = eval_costs(args.repeats, args.model)
         with tempfile.TemporaryDirectory() as work:
             figures["peak_rss_mb_by_accumulation"] = accumulation_memory(
                 args.accumulation or [1, 4, 16], args.minisft, Path(work)

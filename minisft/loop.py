@@ -26,6 +26,7 @@ import math
 import random
 import resource
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -158,7 +159,7 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
             return TrainResult(output_dir, run.completed, last_metrics, interrupted=True)
 
         # 5. Outputs: an HF-format model (or a peft adapter), the tokenizer with its chat template.
-        merged_dir = write_outputs(model, tokenizer, output_dir, lora_settings, config, console, parallel)
+        merged_dir = write_outputs(run, tokenizer, config.model, config.lora, console)
     return TrainResult(output_dir, run.completed, last_metrics, merged_dir)
 
 
@@ -201,7 +202,7 @@ def run_steps(run: Run, args: TrainingConfig, stop, metrics_log, console: Consol
         with progress:
             task = progress.add_task("training", total=run.total_steps, completed=run.completed, figures="")
             if args.eval_on_start:  # a check that evaluation works before any time goes into training
-                log(metrics_log, {**epoch_record(run), "eval_loss": evaluate(run, args)}, last_metrics)
+                log(metrics_log, {**epoch_record(run), **evaluate(run, args)}, last_metrics)
             for step in range(run.completed, run.total_steps):
                 indices = micro_batches_of_step(
                     step, len(run.train_units), args.per_device_train_batch_size, args.gradient_accumulation_steps,
@@ -225,7 +226,7 @@ def run_steps(run: Run, args: TrainingConfig, stop, metrics_log, console: Consol
                 if logging_due(args, run.completed, run.total_steps):
                     record = run.interval.figures(epoch_record(run), run.parallel.device)
                 if evaluation_due(args, run.completed, run.steps_per_epoch, run.total_steps) and run.eval_units:
-                    record.update({**epoch_record(run), "eval_loss": evaluate(run, args)})
+                    record.update({**epoch_record(run), **evaluate(run, args)})
                 if record:
                     log(metrics_log, record, last_metrics)
                     progress.update(task, figures=progress_figures(last_metrics))
@@ -311,22 +312,28 @@ def model_losses(model, batch: dict, parallel: DataParallel) -> TokenLosses:
 
 
 @torch.no_grad()
-def evaluate(run: Run, args: TrainingConfig) -> float:
-    """Σ token losses / trained tokens over the whole eval split (each process takes every world_size-th batch).
+def evaluate(run: Run, args: TrainingConfig) -> dict:
+    """eval_loss = Σ token losses / trained tokens over the whole eval split (each process takes every
+    world_size-th batch), and TRL's other eval figures, token accuracy and entropy, per token of the split
+    (TRL averages them per batch).
 
     No gradients: the loss is the plain formula (loss.plain_losses), not the fused one that computes them.
     """
     run.model.eval()
     size, units = args.per_device_eval_batch_size, run.eval_units
     batches = [list(range(start, min(start + size, len(units)))) for start in range(0, len(units), size)]
-    loss_sum, tokens = 0.0, 0
+    figures = torch.zeros(4, dtype=torch.float64)  # this process's loss sum, trained tokens, correct, entropy sum
     for indices, weight in run.parallel.mine(batches):
         with run.autocast():
             losses = model_losses(run.model, run.collate([units[index] for index in indices]), run.parallel)
-        loss_sum += float(losses.loss_sum) * weight
-        tokens += losses.tokens * weight
-    loss_sum, tokens = run.parallel.sum([loss_sum, tokens])
-    return loss_sum / max(tokens, 1)
+        figures += weight * torch.tensor([float(losses.loss_sum), losses.tokens, losses.correct, losses.entropy_sum])
+    loss_sum, tokens, correct, entropy_sum = run.parallel.sum(figures.tolist())
+    tokens = max(tokens, 1)
+    return {
+        "eval_loss": loss_sum / tokens,
+        "eval_mean_token_accuracy": correct / tokens,
+        "eval_entropy": entropy_sum / tokens,
+    }
 
 
 def save(run: Run, args: TrainingConfig) -> Path:
@@ -488,7 +495,11 @@ def prepare_model(config: RunConfig, tokenizer, device: torch.device, console: C
     lora_settings = attach_lora(model, lora, console)
     check_head(model)
     if config.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Newer transformers (5.24 here) name it activation_checkpointing_enable; the old name warns, and goes in v6.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.training.neftune_noise_alpha is not None:
         add_neftune_noise(model, config.training.neftune_noise_alpha)
     return model, lora_settings
@@ -545,7 +556,8 @@ def data_order(config: RunConfig, train_units: Sequence[dict], world_size: int) 
     """What decides the examples of each step: every checkpoint stores it, and a resume must match it.
 
     The global batch, not its split: a step covers the same units of the epoch's order whatever the
-    number of processes, the per-process batch and the accumulation that multiply to it."""
+    number of processes, the per-process batch and the accumulation that multiply to it. It reads the
+    flags of three stages (training's batch and seed, data's max_length, the packing), so it takes the run's."""
     args = config.training
     order = {
         "global_batch_size": world_size * args.per_device_train_batch_size * args.gradient_accumulation_steps,
@@ -698,38 +710,42 @@ def save_due(args: TrainingConfig, completed: int, steps_per_epoch: int, total_s
     return completed % steps_of(args.save_steps, total_steps) == 0
 
 
-def write_outputs(
-    model, tokenizer, output_dir: Path, lora_settings, config: RunConfig, console: Console, parallel: DataParallel
-) -> Path | None:
+def write_outputs(run: Run, tokenizer, model_config: ModelConfig, lora: LoraConfig, console: Console) -> Path | None:
     """Rank 0 writes the model (or adapter), the tokenizer and, with --merge_lora, the merged model."""
     # Under FSDP every process sends its shards to rank 0; otherwise the model holds its weights whole.
-    weights = whole_weights(model, lora_settings) if parallel.sharded else None
-    processes, merged_dir = parallel.processes, None
+    weights = whole_weights(run.model, run.lora_settings) if run.parallel.sharded else None
+    processes, merged_dir = run.parallel.processes, None
     if processes.is_main:
         try:
-            merged_dir = write_model(model, tokenizer, output_dir, lora_settings, config, console, weights)
+            merged_dir = write_model(
+                run.model, tokenizer, run.output_dir, run.lora_settings, model_config, lora, console, weights
+            )
         except WRITE_ERRORS as error:
-            raise CheckpointError(write_failure(f"the trained model to {output_dir}", error, output_dir)) from None
+            failure = write_failure(f"the trained model to {run.output_dir}", error, run.output_dir)
+            raise CheckpointError(failure) from None
     barrier(processes)
     return merged_dir
 
 
-def write_model(model, tokenizer, output_dir: Path, lora_settings, config: RunConfig, console, weights=None):
+def write_model(
+    model, tokenizer, output_dir: Path, lora_settings, model_config: ModelConfig, lora: LoraConfig, console,
+    weights=None,
+) -> Path | None:  # fmt: skip
     """`weights`: gathered from FSDP's shards (distributed.whole_weights), or None: the model holds them."""
-    base_name = config.model.model_name_or_path
+    base_name = model_config.model_name_or_path
     if lora_settings is None:
         model.save_pretrained(output_dir, state_dict=weights)
     else:
         save_adapter(model, output_dir, lora_settings, base_name, tensors=weights)
     tokenizer.save_pretrained(output_dir)
     console.print(f"saved the {'adapter' if lora_settings else 'model'} and tokenizer to {output_dir}")
-    if not config.lora.merge_lora:
+    if not lora.merge_lora:
         return None
-    if config.lora.load_in_4bit or weights is not None:
+    if lora.load_in_4bit or weights is not None:
         # A 4-bit base cannot take the update exactly, and a sharded one is not whole in this process:
         # merge into the full-precision base, loaded afresh, instead.
         model = load_model(
-            base_name, dtype=DTYPES[config.model.resolved_dtype()], trust_remote_code=config.model.trust_remote_code
+            base_name, dtype=DTYPES[model_config.resolved_dtype()], trust_remote_code=model_config.trust_remote_code
         )
         fit_embeddings_to_tokenizer(model, tokenizer)
         load_adapter(model, output_dir)
@@ -782,9 +798,20 @@ class Interval:
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """On a GPU the allocator's peak; on a CPU the process's peak resident memory since it started.
+
+    On Linux that is /proc's VmHWM, not getrusage's ru_maxrss: at exec Linux folds the launching process's
+    high-water mark into ru_maxrss, so a run started from a larger process (a notebook, a benchmark's driver)
+    would report that process's peak as its own.
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024  # kB
+    except (OSError, StopIteration):  # not Linux
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # macOS counts bytes, the BSDs KiB
 
 
 def progress_bar(console: Console) -> Progress:

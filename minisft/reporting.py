@@ -6,7 +6,7 @@ Every logging step makes one record,
 
 which is appended to output_dir/metrics.jsonl (the run's own history: the summary, the plot and
 a resume read it) and handed to every tracker, under the names transformers' integrations use
-(train/loss, eval/eval_loss, at the step):
+(train/loss, eval/loss for eval_loss, at the step):
 
     tensorboard   torch's SummaryWriter, writing to output_dir/runs/<run_name>
     wandb         wandb.init(project=$WANDB_PROJECT or "minisft", name=run_name); WANDB_MODE=offline
@@ -56,8 +56,8 @@ def import_tracker(name: str):
 
 
 def tracker_name(name: str) -> str:
-    """train/loss, eval/eval_loss: the names transformers' integrations give the same figures."""
-    return f"eval/{name}" if name.startswith("eval") else f"train/{name}"
+    """train/loss, eval/loss (for eval_loss): the names transformers' integrations give the same figures."""
+    return f"eval/{name.removeprefix('eval_')}" if name.startswith("eval_") else f"train/{name}"
 
 
 class TensorBoard:

@@ -3,6 +3,9 @@
 import json
 import math
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ from transformers import AutoModelForCausalLM
 import minisft.loop
 from minisft.config import ConfigError, LoraConfig, PackingConfig, TrainingConfig
 from minisft.loop import TrainingError, train
-from minisft.models import tiny_model
+from minisft.models import load_tokenizer, tiny_model
 
 from .tiny_runs import metrics, run_config, weights
 
@@ -406,3 +409,54 @@ def test_what_is_cut_is_said_in_one_line_per_split(tokenizer, tmp_path, packing,
     printed = log.getvalue()
     for split in ("train", "eval"):
         assert re.search(rf"data \({split}\): 6 examples, \d+ trained tokens; {said}", printed), printed
+
+
+@pytest.mark.parametrize("per_device_eval_batch_size", [1, 3])
+def test_evaluation_figures_equal_the_models_own_logits(tiny_dir, tmp_path, per_device_eval_batch_size):
+    """eval_loss, eval_mean_token_accuracy and eval_entropy (--eval_on_start: the untrained model) against the
+    full logits of the model's own forward pass over each held-out example alone, token-weighted over the split.
+    Batched and padded (3) or one by one (1), the figures must be the same."""
+    from minisft.prepare import load_and_prepare
+
+    config = run_config(tiny_dir, tmp_path / "out", max_steps=1, eval_on_start=True)
+    config.data.eval_split_size = 0.3
+    config.training.per_device_eval_batch_size = per_device_eval_batch_size
+    train(config)
+    logged = metrics(tmp_path / "out")[0]
+    assert logged["step"] == 0 and "loss" not in logged
+
+    tokenizer = load_tokenizer(tiny_dir)
+    held_out = load_and_prepare(config.data.dataset_name, tokenizer, config.data, config.packing, config.training.seed)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    loss_sum = correct = entropy_sum = tokens = 0
+    with torch.no_grad():
+        for example in held_out.eval.examples:
+            logits = model(torch.tensor([example["input_ids"]])).logits[0, :-1].double()
+            targets = torch.tensor(example["labels"][1:])
+            logits, targets = logits[targets != -100], targets[targets != -100]
+            log_probabilities = torch.log_softmax(logits, dim=-1)
+            loss_sum += float(torch.nn.functional.nll_loss(log_probabilities, targets, reduction="sum"))
+            correct += int((logits.argmax(dim=-1) == targets).sum())
+            entropy_sum += float(-(log_probabilities.exp() * log_probabilities).sum())
+            tokens += len(targets)
+    assert len(held_out.eval.examples) == 3 and tokens > 0
+    # The loop's float32 head, chunked, against float64 over HF's float32 logits: the same maths in another order
+    # and precision, measured at most 1.3e-7 relative (both batch sizes); 1e-5 is ~75× that. The accuracy counts
+    # integers: exact.
+    assert logged["eval_loss"] == pytest.approx(loss_sum / tokens, rel=1e-5)
+    assert logged["eval_entropy"] == pytest.approx(entropy_sum / tokens, rel=1e-5)
+    assert logged["eval_mean_token_accuracy"] == correct / tokens
+
+
+def test_peak_memory_is_the_runs_own_not_its_launchers():
+    """peak_memory_mb (metrics.jsonl's peak_memory_mb on a CPU) of a process started by a larger one: its own peak.
+    getrusage's ru_maxrss would report the launcher's, which Linux folds into the child's at exec."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("VmHWM is read from /proc (Linux)")
+    ballast = torch.ones(2**28)  # 1 GiB, resident in this process while the child runs
+    code = "import torch; from minisft.loop import peak_memory_mb; print(peak_memory_mb(torch.device('cpu')))"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    resident = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:")) / 1024
+    del ballast
+    # The child holds torch and minisft (~400 MB measured); this process holds them, the test suite and the ballast.
+    assert 0 < child < resident - 512, (child, resident)

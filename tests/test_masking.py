@@ -18,7 +18,8 @@ LLAMA3_TEMPLATE = (
 # {% generation %} tags, so transformers can mark assistant tokens itself.
 CHATML_GENERATION_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}"
     "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
     "{% generation %}{{ message['content'] + '<|im_end|>\n' }}{% endgeneration %}"
     "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}"
@@ -81,7 +82,10 @@ def test_first_seed_gemma_template(fresh_tokenizer, gemma_tokens_are_special):
     # Multi-turn, with the seed's templates on both sides.
     conversation = {"messages": MULTI_TURN["messages"][1:]}
     example = prepare_one(
-        tokenizer, conversation, response_template="<start_of_turn>model\n", instruction_template="<start_of_turn>user\n"
+        tokenizer,
+        conversation,
+        response_template="<start_of_turn>model\n",
+        instruction_template="<start_of_turn>user\n",
     )
     assert trained_spans(tokenizer, example) == ["Paris.<end_of_turn>\n", "Rome.<end_of_turn>\n"]
 
@@ -125,7 +129,11 @@ def test_missing_response_template_is_counted_and_dropped(tokenizer):
 
 
 def test_response_template_missing_from_most_examples_is_an_error(tokenizer):
-    examples = [{"text": "nothing to see", "origin": "data.jsonl line 1"}, {"text": "here either"}, {"text": "### Answer: x"}]
+    examples = [
+        {"text": "nothing to see", "origin": "data.jsonl line 1"},
+        {"text": "here either"},
+        {"text": "### Answer: x"},
+    ]
     with pytest.raises(MaskingError) as error:
         prepare_dataset(examples, tokenizer, DataConfig(response_template="### Answer:"))
     message = str(error.value)
@@ -180,7 +188,9 @@ def test_truncation_is_counted_and_untrained_leftovers_dropped(tokenizer):
     assert prepared.stats.truncated == 1
     assert prepared.stats.truncated_tokens == len(tokenizer("word " * 50 + " end.<|im_end|>")["input_ids"]) - 20
     assert prepared.stats.drop_reasons == {"every trained token was past max_length": 1}
-    assert [len(example["input_ids"]) for example in prepared.examples] == [len(tokenizer("Hi there.<|im_end|>")["input_ids"])]
+    assert [len(example["input_ids"]) for example in prepared.examples] == [
+        len(tokenizer("Hi there.<|im_end|>")["input_ids"])
+    ]
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,8 @@ CHATML_GENERATION_TEMPLATE = (
     "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
     "{% endif %}"
     "{% if message['role'] == 'assistant' %}"
-    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{{ '\n' }}"
     "{% else %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endif %}"
@@ -182,9 +183,7 @@ def test_text_and_prompt_completion_with_another_eos_token(tokenizer):
     for examples in (TEXT, PROMPT_COMPLETION):
         theirs = reference(examples, tokenizer, eos_token="<|endoftext|>")
         assert all(row["input_ids"][-1] == tokenizer.convert_tokens_to_ids("<|endoftext|>") for row in theirs)
-        assert_same_examples(
-            tokenizer, minisft_prepared(examples, tokenizer, eos_token="<|endoftext|>"), theirs
-        )
+        assert_same_examples(tokenizer, minisft_prepared(examples, tokenizer, eos_token="<|endoftext|>"), theirs)
 
 
 def test_messages(tokenizer):

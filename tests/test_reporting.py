@@ -15,7 +15,7 @@ import pytest
 from minisft.cli import run
 from minisft.config import ConfigError, TrainingConfig
 from minisft.loop import train
-from minisft.reporting import chosen_trackers
+from minisft.reporting import chosen_trackers, tracker_name
 from minisft.train import main
 
 from .tiny_runs import metrics, run_config
@@ -34,6 +34,15 @@ def recording_module(name: str, calls: list) -> types.ModuleType:
     for function in ("init", "log", "finish", "start_run", "log_params", "log_metrics", "end_run"):
         setattr(module, function, recorder(function))
     return module
+
+
+def test_tracker_names_are_transformers_names():
+    """A record's figures reach the trackers under the names transformers' integrations give them (rewrite_logs):
+    train/loss, and eval/loss for eval_loss, not eval/eval_loss."""
+    from transformers.integrations.integration_utils import rewrite_logs
+
+    record = {"loss": 1.0, "mean_token_accuracy": 0.5, "eval_loss": 2.0, "eval_mean_token_accuracy": 0.4}
+    assert [tracker_name(name) for name in record] == list(rewrite_logs(record))
 
 
 def test_every_tracker_gets_every_figure_at_its_step(tiny_dir, tmp_path, monkeypatch):
