@@ -124,7 +124,11 @@ def print_summary(output_dir: str | Path, console: Console) -> list[str]:
         figures.add_row("eval loss", f"{evals[0][1]:.4g} → {evals[-1][1]:.4g} (best {best:.4g} at step {best_step})")
     trained = [record for record in records if "num_tokens" in record]
     if trained:
-        figures.add_row("mean token accuracy", f"{trained[-1]['mean_token_accuracy']:.1%} (last logging interval)")
+        accuracy = f"{trained[-1]['mean_token_accuracy']:.1%} (last logging interval)"
+        evaluated = [record for record in records if "eval_mean_token_accuracy" in record]
+        if evaluated:
+            accuracy += f", eval {evaluated[-1]['eval_mean_token_accuracy']:.1%} (last evaluation)"
+        figures.add_row("mean token accuracy", accuracy)
         figures.add_row("trained tokens", f"{trained[-1]['num_tokens']:,}")
         speed = sum(record["tokens_per_second"] for record in trained) / len(trained)
         figures.add_row("speed", f"{speed:,.0f} trained tokens/s, peak memory {trained[-1]['peak_memory_mb']:,.0f} MB")

@@ -35,16 +35,27 @@ def test_messages_with_and_without_system(system):
 
 
 def test_seed_conversation_maps_human_and_message():
-    row = {"conversation": [{"role": "system", "message": "Be kind."}, {"role": "human", "message": "Hi"},
-                            {"role": "assistant", "content": "Hello!"}]}
+    row = {
+        "conversation": [
+            {"role": "system", "message": "Be kind."},
+            {"role": "human", "message": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+        ]
+    }
     example = normalize_example(row, "seed.jsonl line 1")
     assert example["messages"] == [{"role": "system", "content": "Be kind."}] + CHAT
     assert example["origin"] == "seed.jsonl line 1"
 
 
 def test_sharegpt_maps_from_value_human_gpt():
-    row = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"},
-                             {"from": "tool", "value": "42"}], "source": "sharegpt"}
+    row = {
+        "conversations": [
+            {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Hello!"},
+            {"from": "tool", "value": "42"},
+        ],
+        "source": "sharegpt",
+    }
     example = normalize_example(row, "example 3")
     assert example == {"messages": CHAT + [{"role": "tool", "content": "42"}], "origin": "example 3"}
 
@@ -69,8 +80,11 @@ def test_text_with_custom_text_field():
 
 def test_extra_message_keys_are_kept():
     call = [{"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}]
-    messages = [{"role": "user", "content": "add"}, {"role": "assistant", "content": "", "tool_calls": call},
-                {"role": "tool", "content": "1", "name": "add"}]
+    messages = [
+        {"role": "user", "content": "add"},
+        {"role": "assistant", "content": "", "tool_calls": call},
+        {"role": "tool", "content": "1", "name": "add"},
+    ]
     assert normalize_example({"messages": messages}, "example 0")["messages"] == messages
 
 
@@ -141,8 +155,9 @@ def test_datasets_dataset_and_list_of_dicts():
 
 
 def test_dataset_dict_uses_its_test_split():
-    source = datasets.DatasetDict({"train": datasets.Dataset.from_list([chat(0), chat(1)]),
-                                   "test": datasets.Dataset.from_list([chat(2)])})
+    source = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list([chat(0), chat(1)]), "test": datasets.Dataset.from_list([chat(2)])}
+    )
     splits = load_splits(source)
     assert [example["origin"] for example in splits.train] == ["train example 0", "train example 1"]
     assert splits.eval == [{**chat(2), "origin": "test example 0"}]
@@ -198,24 +213,23 @@ def jsonl_error(tmp_path, lines, **kwargs):
     return str(error.value)
 
 
-
 @pytest.mark.parametrize(
     "bad_line, problem",
     [
         ('{"messages": [', r"not valid JSON \(Expecting value at column 15\)"),
         ('["a", "b"]', "expected an object with the example's fields, got a list"),
         ('{"messages": [{"content": "hi"}]}', r"messages\[0\] has no 'role'"),
-        ('{"messages": [{"role": "bot", "content": "hi"}]}',
-         r"messages\[0\] has unknown role 'bot'; accepted roles: system, user, assistant, tool"),
+        (
+            '{"messages": [{"role": "bot", "content": "hi"}]}',
+            r"messages\[0\] has unknown role 'bot'; accepted roles: system, user, assistant, tool",
+        ),
         ('{"messages": [{"role": ["user"], "content": "hi"}]}', r"messages\[0\] has unknown role \['user'\]"),
         ('{"messages": []}', "messages is empty; a conversation needs at least one message"),
         ('{"messages": "hi"}', "messages must be a list of messages, got a string"),
-        ('{"messages": [{"role": "user", "content": ["hi"]}]}',
-         r"messages\[0\] content must be a string, got a list"),
+        ('{"messages": [{"role": "user", "content": ["hi"]}]}', r"messages\[0\] content must be a string, got a list"),
         ('{"messages": [{"role": "user"}]}', r"messages\[0\] has no 'content'"),
         ('{"conversations": [{"from": "robot", "value": "hi"}]}', "unknown role 'robot'.*human, gpt"),
-        ('{"conversation": [{"role": "human", "text": "hi"}]}',
-         r"conversation\[0\] has no 'message' or 'content'"),
+        ('{"conversation": [{"role": "human", "text": "hi"}]}', r"conversation\[0\] has no 'message' or 'content'"),
     ],
 )
 def test_conversation_errors_name_file_line_and_problem(tmp_path, bad_line, problem):
@@ -256,8 +270,11 @@ def test_unknown_format_lists_keys_formats_and_the_flag():
 
 def test_rows_in_different_formats(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", [chat(0), {"text": "t"}])
-    with pytest.raises(DataError, match=r"train.jsonl line 2: this row is in the 'text' format, but the first row "
-                                        r"\(.*train.jsonl line 1\) is in the 'messages' format"):
+    with pytest.raises(
+        DataError,
+        match=r"train.jsonl line 2: this row is in the 'text' format, but the first row "
+        r"\(.*train.jsonl line 1\) is in the 'messages' format",
+    ):
         load_splits(path)
     rows = [{"prompt": "p", "completion": "c"}, {"prompt": CHAT[:1], "completion": CHAT[1:]}]
     with pytest.raises(DataError, match="example 1: .*'prompt/completion messages'.*'prompt/completion strings'"):

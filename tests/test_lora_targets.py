@@ -51,6 +51,7 @@ def test_every_peft_default_for_a_causal_lm_is_minisfts():
         for model_type, targets in PEFT_MAPPING.items()
         if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     }
+
     def normalised(mapping):  # lists compare as sets of names; a regex as itself
         return {key: value if isinstance(value, str) else sorted(value) for key, value in mapping.items()}
 

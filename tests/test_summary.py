@@ -55,6 +55,7 @@ def test_summary_prints_figures_and_signs(tmp_path):
     assert [sign.split(":")[0] for sign in signs] == ["Overfitting", "Memorisation"]
     assert "train loss             3 → 0.03" in text
     assert "eval loss              2.9 → 2.6 (best 2 at step 3)" in text
+    assert "mean token accuracy    50.0% (last logging interval), eval 30.0% (last evaluation)" in text
     assert "warning: Overfitting" in text and f"python -m minisft.plot {tmp_path}" in text
 
 

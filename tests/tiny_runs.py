@@ -96,7 +96,7 @@ def records(losses, eval_losses=None):
             "peak_memory_mb": 500.0,
         }
         if eval_losses and step in eval_losses:
-            row["eval_loss"] = eval_losses[step]
+            row.update(eval_loss=eval_losses[step], eval_mean_token_accuracy=0.25 + step / 100, eval_entropy=3.0)
         rows.append(row)
     return rows
 
