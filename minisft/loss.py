@@ -39,9 +39,11 @@ import torch.nn.functional as F
 
 from .masking import IGNORE_INDEX
 
-# Tokens per chunk of the head. On a CPU a chunk's fp32 logits (256 × 49,152 × 4 B = 50 MB for SmolLM2) stay
-# near the 32 MB last-level cache and are reused by the allocator instead of being mapped and faulted in afresh
-# (measured here: 1024-token chunks 4–18% slower per token); a GPU prefers fewer, larger kernels.
+# Tokens per chunk of the head; a chunk's fp32 logits are chunk × 49,152 × 4 B for SmolLM2 (50 MB at 256). On a
+# CPU, 256: in whole training steps 1024-token chunks were 4–18% slower per token (measured here, 2026-11). The
+# fused loss alone, at SmolLM2's shape, is not what costs: 1024 is 7% faster than 256 there, 128 is 4% slower
+# and 64 22% slower (2026-12-06), so the whole-step difference lies elsewhere and was not pinned down. A GPU
+# prefers fewer, larger kernels.
 CHUNK_TOKENS = {"cpu": 256, "cuda": 1024}
 # The plain loss (evaluation) does not touch the head's gradient, which the fused one reads and writes once per
 # chunk, so on a CPU it takes smaller chunks: 64 tokens' logits (12.6 MB for SmolLM2) stay under glibc's 32 MB
