@@ -168,7 +168,7 @@ def worker(variant: str, args) -> dict:
     def last_layer_ran(module, inputs, output):
         saved.place = "loss"
         hidden = output[0] if isinstance(output, tuple) else output
-        if hidden.requires_grad and torch.is_grad_enabled():
+        if hidden.requires_grad:
             hidden.register_hook(lambda gradient: backward_starts(gradient, step))
 
     layers[-1].register_forward_hook(last_layer_ran)

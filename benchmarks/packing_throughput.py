@@ -169,13 +169,6 @@ def gpu_peak_flops(override_tflops: float | None) -> tuple[float, str]:
 # ----------------------------------------------------------------------------- one mode, in its own process
 
 
-def peak_memory_mb(device: str) -> float:
-    """What the loop logs: the GPU allocator's peak, or this worker's own peak resident memory (not the driver's)."""
-    from minisft.loop import peak_memory_mb as loop_peak_memory_mb
-
-    return loop_peak_memory_mb(torch.device(device))
-
-
 def micro_batch_figures(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask=None) -> tuple[int, int, int]:
     """(trained tokens, non-pad tokens, slots) of one micro-batch, counted the same way for every mode."""
     from minisft.loss import count_trained_tokens
@@ -550,7 +543,10 @@ def worker(mode: str, args) -> None:
     torch.manual_seed(args.seed)
     run = {"trl": run_trl, "torchtune": run_torchtune}.get(mode.split("_")[0], run_minisft)
     result = run(mode, args, work)
-    result["peak_memory_mb"] = peak_memory_mb(args.device)
+    # What the loop logs: the GPU allocator's peak, or this worker's own peak resident memory (not the driver's).
+    from minisft.loop import peak_memory_mb
+
+    result["peak_memory_mb"] = peak_memory_mb(torch.device(args.device))
     (work / f"result-{mode}.json").write_text(json.dumps(result), encoding="utf-8")
 
 

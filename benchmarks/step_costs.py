@@ -46,6 +46,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from packing_throughput import TINY_SHAPE, synthetic_conversations, write_jsonl  # noqa: E402
 
 
+def step_parts(model) -> tuple:
+    """What train_step takes beside the batches: fused AdamW (lr 1e-5, no decay), a constant schedule, no scaler."""
+    from minisft.loop import gradient_scaler
+    from minisft.optim import build_optimizer, build_schedule
+
+    optimizer = build_optimizer(model, "adamw_torch_fused", 1e-5, 0.0)
+    return optimizer, build_schedule(optimizer, "constant", 0, 1000), gradient_scaler(False, torch.device("cpu"))
+
+
 def eval_costs(repeats: int, model_name: str) -> dict:
     """Seconds per trained token: a training step (minisft.loop.train_step over the rows, forward, fused loss,
     backward, clipping and AdamW), evaluation (plain loss), evaluation with the fused loss."""
@@ -53,10 +62,9 @@ def eval_costs(repeats: int, model_name: str) -> dict:
     from minisft.attention import use_sdpa_by_example
     from minisft.config import DataConfig
     from minisft.distributed import Processes, data_parallel
-    from minisft.loop import collate, gradient_scaler, model_losses, train_step
+    from minisft.loop import collate, model_losses, train_step
     from minisft.loss import count_trained_tokens_of
     from minisft.models import load_model, load_tokenizer, tiny_model
-    from minisft.optim import build_optimizer, build_schedule
     from minisft.packing import pack
     from minisft.prepare import prepare_dataset
 
@@ -68,9 +76,7 @@ def eval_costs(repeats: int, model_name: str) -> dict:
     parallel = data_parallel(model, Processes(), fsdp=False)
     batches = [collate([row], model, tokenizer.pad_token_id, False, None, torch.device("cpu")) for row in rows]
     tokens = count_trained_tokens_of(rows)
-    optimizer = build_optimizer(model, "adamw_torch_fused", 1e-5, 0.0)
-    schedule = build_schedule(optimizer, "constant", 0, 1000)
-    scaler = gradient_scaler(False, torch.device("cpu"))
+    optimizer, schedule, scaler = step_parts(model)
 
     def timed(work) -> float:
         work()  # warm-up
@@ -165,10 +171,9 @@ def step_memory(counts: list[int], length: int) -> dict:
     from minisft.attention import use_sdpa_by_example
     from minisft.config import DataConfig
     from minisft.distributed import Processes, data_parallel
-    from minisft.loop import collate, gradient_scaler, train_step
+    from minisft.loop import collate, train_step
     from minisft.loss import count_trained_tokens_of
     from minisft.models import load_tokenizer, tiny_model
-    from minisft.optim import build_optimizer, build_schedule
     from minisft.packing import pack
     from minisft.prepare import prepare_dataset
 
@@ -182,9 +187,7 @@ def step_memory(counts: list[int], length: int) -> dict:
         model = tiny_model(tokenizer, **TINY_SHAPE, attn_implementation=implementation)
         use_sdpa_by_example(model)  # sdpa → sdpa per example, as the loop runs packed rows; eager stays
         parallel = data_parallel(model, Processes(), fsdp=False)
-        optimizer = build_optimizer(model, "adamw_torch_fused", 1e-5, 0.0)
-        schedule = build_schedule(optimizer, "constant", 0, 1000)
-        scaler = gradient_scaler(False, torch.device("cpu"))
+        optimizer, schedule, scaler = step_parts(model)
         collate_fn = functools.partial(
             collate, model=model, pad_token_id=tokenizer.pad_token_id, padding_free=False, pad_to_multiple_of=None,
             device=torch.device("cpu"),

@@ -16,6 +16,7 @@ import minisft.loop
 from minisft.config import ConfigError, LoraConfig, PackingConfig, TrainingConfig
 from minisft.loop import TrainingError, train
 from minisft.models import load_tokenizer, tiny_model
+from minisft.prepare import load_and_prepare
 
 from .tiny_runs import metrics, run_config, weights
 
@@ -416,8 +417,6 @@ def test_evaluation_figures_equal_the_models_own_logits(tiny_dir, tmp_path, per_
     """eval_loss, eval_mean_token_accuracy and eval_entropy (--eval_on_start: the untrained model) against the
     full logits of the model's own forward pass over each held-out example alone, token-weighted over the split.
     Batched and padded (3) or one by one (1), the figures must be the same."""
-    from minisft.prepare import load_and_prepare
-
     config = run_config(tiny_dir, tmp_path / "out", max_steps=1, eval_on_start=True)
     config.data.eval_split_size = 0.3
     config.training.per_device_eval_batch_size = per_device_eval_batch_size
