@@ -21,8 +21,16 @@ one per strategy and max_length (packing.py).
 
 A folder is written under a temporary name and renamed when complete. A rename is atomic, so
 the fingerprint's folder is either absent or whole; a preparation interrupted half-way leaves
-only a `.partial-*` folder, which is never read (and is removed by the next preparation of the
-same fingerprint, once the process that wrote it is gone).
+only a `.partial-*` folder, which is never read (and is removed by the next preparation, once
+the process that wrote it is gone; a folder written from another machine sharing the cache is
+left to that machine).
+
+Whole is not the same as intact: a disk, a copy or a hand can damage a file afterwards, and a
+mask of zeros or a cut offsets file would be trained on without a word. So before the rename a
+manifest.json records every file's size and sha256, and a run that finds the folder checks
+them (sizes first, then the hashes: ~0.6 s per GB, 0.4 s for the 650 MB of a million
+conversations, 200M tokens) before it maps anything. A folder that fails is removed and
+prepared again, with one line naming the damaged file.
 """
 
 from __future__ import annotations
@@ -31,14 +39,19 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 
 from .config import DataConfig
 from .models import cache_root
+from .storage import DamagedFile, WriteFailed, file_checksums, sha256_of, writing
 
 # 2: bfd-packed splits are truncated by preparation (format 1 left them whole for the packer to cut).
-PREPARATION_FORMAT = 2
+# 3: manifest.json records every file's size and sha256; partial folders name the machine that writes them.
+PREPARATION_FORMAT = 3
+MANIFEST = "manifest.json"
+HOST = socket.gethostname()
 CONTENT_HASHED_BELOW = 64 << 20  # bytes
 # The DataConfig fields that change what preparation writes. The others (the dataset's name, the pad
 # token, the cache itself, the number of processes) do not: the files are fingerprinted instead of
@@ -111,26 +124,38 @@ def complete(root: Path, key: str) -> Path | None:
 
 @contextmanager
 def building(root: Path, key: str):
-    """A scratch folder to write a preparation into; renamed to its fingerprint's name once the block ends well."""
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f".partial-{key}-*"):  # left by an interrupted preparation of the same inputs
-        if not _running(int(stale.name.rsplit("-", 1)[1])):
-            shutil.rmtree(stale, ignore_errors=True)
-    partial = root / f".partial-{key}-{os.getpid()}"
-    partial.mkdir()
+    """A scratch folder to write a preparation into; sealed (its manifest written) and renamed to its fingerprint's
+    name once the block ends well, removed if it does not. WriteFailed when the cache cannot be written."""
+    with writing(root):
+        root.mkdir(parents=True, exist_ok=True)
+        _clear_abandoned(root)
+        partial = root / f".partial-{key}-{HOST}-{os.getpid()}"
+        partial.mkdir()
     try:
         yield partial
+        seal(partial)
         try:
             os.rename(partial, root / key)
-        except OSError:  # another process finished the same preparation first: theirs is as good
-            shutil.rmtree(partial, ignore_errors=True)
+        except OSError as error:
+            if not (root / key).is_dir():
+                raise WriteFailed(root, error) from error
+            shutil.rmtree(partial, ignore_errors=True)  # another process finished the same preparation first
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
 
 
+def _clear_abandoned(root: Path) -> None:
+    """Remove the partial folders (of any fingerprint) whose writer on this machine is gone: killed, or crashed."""
+    for folder in root.glob(".partial-*"):
+        # .partial-<key>-<host>-<pid>; a folder named before hosts were (format 2) has no host, and is ours
+        host, _, pid = folder.name.split("-", 2)[-1].rpartition("-")
+        if pid.isdigit() and host in ("", HOST) and not _running(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def _running(pid: int) -> bool:
-    """Whether a process with this id exists (another preparation of the same inputs may be under way)."""
+    """Whether a process with this id exists (another preparation may be under way)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -138,3 +163,39 @@ def _running(pid: int) -> bool:
     except PermissionError:  # it exists, under another user
         return True
     return True
+
+
+def seal(folder: Path) -> None:
+    """Write folder's manifest.json: the size and sha256 of every file in it, as they are now."""
+    records = file_checksums(folder)
+    with writing(folder):
+        (folder / MANIFEST).write_text(json.dumps(records, indent=1), encoding="utf-8")
+
+
+def verify(folder: Path) -> None:
+    """DamagedFile naming the first file of the manifest that is missing, or has another size or sha256."""
+    try:
+        records = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        expected = {name: (int(record["bytes"]), str(record["sha256"])) for name, record in records.items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+        raise DamagedFile(f"{MANIFEST}: unreadable ({error})") from None
+    for name, (size, _) in expected.items():  # every size before any hash: a cut file is found at once
+        path = folder / name
+        if not path.is_file():
+            raise DamagedFile(f"{name}: missing")
+        if path.stat().st_size != size:
+            raise DamagedFile(f"{name}: {path.stat().st_size:,} bytes where {size:,} were written")
+    for name, (_, sha256) in expected.items():
+        if sha256_of(folder / name) != sha256:
+            raise DamagedFile(f"{name}: checksum mismatch")
+
+
+def discard(folder: Path) -> None:
+    """Remove a damaged preparation. Renamed first, so that no run opens it half-removed; a removal cut short
+    leaves a partial folder, cleared as any other is."""
+    doomed = folder.parent / f".partial-{folder.name}-{HOST}-{os.getpid()}"
+    try:
+        os.rename(folder, doomed)
+    except OSError:  # another run removed it first, or the cache is read-only: preparing again will tell
+        return
+    shutil.rmtree(doomed, ignore_errors=True)

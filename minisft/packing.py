@@ -23,6 +23,10 @@ and from what collate_rows derives from seq_lengths, in one place (positions_of)
 At scale the rows are a plan, not lists: which slice of which example makes each row, a few
 integers per example (PackedRows). Packing reads only the examples' lengths, and a row's
 tokens are read from the memory-mapped storage (minisft/storage.py) when a batch needs it.
+A plan of cached examples is kept beside them, with the sha256 of its own arrays: a kept plan
+whose arrays no longer match it, or that points outside the examples, is made again (one line
+says so) rather than trained on. The plan is one file, written after the cache folder was
+sealed and perhaps by two runs at once, so it carries its checksum instead of a shared manifest.
 
 Strategies, with the names and meanings of TRL's `packing_strategy`:
 - bfd        best-fit decreasing: longest examples first, each into the row whose free space
@@ -38,9 +42,11 @@ Strategies, with the names and meanings of TRL's `packing_strategy`:
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import json
 import os
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -175,9 +181,9 @@ def pack(examples: Sequence[dict], max_length: int | None, strategy: str = "bfd"
         raise PackingError(f"Example {int(np.argmin(lengths))} has no tokens; there is nothing to pack.")
     kept = storage.folder / f"pack-{strategy}-{max_length}.npz" if storage.folder is not None else None
     if kept is not None and kept.exists():
-        with np.load(kept) as saved:
-            plan, stats = {key: saved[key] for key in PLAN_KEYS}, PackStats(**json.loads(str(saved["stats"])))
-        return PackedDataset(PackedRows(storage, plan), stats)
+        found = _kept_plan(kept, lengths)
+        if found is not None:
+            return PackedDataset(PackedRows(storage, found[0]), found[1])
     stats = PackStats()
     if strategy == "wrapped":
         plan = _wrap(lengths, max_length, stats)
@@ -191,12 +197,54 @@ def pack(examples: Sequence[dict], max_length: int | None, strategy: str = "bfd"
     return PackedDataset(PackedRows(storage, plan), stats)
 
 
+def _plan_digest(plan: dict[str, np.ndarray], stats: str) -> str:
+    digest = hashlib.sha256(stats.encode())
+    for key in PLAN_KEYS:
+        digest.update(plan[key].astype(np.int64).tobytes())
+    return digest.hexdigest()
+
+
 def _keep_plan(path: Path, plan: dict[str, np.ndarray], stats: PackStats) -> None:
     """Write the plan beside the examples; written under another name and renamed, so it is whole or absent."""
     partial = path.with_suffix(f".partial-{os.getpid()}")
-    with open(partial, "wb") as file:
-        np.savez(file, stats=np.array(json.dumps(asdict(stats))), **plan)
-    os.replace(partial, path)
+    described = json.dumps(asdict(stats))
+    try:
+        with open(partial, "wb") as file:
+            np.savez(file, stats=np.array(described), sha256=np.array(_plan_digest(plan, described)), **plan)
+        os.replace(partial, path)
+    except OSError as error:  # a read-only or full cache: the run goes on, and the next one plans again
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        print(f"packing: the plan is not kept in {path.parent} ({error.strerror or error})", file=sys.stderr)
+
+
+def _kept_plan(path: Path, lengths: np.ndarray) -> tuple[dict[str, np.ndarray], PackStats] | None:
+    """The plan kept at `path` and its figures, checked; None, and one line saying why, when it is damaged."""
+    try:
+        with np.load(path) as saved:
+            plan, described, sha256 = {key: saved[key] for key in PLAN_KEYS}, str(saved["stats"]), str(saved["sha256"])
+        stats = PackStats(**json.loads(described))
+        problem = "checksum mismatch" if _plan_digest(plan, described) != sha256 else _plan_problem(plan, lengths)
+    except Exception as error:  # a damaged zip fails in many ways: BadZipFile, KeyError, ValueError, zlib.error...
+        problem = f"unreadable ({type(error).__name__}: {error})"
+    if problem is None:
+        return plan, stats
+    print(f"packing: the kept plan {path} is damaged ({problem}); planned again", file=sys.stderr)
+    return None
+
+
+def _plan_problem(plan: dict[str, np.ndarray], lengths: np.ndarray) -> str | None:
+    """What is wrong with a plan over examples of these lengths: pieces outside them, rows that do not tile them."""
+    examples, starts, ends, row_offsets = (plan[key].astype(np.int64) for key in PLAN_KEYS)
+    if not len(examples) == len(starts) == len(ends) == (row_offsets[-1] if len(row_offsets) else -1):
+        return "its arrays disagree on the number of pieces"
+    if row_offsets[0] != 0 or (np.diff(row_offsets) < 0).any():
+        return "its row offsets do not run from 0 up"
+    if len(examples) and (examples.min() < 0 or examples.max() >= len(lengths)):
+        return "a piece of an example that is not there"
+    if (starts < 0).any() or (ends <= starts).any() or (ends > lengths[examples]).any():
+        return "a piece outside its example"
+    return None
 
 
 def _bfd_plan(lengths: np.ndarray, max_length: int, split: bool, stats: PackStats) -> dict[str, np.ndarray]:

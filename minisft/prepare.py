@@ -17,6 +17,15 @@ in order, so the output and every count are those of one process. The kept examp
 straight into flat arrays on disk (minisft/storage.py), which the cache (minisft/cache.py)
 keeps for the next run with the same files, tokenizer and flags.
 
+Preparation is guarded where it meets the world. A chat template that renders one row for more
+than ROW_RENDER_SECONDS stops with that row's file and line (a SIGALRM timer around each
+batch's render; a batch past BATCH_RENDER_SECONDS is rendered again a row at a time to find
+it). Ctrl-C or SIGTERM unwinds it: the partial cache folder is removed, the workers (which
+ignore SIGINT) are stopped without a traceback each. A data file whose size or mtime changed
+between the start and the end is refused, and nothing is cached from it. A cache that cannot
+be written (a full disk, a read-only folder) gives a preparation that is not kept, with one line
+saying why. After PROGRESS_AFTER seconds, a line every PROGRESS_EVERY seconds shows the pace.
+
 Pre-tokenized rows are trained as TRL 1.16 trains them: their own `labels` as they are, when
 they have them; otherwise their `assistant_masks` always, and their `completion_mask` only with
 --completion_only_loss (TRL's documented default leaves it unused: counted, so it is seen).
@@ -27,8 +36,13 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import signal
+import sys
+import threading
+import time
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +50,7 @@ import numpy as np
 
 from . import cache
 from .config import DataConfig, PackingConfig, TrainingConfig
-from .data import check_same_format, dataset_format, normalize_example, rows_of, stream_splits
+from .data import DataError, check_same_format, dataset_format, local_files, normalize_example, rows_of, stream_splits
 from .formatting import (
     Formatted,
     format_batch,
@@ -55,12 +69,30 @@ from .masking import (
     response_template_mask,
     template_variants,
 )
-from .storage import StorageWriter, TokenStorage, id_dtype, open_storage, open_unkept, scratch_folder
+from .storage import (
+    DamagedFile,
+    StorageWriter,
+    TokenStorage,
+    WriteFailed,
+    id_dtype,
+    open_storage,
+    open_unkept,
+    scratch_folder,
+    writing,
+)
 
 BATCH_ROWS = 256  # rows per tokenizer call and per task sent to a worker
 # --dataset_num_proc's default: one process below this much data (starting workers costs more than it saves).
 PARALLEL_FROM_BYTES = 8 << 20
 MAX_DEFAULT_PROCESSES = 8
+# A row renders and tokenizes in 0.1-0.5 ms (SmolLM2's ChatML, 80-440 tokens); a 100,000-token conversation in
+# 0.35 s, a 1,000,000-token one in 4.6 s. A row still rendering after 10 s is a template that loops, not a
+# long row. A batch of 256 rows takes 30-140 ms (1.5 s at 4,000 tokens a row): one past 60 s is rendered
+# again a row at a time to find the row, so a template that never ends is stopped within ~70 s.
+ROW_RENDER_SECONDS = 10.0
+BATCH_RENDER_SECONDS = 60.0
+PROGRESS_AFTER = 5.0  # seconds before the first progress line: a small dataset prepares without one
+PROGRESS_EVERY = 10.0
 
 
 @dataclass
@@ -137,11 +169,12 @@ def prepare_dataset(
     job = _job(examples[0], tokenizer, config, {"train": config.max_length if truncate else None}, first_row=None)
     batches = _batches(((example.get("origin", f"example {index}"), example) for index, example in enumerate(examples)),
                        frozenset(), "train")  # fmt: skip
-    folder = scratch_folder()
-    stats = _write_splits(job, batches, {"train": folder}, num_proc=1)["train"]
-    _check_templates_found(job, examples[0], stats)
-    storage, origins, _ = open_unkept(folder)
-    return PreparedDataset(storage, stats, origins)
+
+    def prepare(folder: Path) -> None:
+        _check_templates_found(job, examples[0], _write_splits(job, batches, {"train": folder}, num_proc=1)["train"])
+
+    storage, origins, meta = open_unkept(_in_scratch(prepare))
+    return PreparedDataset(storage, _stats_from(meta["stats"]), origins)
 
 
 def _masks(formatted: Formatted, plan: _MaskPlan, stats: PrepareStats) -> list[list[bool]]:
@@ -289,7 +322,7 @@ def _prepare_batch(job: _Job, batch: list[tuple[str, dict, str]]) -> dict[str, _
         examples = [normalize_example(row, origin, job.text_field) for origin, row, _ in batch]
     else:
         examples = [row for _, row, _ in batch]
-    formatted = format_batch(examples, job.tokenizer, job.eos_token, assistant_mask=job.plan.generation_tags)
+    formatted = _formatted(job, examples, [origin for origin, _, _ in batch])
     kept: dict[str, tuple[list, list, list]] = {}
     stats: dict[str, PrepareStats] = {}
     for (origin, _, split), one in zip(batch, formatted):
@@ -301,6 +334,57 @@ def _prepare_batch(job: _Job, batch: list[tuple[str, dict, str]]) -> dict[str, _
             labels.append(example[1])
             origins.append(origin)
     return {split: _encoded(*kept.get(split, ([], [], [])), stats[split]) for split in stats}
+
+
+class _Overtime(BaseException):
+    """A render ran out of time. Not an Exception: no `except Exception` of a template library may swallow it."""
+
+
+@contextmanager
+def _time_limit(seconds: float):
+    """Raise _Overtime inside the block once `seconds` have passed. A SIGALRM timer interrupts pure Python, which a
+    looping Jinja template is. Only a process's main thread gets signals (each worker is a process of its own);
+    elsewhere the block runs unbounded. A timer set before (pytest-timeout's, say) is set again after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _Overtime
+
+    previous, started = signal.signal(signal.SIGALRM, expire), time.monotonic()
+    earlier, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if earlier:
+            signal.setitimer(signal.ITIMER_REAL, max(earlier - (time.monotonic() - started), 1e-3))
+
+
+def _formatted(job: _Job, examples: list[dict], origins: list[str]) -> list[Formatted]:
+    """format_batch under BATCH_RENDER_SECONDS; past that, the rows one at a time, each under ROW_RENDER_SECONDS,
+    so that a row whose template never ends is named."""
+    render = lambda rows: format_batch(rows, job.tokenizer, job.eos_token, assistant_mask=job.plan.generation_tags)  # noqa: E731
+    try:
+        with _time_limit(BATCH_RENDER_SECONDS):
+            return render(examples)
+    except _Overtime:
+        pass
+    formatted = []
+    for origin, example in zip(origins, examples):
+        try:
+            with _time_limit(ROW_RENDER_SECONDS):
+                formatted += render([example])
+        except _Overtime:
+            took = f"took more than {ROW_RENDER_SECONDS:g} s"
+            if "conversational" in dataset_format(example):
+                problem = f"the chat template {took} to render one row; it may loop forever"
+            else:  # no template: only the tokenizer ran, on a row too long to be meant
+                problem = f"tokenizing this row {took}"
+            raise DataError(f"{origin}: {problem}") from None
+    return formatted
 
 
 def _finish_example(job: _Job, formatted: Formatted, split: str, stats: PrepareStats):
@@ -352,6 +436,10 @@ _worker_job: _Job | None = None  # a worker process's job, set once when it star
 
 def _start_worker(job: _Job) -> None:
     global _worker_job
+    # Ctrl-C reaches every process of the terminal's group: only the parent unwinds, and stops the workers with
+    # SIGTERM, which must end a worker at once (not run the handler of the parent it was forked from).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _worker_job = job
 
 
@@ -360,7 +448,8 @@ def _run_in_worker(batch: list) -> dict[str, _Encoded]:
 
 
 def _results(job: _Job, batches, num_proc: int) -> Iterator[dict[str, _Encoded]]:
-    """Each batch's result, in the batches' order, from num_proc worker processes (or this one)."""
+    """Each batch's result, in the batches' order, from num_proc worker processes (or this one). Closing the
+    generator (an error or Ctrl-C in its consumer) terminates the workers."""
     if num_proc <= 1:
         yield from (_prepare_batch(job, batch) for batch in batches)
         return
@@ -369,22 +458,54 @@ def _results(job: _Job, batches, num_proc: int) -> Iterator[dict[str, _Encoded]]
     with multiprocessing.get_context(method).Pool(num_proc, initializer=_start_worker, initargs=(job,)) as pool:
         pending: deque = deque()
         for batch in batches:  # at most 2 batches per worker in flight: the rows are read as they are needed
-            pending.append(pool.apply_async(_run_in_worker, (batch,)))
+            pending.append((batch, pool.apply_async(_run_in_worker, (batch,))))
             if len(pending) >= 2 * num_proc:
-                yield pending.popleft().get()
+                yield _result_of(*pending.popleft())
         while pending:
-            yield pending.popleft().get()
+            yield _result_of(*pending.popleft())
 
 
-def _write_splits(job: _Job, batches, folders: dict[str, Path], num_proc: int) -> dict[str, PrepareStats]:
+def _result_of(batch: list, result) -> dict[str, _Encoded]:
+    try:
+        return result.get()
+    except RecursionError:  # pickle recurses once per level of nesting, as json's parser does, but from deeper
+        raise DataError(
+            f"{batch[0][0]} to {batch[-1][0]}: a row nested too deeply (hundreds of levels of lists or objects) to "
+            "send to a worker process; prepare it with --dataset_num_proc 1, or flatten it"
+        ) from None
+
+
+class _Progress:
+    """A plain line on stderr every PROGRESS_EVERY seconds once preparation has run PROGRESS_AFTER: a slow step
+    shows, in a terminal and in a log file alike. Under torchrun only rank 0 speaks (RANK, as torchrun sets it)."""
+
+    def __init__(self, data_bytes: int):
+        self.start, self.rows, self.data_bytes = time.monotonic(), 0, data_bytes
+        self.next_line = self.start + PROGRESS_AFTER if os.environ.get("RANK", "0") == "0" else float("inf")
+
+    def add(self, rows: int) -> None:
+        self.rows += rows
+        now = time.monotonic()
+        if now >= self.next_line:
+            self.next_line = now + PROGRESS_EVERY
+            size = f" (the data files hold {self.data_bytes / 1e6:,.0f} MB)" if self.data_bytes else ""
+            print(f"data: {self.rows:,} rows prepared in {now - self.start:.0f} s{size}", file=sys.stderr, flush=True)
+
+
+def _write_splits(
+    job: _Job, batches, folders: dict[str, Path], num_proc: int, data_bytes: int = 0
+) -> dict[str, PrepareStats]:
     """Prepare every batch and append its examples to its split's storage in `folders`; the splits' figures."""
     dtype = id_dtype(len(job.tokenizer) - 1)
     writers = {split: StorageWriter(folder, dtype, job.own_labels) for split, folder in folders.items()}
     stats = {split: PrepareStats() for split in folders}
-    for result in _results(job, batches, num_proc):
-        for split, encoded in result.items():
-            writers[split].append(encoded.input_ids, encoded.labels, encoded.lengths, encoded.origins)
-            stats[split].add(encoded.stats)
+    progress = _Progress(data_bytes)
+    with closing(_results(job, batches, num_proc)) as results:
+        for result in results:
+            for split, encoded in result.items():
+                writers[split].append(encoded.input_ids, encoded.labels, encoded.lengths, encoded.origins)
+                stats[split].add(encoded.stats)
+            progress.add(sum(encoded.stats.examples + encoded.stats.dropped for encoded in result.values()))
     for split, writer in writers.items():
         writer.finish({"stats": {**vars(stats[split]), "drop_reasons": dict(stats[split].drop_reasons)}})
     return stats
@@ -417,9 +538,10 @@ def load_and_prepare(
 
     Each split is truncated as cut_lengths decides for `packing`; `seed` (training's --seed) picks the rows
     --eval_split_size holds out. A preparation of local files is kept in the cache (minisft/cache.py) and
-    reused while its inputs stay the same.
+    reused while its inputs stay the same and its files intact.
     """
     cut_to = cut_lengths(config.max_length, packing or PackingConfig())
+    before = _file_states(source)  # before any row is read, or counted for --eval_split_size
     streams = stream_splits(
         source,
         dataset_config=config.dataset_config,
@@ -431,19 +553,98 @@ def load_and_prepare(
     )
     needs_template = config.chat_template_path is not None or "conversational" in streams.format
     added_tokens = setup_chat_template(tokenizer, config.chat_template_path) if needs_template else []
-    root = cache.cache_folder(config.cache_dir)
-    if root is None or not streams.files:
-        why = "--cache_dir none" if root is None else "only local files are fingerprinted for the cache"
-        folder = scratch_folder()
+
+    def prepare(folder: Path) -> None:
         _prepare_into(folder, streams, tokenizer, config, cut_to)
-        return _opened(folder, added_tokens, f"data: prepared, not cached ({why})", keep=False)
-    key = cache.fingerprint(streams.files, tokenizer, config, seed, cut_to)
-    found = cache.complete(root, key)
+        _check_unchanged(streams.files, before)
+
+    root = cache.cache_folder(config.cache_dir)
+    with _sigterm_unwinds():
+        if root is None or not streams.files:
+            why = "--cache_dir none" if root is None else "only local files are fingerprinted for the cache"
+            return _opened(_in_scratch(prepare), added_tokens, f"data: prepared, not cached ({why})", keep=False)
+        return _cached(prepare, root, cache.fingerprint(streams.files, tokenizer, config, seed, cut_to), added_tokens)
+
+
+def _cached(prepare: Callable[[Path], None], root: Path, key: str, added_tokens: list[str]) -> PreparedSplits:
+    """The preparation cached under `key`: reused when intact; else prepared (again) and cached; or, when the cache
+    cannot be written, prepared and not kept. The note says which, and names a damaged file."""
+    found, note = cache.complete(root, key), "data: prepared"
     if found is not None:
-        return _opened(found, added_tokens, f"data: reused the preparation cached in {found}", keep=True)
-    with cache.building(root, key) as partial:
-        _prepare_into(partial, streams, tokenizer, config, cut_to)
-    return _opened(root / key, added_tokens, f"data: prepared and cached in {root / key}", keep=True)
+        try:
+            cache.verify(found)
+            return _opened(found, added_tokens, f"data: reused the preparation cached in {found}", keep=True)
+        except DamagedFile as damage:
+            cache.discard(found)
+            note = f"data: the cached preparation in {found} is damaged ({damage}); prepared again"
+    try:
+        with cache.building(root, key) as partial:
+            prepare(partial)
+    except WriteFailed as error:  # named by the cache, not by a partial folder already removed
+        why = f"{root} cannot be written: {error.reason}"
+        return _opened(_in_scratch(prepare), added_tokens, f"{note}, not cached ({why})", keep=False)
+    return _opened(root / key, added_tokens, note if found else f"{note} and cached in {root / key}", keep=True)
+
+
+def _in_scratch(prepare: Callable[[Path], None]) -> Path:
+    """A scratch folder (a preparation not kept) that `prepare` filled; removed if it fails or is interrupted."""
+    folder = scratch_folder()
+    try:
+        prepare(folder)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
+
+
+class _Terminated(BaseException):
+    """SIGTERM during preparation, raised to unwind it as Ctrl-C's KeyboardInterrupt does."""
+
+
+@contextmanager
+def _sigterm_unwinds():
+    """Within the block SIGTERM unwinds (a partial folder is removed, workers are stopped), then ends the process
+    as SIGTERM does. Python's default dies at once, leaving both behind. A handler someone else set (or SIG_IGN)
+    is theirs: it is left as it is."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def unwind(signum, frame):
+        raise _Terminated
+
+    signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    except _Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered before kill() returns: the process ends here
+        raise SystemExit(128 + signal.SIGTERM) from None  # should it not, the status SIGTERM gives
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _state(file: Path) -> tuple[int, int] | None:
+    try:
+        status = file.stat()
+    except OSError:  # deleted, or moved away
+        return None
+    return status.st_size, status.st_mtime_ns
+
+
+def _file_states(source) -> dict[Path, tuple[int, int] | None]:
+    """The size and mtime of every local data file of `source`, as they are before preparation reads them."""
+    if not isinstance(source, (str, Path)) or not Path(source).exists():
+        return {}
+    return {file: _state(file) for file in local_files(Path(source))}
+
+
+def _check_unchanged(files: list[Path], before: dict) -> None:
+    """A file written to while it was read gave rows from two versions (and held-out rows drawn from the old
+    count): refuse it, before anything is cached from it."""
+    for file in files:
+        if _state(file) != before.get(file):
+            raise DataError(f"{file} changed while it was being prepared; run again once it is complete")
 
 
 def _prepare_into(folder: Path, streams, tokenizer, config: DataConfig, cut_to: dict[str, int | None]) -> None:
@@ -457,12 +658,14 @@ def _prepare_into(folder: Path, streams, tokenizer, config: DataConfig, cut_to: 
         batches = _chain(batches, _batches(rows_of(streams.eval, blank_lines), frozenset(), "eval"))
     has_eval = streams.eval is not None or bool(streams.held_out)
     folders = {split: folder / split for split in ("train", "eval") if split == "train" or has_eval}
-    stats = _write_splits(job, batches, folders, _processes(config.dataset_num_proc, streams))
+    data_bytes = sum(file.stat().st_size for file in streams.files)
+    stats = _write_splits(job, batches, folders, _processes(config.dataset_num_proc, streams), data_bytes)
     _check_templates_found(job, first, stats["train"])
     if has_eval:
         eval_first = first if streams.eval is None else _first_example(streams.eval, config.dataset_text_field)
         _check_templates_found(job, eval_first, stats["eval"])
-    (folder / "blank_lines").write_text(str(blank_lines[0]), encoding="utf-8")
+    with writing(folder):
+        (folder / "blank_lines").write_text(str(blank_lines[0]), encoding="utf-8")
 
 
 def _chain(*iterables):

@@ -21,6 +21,12 @@ with a schema, but adds ~80 MB and a second library to every run that reads a JS
 
 `TokenStorage` is a Sequence of {"input_ids": [...], "labels": [...]} dicts, built on demand,
 so the loop, the packer, the collators and `inspect` read it as they read a list.
+
+Opening a split checks what costs nothing to check: every file has the size its dtype and the
+offsets imply, and the offsets start at 0, never decrease and end at the arrays' lengths. A
+split that fails is DamagedFile (the cache prepares it again; minisft/cache.py also checks every
+file's sha256). A file that cannot be written (a full disk, a read-only folder) is WriteFailed,
+one line naming the folder, so that the cache can fall back to a preparation it does not keep.
 """
 
 from __future__ import annotations
@@ -30,10 +36,12 @@ import json
 import shutil
 import tempfile
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
 from .masking import IGNORE_INDEX
 
 HASH_CHUNK = 1 << 24  # tokens per step when hashing: bounded memory for any split size
@@ -108,6 +116,42 @@ class TokenStorage(LazySequence):
         return digest.hexdigest()
 
 
+class DamagedFile(Exception):
+    """A prepared file that is not what was written: "train/offsets.bin: ..." (its path in the preparation)."""
+
+
+class WriteFailed(UserError):
+    """Prepared data could not be written: a full disk, a read-only folder, a file where a folder should be."""
+
+    def __init__(self, folder: Path, error: OSError):
+        self.reason = error.strerror or str(error)
+        super().__init__(f"{folder} cannot be written: {self.reason}")
+
+
+@contextmanager
+def writing(folder: Path):
+    """Within the block, a failure to write is WriteFailed naming `folder`, told apart from a failure to read."""
+    try:
+        yield
+    except OSError as error:
+        raise WriteFailed(folder, error) from error
+
+
+def file_checksums(folder: Path) -> dict[str, dict]:
+    """{name: {"bytes", "sha256"}} of every file under `folder`, named relative to it ("train/input_ids.bin").
+    What the prepared cache's manifest.json and a checkpoint's trainer_state.json record, to check it later."""
+    return {
+        path.relative_to(folder).as_posix(): {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def sha256_of(path: Path) -> str:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
 def id_dtype(largest_id: int) -> np.dtype:
     """The smallest unsigned integer type that holds every id up to `largest_id`."""
     return np.min_scalar_type(max(int(largest_id), 0))
@@ -133,47 +177,80 @@ class StorageWriter:
     """Appends encoded batches to the files of one split, in order; `finish` maps them back for reading."""
 
     def __init__(self, folder: Path, dtype: np.dtype, own_labels: bool):
-        folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.dtype, self.own_labels = folder, np.dtype(dtype), own_labels
         names = ("input_ids", "labels" if own_labels else "trained", "origins")
-        self.files = {name: open(folder / f"{name}.bin", "wb") for name in names}
+        with writing(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            self.files = {name: open(folder / f"{name}.bin", "wb") for name in names}
         self.lengths: list[np.ndarray] = []
         self.origin_lengths: list[int] = []
 
     def append(self, input_ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray, origins: list[str]) -> None:
         """One batch: its examples' ids and labels laid end to end, each example's length, and their origins."""
-        self.files["input_ids"].write(input_ids.astype(self.dtype).tobytes())
-        if self.own_labels:
-            self.files["labels"].write(labels.astype(np.int32).tobytes())
-        else:
-            self.files["trained"].write((labels != IGNORE_INDEX).astype(np.uint8).tobytes())
         encoded = [origin.encode("utf-8") for origin in origins]
-        self.files["origins"].write(b"".join(encoded))
+        with writing(self.folder):
+            self.files["input_ids"].write(input_ids.astype(self.dtype).tobytes())
+            if self.own_labels:
+                self.files["labels"].write(labels.astype(np.int32).tobytes())
+            else:
+                self.files["trained"].write((labels != IGNORE_INDEX).astype(np.uint8).tobytes())
+            self.files["origins"].write(b"".join(encoded))
         self.origin_lengths.extend(len(origin) for origin in encoded)
         self.lengths.append(lengths.astype(np.int64))
 
     def finish(self, meta: dict) -> None:
         """Close the files and write the offsets and meta.json (the split's figures go in `meta`)."""
-        for file in self.files.values():
-            file.close()
         lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int64)
         offsets_of = lambda sizes: np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)  # noqa: E731
-        offsets_of(lengths).tofile(self.folder / "offsets.bin")
-        offsets_of(np.array(self.origin_lengths, dtype=np.int64)).tofile(self.folder / "origin_offsets.bin")
         layout = {"dtype": self.dtype.name, "own_labels": self.own_labels, "examples": len(lengths)}
-        (self.folder / "meta.json").write_text(json.dumps({**meta, **layout}), encoding="utf-8")
+        with writing(self.folder):
+            for file in self.files.values():
+                file.close()
+            offsets_of(lengths).tofile(self.folder / "offsets.bin")
+            offsets_of(np.array(self.origin_lengths, dtype=np.int64)).tofile(self.folder / "origin_offsets.bin")
+            (self.folder / "meta.json").write_text(json.dumps({**meta, **layout}), encoding="utf-8")
 
 
 def _mapped(path: Path, dtype) -> np.ndarray:
+    where = f"{path.parent.name}/{path.name}"
+    if not path.is_file():
+        raise DamagedFile(f"{where}: missing")
+    size, item = path.stat().st_size, np.dtype(dtype).itemsize
+    if size % item:
+        raise DamagedFile(f"{where}: {size:,} bytes, not a whole number of {np.dtype(dtype).name} values")
     # np.memmap refuses an empty file; an empty split is an empty array.
-    if path.stat().st_size == 0:
+    if size == 0:
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r")
 
 
+def _check_offsets(where: str, offsets: np.ndarray, count: int, end: int) -> None:
+    """Offsets of `count` items over an array of `end` values: 0 first, never decreasing, `end` last."""
+    if len(offsets) != count + 1:
+        raise DamagedFile(f"{where}: {len(offsets) - 1:,} items, meta.json says {count:,}")
+    if offsets[0] != 0 or offsets[-1] != end or (count and np.diff(offsets).min() < 0):
+        raise DamagedFile(f"{where}: the offsets do not run from 0 up to the data's length, {end:,}")
+
+
+META_FIELDS = {"dtype", "own_labels", "examples", "stats"}
+
+
+def _meta(folder: Path) -> dict:
+    """The split's meta.json, with the fields opening it needs; DamagedFile when it is missing or unreadable."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        if not isinstance(meta, dict) or not META_FIELDS <= meta.keys():
+            raise ValueError(f"not an object with {', '.join(sorted(META_FIELDS))}")
+        np.dtype(meta["dtype"])
+    except (OSError, ValueError, TypeError) as error:
+        raise DamagedFile(f"{folder.name}/meta.json: unreadable ({error})") from None
+    return meta
+
+
 def open_storage(folder: Path) -> tuple[TokenStorage, Origins, dict]:
-    """A split written by StorageWriter: its examples, their origins, and its meta.json."""
-    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    """A split written by StorageWriter: its examples, their origins, and its meta.json; DamagedFile if the files
+    do not fit together (see the module docstring)."""
+    meta = _meta(folder)
     labels_file = ("labels", np.int32) if meta["own_labels"] else ("trained", np.uint8)
     arrays = {
         name: _mapped(folder / f"{name}.bin", dtype)
@@ -185,6 +262,13 @@ def open_storage(folder: Path) -> tuple[TokenStorage, Origins, dict]:
             ("origin_offsets", np.int64),
         )
     }
+    labels_name = labels_file[0]
+    if len(arrays[labels_name]) != len(arrays["input_ids"]):
+        raise DamagedFile(f"{folder.name}/{labels_name}.bin: {len(arrays[labels_name]):,} tokens, "
+                          f"input_ids.bin has {len(arrays['input_ids']):,}")  # fmt: skip
+    _check_offsets(f"{folder.name}/offsets.bin", arrays["offsets"], meta["examples"], len(arrays["input_ids"]))
+    _check_offsets(f"{folder.name}/origin_offsets.bin", arrays["origin_offsets"], meta["examples"],
+                   len(arrays["origins"]))  # fmt: skip
     storage = TokenStorage(
         arrays["input_ids"],
         arrays["offsets"],
@@ -205,4 +289,5 @@ def open_unkept(folder: Path) -> tuple[TokenStorage, Origins, dict]:
 
 
 def scratch_folder() -> Path:
-    return Path(tempfile.mkdtemp(prefix="minisft-prepare-"))
+    with writing(Path(tempfile.gettempdir())):
+        return Path(tempfile.mkdtemp(prefix="minisft-prepare-"))

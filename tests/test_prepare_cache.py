@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from minisft import packing, prepare
+from minisft import cache, packing, prepare
 from minisft.config import DataConfig, PackingConfig
 from minisft.data import DataError
 from minisft.prepare import load_and_prepare, prepare_dataset
@@ -144,12 +144,13 @@ def test_an_interrupted_preparation_is_never_trusted(data, fresh_tokenizer, tmp_
     monkeypatch.undo()
     assert not [folder for folder in cache_dir.iterdir()]  # nothing left that a later run could read
     # a preparation killed outright (kill -9) leaves its partial folder: it is never read, and is cleared
-    killed = cache_dir / f".partial-{'0' * 24}-999999999"
+    killed = cache_dir / f".partial-{'0' * 24}-{cache.HOST}-999999999"
     killed.mkdir()
     (killed / "train").mkdir()
     calls = count_preparations(monkeypatch)
     again = prepared(data, fresh_tokenizer, cache_dir)
     assert calls and "prepared and cached" in again.cache_note and len(again.train.examples) == 30
+    assert not killed.exists()
     assert again.train.examples == prepared(data, fresh_tokenizer, "none").train.examples
 
 
