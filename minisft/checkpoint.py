@@ -8,7 +8,8 @@
         scheduler.pt                       where the learning-rate schedule is
         rng_state.pt                       the random generators (dropout, shuffling); under torchrun
                                            one rng_state_{rank}.pt per process
-        trainer_state.json                 the step, epoch and tokens so far, and what the data order depends on
+        trainer_state.json                 the step, epoch and tokens so far, what the data order depends on, the
+                                           base model's identity, and the size and sha256 of every file above
 
 Writing. A checkpoint is written to .checkpoint-40.partial, flushed to the disk (fsync), and renamed
 into place. A rename is atomic, so a process killed at any moment (SIGKILL, or the machine losing
@@ -32,16 +33,32 @@ Reading. Each file is read with its name at hand, so a truncated or missing file
 with the previous checkpoint offered. Everything but the weights is loaded with
 torch.load(weights_only=True): plain tensors and numbers, no pickled code; DCP's files hold tensors
 and their layout only.
+
+Verifying. A truncated file fails to load, but a flipped bit loads fine and trains on (into a loss of
+1e28). So trainer_state.json, written last, lists the size and sha256 of every other file, and a resume
+checks them all before it loads anything: a damaged file is refused by name. Hashing costs what reading
+does (~0.6 s per GB here), once per save and once per resume. Checkpoints written before the list existed
+resume unchecked, as they did.
+
+The base model. A LoRA checkpoint holds only the adapter; a full one, every weight but not what it was
+trained from. Each records the base's identity (base_identity): its config, and a fingerprint of its
+weights as loaded (every tensor's name, shape, dtype and first and last 4 KiB: milliseconds, where hashing
+every byte would take seconds). A resume over another base is refused by name, whatever
+--ignore_data_order_mismatch says: that flag is about data, and a run over other weights is no longer the
+run the checkpoint belongs to.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import io
 import json
 import os
 import pickle
 import random
 import re
+import shlex
 import shutil
 import warnings
 from collections.abc import Sequence
@@ -58,15 +75,15 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from .distributed import DataParallel
 from .errors import UserError
 from .lora import ADAPTER_WEIGHTS, PEFT_PREFIX, LoraSettings, save_adapter
-from .storage import from_examples
+from .storage import file_checksums, from_examples, sha256_of
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 PARTIAL = ".partial"  # .checkpoint-N.partial: being written
 TRASH = ".trash"  # .checkpoint-N.trash: being deleted
 SHARDED = "sharded"  # under FSDP: the weights and optimizer state, one file of shards per process (DCP)
-# What a failed write raises: torch.save reports a full disk as a RuntimeError ("unexpected pos"), safetensors
-# as a SafetensorError ("No space left on device"), plain Python files as an OSError (errno ENOSPC).
+# What a failed write raises: plain Python files (torch.save writes through one here) an OSError with its errno,
+# safetensors a SafetensorError ("No space left on device (os error 28)"), torch's own writer a RuntimeError.
 # DCP gathers every process's failure into one CheckpointException (a BaseException) on all of them.
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError, dcp.CheckpointException)
 READ_ERRORS = (
@@ -89,7 +106,8 @@ def save_checkpoint(
     """Write checkpoint-{step}: every process its random state (and under FSDP its shards), rank 0 the rest.
 
     All processes succeed, or all raise: under torchrun they check together after each phase (the folder
-    made, the files written, the folder renamed into place), so one failing never leaves the others waiting.
+    made, the files written, the trainer state listing them, the folder renamed into place), so one failing
+    never leaves the others waiting.
     """
     final = output_dir / f"{PREFIX}{step}"
     partial = output_dir / f".{PREFIX}{step}{PARTIAL}"
@@ -103,7 +121,7 @@ def save_checkpoint(
         processes = parallel.processes
         if parallel.sharded:  # every process its own shards, in parallel; first, as every process must enter it
             write(SHARDED, lambda path: dcp.save(sharded_state(model, optimizer, lora), checkpoint_id=path))
-        write(rng_file(processes.rank, processes.world_size), lambda path: torch.save(rng_state(), path))
+        write(rng_file(processes.rank, processes.world_size), lambda path: torch_save(rng_state(), path))
         if not processes.is_main:
             return
         if not parallel.sharded:  # rank 0 holds them whole
@@ -111,15 +129,25 @@ def save_checkpoint(
                 write(ADAPTER_WEIGHTS, lambda path: save_adapter(model, partial, lora, base_name))
             else:  # an ordinary HF folder: from_pretrained can open the checkpoint
                 write("model.safetensors", lambda path: model.save_pretrained(partial))
-            write("optimizer.pt", lambda path: torch.save(optimizer.state_dict(), path))
-        write("scheduler.pt", lambda path: torch.save(schedule.state_dict(), path))
-        write(STATE_FILE, lambda path: path.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8"))
+            write("optimizer.pt", lambda path: torch_save(optimizer.state_dict(), path))
+        write("scheduler.pt", lambda path: torch_save(schedule.state_dict(), path))
+
+    def write_state():
+        # Last, and after every process has written its files (the phase before ends with all of them checking
+        # together), so rank 0 lists them all: the shards each process wrote under FSDP too, read back from the
+        # shared folder the checkpoint is renamed into.
+        def save(path: Path) -> None:
+            listed = {**state, "files": file_checksums(partial)}  # taken before this file exists: it lists the others
+            path.write_text(json.dumps(listed, indent=2) + "\n", encoding="utf-8")
+
+        write(STATE_FILE, save)
 
     def commit():
         writing[0] = final
         _commit(partial, final)
 
-    for work, everyone in ((lambda: _make_folder(partial), False), (write_files, True), (commit, False)):
+    phases = [(lambda: _make_folder(partial), False), (write_files, True), (write_state, False), (commit, False)]
+    for work, everyone in phases:
         failure = None
         if everyone or parallel.processes.is_main:
             try:
@@ -131,6 +159,13 @@ def save_checkpoint(
                 shutil.rmtree(partial, ignore_errors=True)
             raise CheckpointError(write_failure(f"checkpoint-{step} ({writing[0]})", failure, output_dir))
     return final
+
+
+def torch_save(value, path: Path) -> None:
+    """torch.save through a Python file: a failed write then raises the OSError with its errno (ENOSPC: a full
+    disk), where torch's own writer says only "unexpected pos"."""
+    with path.open("wb") as file:
+        torch.save(value, file)
 
 
 def _make_folder(partial: Path) -> None:
@@ -164,22 +199,59 @@ def sharded_state(model, optimizer, lora: LoraSettings | None) -> dict:
     return {"model": model_state, "optimizer": optimizer_state}
 
 
-def write_failure(what: str, error: Exception | None, output_dir: Path) -> str:
-    """One line for a write that failed: why, how much room the disk has left, and what was kept."""
+# What to do about a failed write, by its errno; a full disk (or quota) is told apart: only then is space the answer.
+FULL_DISK = {errno.ENOSPC, errno.EDQUOT}
+WRITE_ADVICE = {
+    errno.EACCES: "Make the folder writable for this user (or choose another --output_dir)",
+    errno.EPERM: "Make the folder writable for this user (or choose another --output_dir)",
+    errno.EROFS: "That disk is mounted read-only: choose an --output_dir on a writable one",
+    errno.ENOTDIR: "A file stands where a folder is needed: move it away (or choose another --output_dir)",
+    errno.EISDIR: "A folder stands where a file is needed: move it away (or choose another --output_dir)",
+    errno.EEXIST: "Something stands where the checkpoint goes: move it away (or choose another --output_dir)",
+    errno.EIO: "The disk reported an I/O error: check it (dmesg) before writing to it again",
+}
+
+
+def write_failure(what: str, error: BaseException | None, output_dir: Path) -> str:
+    """One line for a write that failed: why, what was kept, and what to do (room on the disk only if it is full)."""
     if error is None:
         return f"Could not write {what}: another process failed to write its part (see its message)."
+    if isinstance(error, dcp.CheckpointException) and error.failures:  # each process's own error, wrapped
+        error = next(iter(error.failures.values()))[0]
+    number = _errno_of(error)
     if isinstance(error, OSError):
         reason = error.strerror or str(error)
         reason += f" ({error.filename})" if error.filename and str(error.filename) not in what else ""
     else:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    free = shutil.disk_usage(output_dir).free / 2**20 if output_dir.is_dir() else float("nan")
     kept = checkpoints(output_dir)
     previous = f"the last checkpoint, {kept[-1]}, is intact" if kept else "there is no earlier checkpoint"
+    if number in FULL_DISK:
+        free = shutil.disk_usage(output_dir).free / 2**20 if output_dir.is_dir() else float("nan")
+        return (
+            f"Could not write {what}: {reason}; {free:,.0f} MiB free on that disk. The run stopped; {previous}. "
+            "Free some space, then continue with --resume_from_checkpoint true."
+        )
+    advice = WRITE_ADVICE.get(number, "Fix the cause")
     return (
-        f"Could not write {what}: {reason}; {free:,.0f} MiB free on that disk. The run stopped; {previous}. "
-        "Free some space, then continue with --resume_from_checkpoint true."
+        f"Could not write {what}: {reason}. The run stopped; {previous}. {advice}, then continue with "
+        "--resume_from_checkpoint true."
     )
+
+
+def _errno_of(error: BaseException) -> int | None:
+    """The OS error behind a failed write: an OSError's own, or the one safetensors names ("(os error 28)")."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno is not None:
+            return error.errno
+        text = str(error)
+        found = re.search(r"\(os error (\d+)\)|\[Errno (\d+)\]", text)
+        if found:
+            return int(found[1] or found[2])
+        if "no space left on device" in text.lower():
+            return errno.ENOSPC
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _fsync(path: Path) -> None:
@@ -266,11 +338,92 @@ def data_fingerprint(units: Sequence[dict]) -> str:
 
 
 def read_trainer_state(directory: Path) -> dict:
+    """The checkpoint's trainer state, its fields checked, once every file it lists is verified (verify_files)."""
     with reading(directory / STATE_FILE) as path:
         state = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(state, dict) or "step" not in state:
-            raise ValueError("it holds no step")
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(_damaged(directory, f"{STATE_FILE} holds no step (it is not a trainer state)"))
+    for name, (meaning, valid) in STATE_FIELDS.items():
+        if name in state and not valid(state[name]):
+            shown = json.dumps(state[name])
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise CheckpointError(
+                _damaged(directory, f"its {STATE_FILE} has {name} {shown}, where {meaning} belongs (edited by hand?)")
+            )
+    verify_files(directory, state.get("files", {}))  # absent from checkpoints written before it was recorded
     return state
+
+
+def _whole(value, least: int | None = None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and (least is None or value >= least)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+
+
+def _base_record(value) -> bool:
+    """{} (a Run built without a base, as a benchmark may), or base_identity's fields."""
+    return isinstance(value, dict) and (
+        not value
+        or isinstance(value.get("config"), dict)
+        and all(isinstance(value.get(key), str) for key in BASE_TEXT_FIELDS)
+    )
+
+
+def _listed_files(files) -> bool:
+    return isinstance(files, dict) and all(
+        isinstance(entry, dict) and _whole(entry.get("bytes"), 0) and isinstance(entry.get("sha256"), str)
+        and not Path(name).is_absolute() and ".." not in Path(name).parts  # inside the checkpoint
+        for name, entry in files.items()
+    )  # fmt: skip
+
+
+# The trainer state's fields (only step is required: the others are absent from older checkpoints): what each
+# must be, as the message says it, and its test. A resume computes with them, so a hand-edited "3" or a list
+# where an object belongs must stop here, by name, rather than as a traceback steps later.
+STATE_FIELDS = {
+    "step": ("a whole number ≥ 0", lambda value: _whole(value, 0)),
+    "epoch": ("a number ≥ 0", _number),
+    "seed": ("a whole number", _whole),
+    "world_size": ("a whole number ≥ 1", lambda value: _whole(value, 1)),
+    "num_tokens": ("a whole number ≥ 0", lambda value: _whole(value, 0)),
+    "data_order": (
+        "an object with a whole global_batch_size ≥ 1",
+        lambda value: isinstance(value, dict) and _whole(value.get("global_batch_size", 1), 1),
+    ),
+    "files": ('an object of {"name": {"bytes", "sha256"}} inside the checkpoint', _listed_files),
+    "base_model": ("an object with config, weights_sha256 and model_name_or_path", _base_record),
+}
+
+
+def verify_files(directory: Path, files: dict[str, dict]) -> None:
+    """Every file the checkpoint listed is there, of the size and sha256 it was written with.
+
+    Each process checks them all, before any is loaded: under torchrun they then refuse together, with the
+    same line, rather than one process stopping while the others wait for it. The price is a read of the
+    checkpoint per process (the page cache shares it between the processes of one machine).
+    """
+    for name, written in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(_damaged(directory, f"it has no {name}, which was written with it"))
+        size = path.stat().st_size
+        if size < written["bytes"]:
+            what = f"{name} is truncated or unreadable ({size:,} bytes of the {written['bytes']:,} written)"
+            raise CheckpointError(_damaged(directory, what))
+        if size > written["bytes"]:
+            raise CheckpointError(
+                _damaged(directory, f"{name} is {size:,} bytes, and was written with {written['bytes']:,}")
+            )
+        if sha256_of(path) != written["sha256"]:
+            raise CheckpointError(
+                _damaged(
+                    directory,
+                    f"{name} is not the file that was written: its sha256 differs from the one {STATE_FILE} recorded "
+                    "(changed on the disk, or in a copy)",
+                )
+            )
 
 
 def batch_for_processes(
@@ -344,6 +497,88 @@ def _change(name: str, saved, now) -> str:
 
 def _flag_text(value) -> str:
     return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+# ----------------------------------------------------------------------------- the base model
+
+# Config keys that say how a model was loaded or saved, not what it is: left out of its identity.
+LOAD_CONFIG_KEYS = {
+    "transformers_version", "dtype", "torch_dtype", "quantization_config", "use_cache", "return_dict",
+    "output_attentions", "output_hidden_states",
+}  # fmt: skip
+BASE_TEXT_FIELDS = ("model_name_or_path", "config_sha256", "weights_sha256", "dtypes")
+SAMPLE_BYTES = 4096  # of each end of every tensor, for the weights' fingerprint
+
+
+def base_identity(model, name_or_path: str) -> dict:
+    """What a run trains from, recorded in its checkpoints: the base as loaded (before LoRA, before any resizing).
+
+    Its config without the keys of loading (above) and the private ones (_name_or_path...), and a fingerprint of
+    its weights: every tensor's name, shape and dtype, and its first and last SAMPLE_BYTES bytes. Another model
+    differs everywhere, a fine-tuned one in every tensor, another --dtype or a 4-bit load in every dtype: a sample
+    tells them apart for milliseconds, where hashing every byte would take seconds. The dtypes are kept aside too,
+    so that a base loaded another way is told from another base.
+    """
+    config = {
+        key: value
+        for key, value in model.config.to_dict().items()
+        if not key.startswith("_") and key not in LOAD_CONFIG_KEYS
+    }
+    config = json.loads(json.dumps(config, sort_keys=True, default=str))  # as the trainer state will hold it
+    weights, dtypes = hashlib.sha256(), set()
+    for name, parameter in model.named_parameters():
+        data = parameter.detach().contiguous().reshape(-1).view(torch.uint8)  # 4-bit codes are uint8 already
+        if data.numel() > 2 * SAMPLE_BYTES:
+            data = torch.cat([data[:SAMPLE_BYTES], data[-SAMPLE_BYTES:]])
+        weights.update(f"{name} {tuple(parameter.shape)} {parameter.dtype}\n".encode())
+        weights.update(data.cpu().numpy().tobytes())
+        dtypes.add(str(parameter.dtype).removeprefix("torch."))
+    return {
+        "model_name_or_path": name_or_path,
+        "config_sha256": _sha256_text(json.dumps(config, sort_keys=True)),
+        "weights_sha256": weights.hexdigest()[:16],
+        "dtypes": ", ".join(sorted(dtypes)),
+        "config": config,
+    }
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_base_model(directory: Path | None, state: dict, base: dict) -> None:
+    """Refuse a resume over another base model than the checkpoint's: other weights, another config, or the same
+    model loaded otherwise (--dtype, --load_in_4bit). Checkpoints from before this record pass unchecked."""
+    saved = state.get("base_model")
+    if directory is None or not saved:
+        return
+    # Keys in one config only are another transformers version's additions or renames, not another model.
+    then_config, now_config = saved["config"], base["config"]
+    fields = sorted(key for key in then_config.keys() & now_config.keys() if then_config[key] != now_config[key])
+    differences = []
+    if fields:
+        shown = ", ".join(f"{key} {then_config[key]} there, {now_config[key]} here" for key in fields[:3])
+        differences.append(f"whose config differs ({shown}{', ...' if len(fields) > 3 else ''})")
+    loaded_otherwise = saved["dtypes"] != base["dtypes"]  # then every weight differs: say why instead
+    if loaded_otherwise:
+        differences.append(f"loaded as {base['dtypes']} where the checkpoint's base was {saved['dtypes']}")
+    elif saved["weights_sha256"] != base["weights_sha256"]:
+        differences.append("whose weights differ")
+    if not differences:
+        return
+    then, now = saved["model_name_or_path"], base["model_name_or_path"]
+    flags = "the --dtype and --load_in_4bit it was trained with"
+    if then != now:
+        remedy = f"resume with --model_name_or_path {shlex.quote(then)}" + (f" and {flags}" if loaded_otherwise else "")
+    elif loaded_otherwise:
+        remedy = f"resume with {flags}"
+    else:
+        remedy = f"{then} has changed since: resume over the model it was then, or start a new run"
+    raise CheckpointError(
+        f"{directory} was trained from {then} (config {saved['config_sha256']}, weights {saved['weights_sha256']}); "
+        f"this run loads {now} (config {base['config_sha256']}, weights {base['weights_sha256']}), "
+        f"{' and '.join(differences)}: {remedy}."
+    )
 
 
 # ----------------------------------------------------------------------------- reading
@@ -442,9 +677,11 @@ def reading(path: Path):
         ) from None
     except READ_ERRORS as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0]
-        raise CheckpointError(
-            f"{path.parent} is damaged: {path.name} is truncated or unreadable ({reason}).{_earlier(path.parent)}"
-        ) from None
+        raise CheckpointError(_damaged(path.parent, f"{path.name} is truncated or unreadable ({reason})")) from None
+
+
+def _damaged(directory: Path, what: str) -> str:
+    return f"{directory} is damaged: {what}.{_earlier(directory)}"
 
 
 def _earlier(directory: Path) -> str:
@@ -453,7 +690,11 @@ def _earlier(directory: Path) -> str:
     if number is None:
         return ""
     before = [path for path in checkpoints(directory.parent) if int(path.name[len(PREFIX) :]) < int(number[1])]
-    return f" Resume from the checkpoint before it with --resume_from_checkpoint {before[-1]}." if before else ""
+    return (
+        f" Resume from the checkpoint before it with --resume_from_checkpoint {shlex.quote(str(before[-1]))}."
+        if before
+        else ""
+    )
 
 
 def _copy_into(model, tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -27,7 +27,7 @@ PANELS = [
 
 def plot(output_dir: str | Path, path: str | Path | None = None) -> Path:
     """Draw output_dir/metrics.jsonl into a PNG (default: output_dir/metrics.png) and return its path."""
-    records = read_metrics(output_dir)
+    records = read_metrics(output_dir, Console(stderr=True))
     install = 'pip install "minisft[plot]" (or pip install matplotlib)'
     matplotlib = import_optional("matplotlib", "python -m minisft.plot", "matplotlib", install)
     matplotlib.use("Agg")  # files only: no display needed, as on a server
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("output_dir", help="The --output_dir of a minisft run (it holds metrics.jsonl).")
     parser.add_argument("--output", help="Where to write the PNG. Default: OUTPUT_DIR/metrics.png.")
     args = parser.parse_args(argv)
-    Console(stderr=True).print(f"wrote {plot(args.output_dir, args.output)}")
+    Console(stderr=True).print(f"wrote {plot(args.output_dir, args.output)}", markup=False, highlight=False)
 
 
 if __name__ == "__main__":

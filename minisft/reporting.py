@@ -16,6 +16,10 @@ a resume read it) and handed to every tracker, under the names transformers' int
 
 Several at once are fine (--report_to tensorboard wandb); "all" means every one that is installed,
 "none" only metrics.jsonl. Only the first process of a torchrun run reports.
+
+A run killed while it appends a line leaves that line cut short, without its newline. Whoever reads the
+file (the summary, the plot, a resume) drops such a last line with a note; a bad line anywhere else was
+not left by an interrupted write, and is an error naming its line.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import json
 import os
 from pathlib import Path
 
+from .errors import UserError
 from .extras import import_optional
 
 TRACKERS = {  # name: (module, pip package)
@@ -109,18 +114,56 @@ TRACKER_CLASSES = {
 }
 
 
+class MetricsError(UserError, ValueError):
+    """metrics.jsonl is missing, empty or damaged; the message names the file (and the line)."""
+
+
+def read_records(path: Path) -> tuple[list[dict], str | None]:
+    """The records of a metrics.jsonl, and a note if its last line was torn by an interrupted write (dropped)."""
+    lines = path.read_bytes().split(b"\n")
+    unfinished = lines.pop()  # what follows the last newline: nothing, unless a write was cut short
+    records = [_record(path, number, line) for number, line in enumerate(lines, start=1) if line.strip()]
+    if not unfinished.strip():
+        return records, None
+    try:  # a record written whole but for its newline is kept
+        return [*records, _record(path, len(lines) + 1, unfinished)], None
+    except MetricsError:
+        note = (
+            f"{path} line {len(lines) + 1}: dropped, {len(unfinished):,} bytes without a newline that are not a "
+            "whole record (a write the run did not finish)"
+        )
+        return records, note
+
+
+def _record(path: Path, number: int, line: bytes) -> dict:
+    try:
+        record = json.loads(line)
+    except UnicodeDecodeError:
+        raise MetricsError(f"{path} line {number}: not UTF-8 text; each line holds one JSON record") from None
+    except json.JSONDecodeError as error:
+        raise MetricsError(
+            f"{path} line {number}: not valid JSON ({error.msg} at column {error.colno}); each line holds one record"
+        ) from None
+    step = record.get("step") if isinstance(record, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise MetricsError(f"{path} line {number}: not a record of a logging step (a JSON object with a whole step)")
+    return record
+
+
 class MetricsLog:
-    """metrics.jsonl (one object per log line), and the trackers of --report_to."""
+    """metrics.jsonl (one object per log line), and the trackers of --report_to. `note`: what a resume dropped
+    from the file besides the steps it runs again (a torn last line), or None."""
 
     def __init__(self, output_dir: Path, resumed_at: int, report_to: list[str], run_name: str, config: dict):
         self.path = output_dir / "metrics.jsonl"
-        kept = []
+        kept, self.note = [], None
         if resumed_at and self.path.is_file():
-            # Lines past the checkpoint belong to steps that will now be run again.
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resumed_at]
+            records, self.note = read_records(self.path)
+            # Records past the checkpoint belong to steps that will now be run again.
+            kept = [record for record in records if record["step"] <= resumed_at]
         # Written aside and renamed over: a kill at this moment must not leave the run's history empty.
         fresh = self.path.with_name(self.path.name + ".tmp")
-        fresh.write_text("".join(line + "\n" for line in kept))
+        fresh.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
         fresh.replace(self.path)
         self.trackers = [TRACKER_CLASSES[name](output_dir, run_name, config) for name in chosen_trackers(report_to)]
 

@@ -7,20 +7,21 @@ run went well. Three shapes are worth a warning (the second seed's list, detecte
     train loss barely improving                 under-fitting: try a higher learning rate (or more steps)
     train loss extremely low                    memorisation: check the model on new, similar prompts
 
-`python -m minisft.summary OUTPUT_DIR` prints it again for any finished run.
+`python -m minisft.summary OUTPUT_DIR` prints it again for any run, finished or not; the last line of an
+interrupted run's metrics.jsonl, cut short, is left out with a note (minisft/reporting.py).
 """
 
 from __future__ import annotations
 
-import json
 import math
+import shlex
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from .cli import run
-from .errors import UserError
+from .reporting import MetricsError, read_records
 
 # The thresholds of the warning signs. Loss values depend on the data, so these are rules of
 # thumb: a run below them is worth a look, not necessarily broken.
@@ -31,15 +32,14 @@ MEMORISATION_LOSS = 0.05  # nats per token: the model is near-certain of every t
 CHART_WIDTH, CHART_HEIGHT = 60, 10
 
 
-class MetricsError(UserError, ValueError):
-    """No metrics to summarise; the message says where minisft looked."""
-
-
-def read_metrics(output_dir: str | Path) -> list[dict]:
+def read_metrics(output_dir: str | Path, console: Console) -> list[dict]:
+    """The records of output_dir/metrics.jsonl; a torn last line (an interrupted run's) is dropped with a note."""
     path = Path(output_dir) / "metrics.jsonl"
     if not path.is_file():
         raise MetricsError(f"{path}: no such file. Pass the --output_dir of a minisft run.")
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records, note = read_records(path)
+    if note:
+        console.print(f"note: {note}", markup=False, highlight=False)
     if not records:
         raise MetricsError(f"{path} is empty: the run logged nothing.")
     return records
@@ -106,7 +106,7 @@ def chart(
 
 def print_summary(output_dir: str | Path, console: Console) -> list[str]:
     """Curves, final figures and warning signs of the run in output_dir. Returns the warning signs."""
-    records = read_metrics(output_dir)
+    records = read_metrics(output_dir, console)
     train, evals = curve(records, "loss"), curve(records, "eval_loss")
     console.rule("[bold]run summary")
     legend = "[cyan]•[/] train loss" + ("   [magenta]◆[/] eval loss" if evals else "")
@@ -139,7 +139,11 @@ def print_summary(output_dir: str | Path, console: Console) -> list[str]:
         console.print(f"[bold yellow]warning:[/] {sign}")
     if not signs:
         console.print("[green]No warning signs in the loss curves.[/]")
-    console.print(f"Plot it: python -m minisft.plot {output_dir}")
+    # Quoted for the shell, and printed as it is (no markup, no wrapping): a folder named "x; rm -rf ~" or
+    # "[red]x" must paste back as that folder.
+    console.print(
+        f"Plot it: python -m minisft.plot {shlex.quote(str(output_dir))}", markup=False, highlight=False, soft_wrap=True
+    )
     return signs
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import minisft.checkpoint
@@ -289,11 +290,12 @@ def test_a_full_disk_stops_the_run_and_keeps_the_checkpoint_before(
 ):
     original = torch.save
 
-    def save_on_a_full_disk(obj, path, *args, **kwargs):
-        if Path(path).name == "optimizer.pt" and ".checkpoint-3." in str(path):
-            Path(path).write_bytes(b"half a file")  # what a write cut short leaves
+    def save_on_a_full_disk(obj, file, *args, **kwargs):
+        path = Path(file.name)  # minisft hands torch.save an open file, so that its errno comes through
+        if path.name == "optimizer.pt" and ".checkpoint-3." in str(path):
+            file.write(b"half a file")  # what a write cut short leaves
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        return original(obj, path, *args, **kwargs)
+        return original(obj, file, *args, **kwargs)
 
     flags = dict(FLAGS, save_steps=1, save_total_limit=1)
     with monkeypatch.context() as patch:
@@ -308,6 +310,53 @@ def test_a_full_disk_stops_the_run_and_keeps_the_checkpoint_before(
 
     train(run_config(tiny_dir, tmp_path, resume_from_checkpoint="true", **flags))
     assert same_weights(tmp_path, uninterrupted) and same_metrics(tmp_path, uninterrupted)
+
+
+@pytest.mark.parametrize(
+    "error, reason, advice",
+    [
+        (PermissionError(errno.EACCES, "Permission denied"), "Permission denied", "Make the folder writable"),
+        (NotADirectoryError(errno.ENOTDIR, "Not a directory"), "Not a directory", "A file stands where a folder is"),
+        (OSError(errno.EROFS, "Read-only file system"), "Read-only file system", "mounted read-only"),
+        # safetensors names the OS error only in its text
+        (SafetensorError("I/O error: Permission denied (os error 13) at path x"), "os error 13", "writable"),
+        (
+            RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+            "unexpected pos",
+            "Fix",
+        ),
+    ],
+    ids=["permission", "not-a-folder", "read-only", "safetensors-permission", "torch-unexplained"],
+)
+def test_a_write_that_fails_for_another_reason_than_space_says_that_reason(tmp_path, error, reason, advice):
+    """The old line said "Free some space" whatever failed, with 59 GB free."""
+    (tmp_path / "checkpoint-2").mkdir()
+    message = minisft.checkpoint.write_failure("checkpoint-3 (x/optimizer.pt)", error, tmp_path)
+    assert message.startswith("Could not write checkpoint-3 (x/optimizer.pt): ") and reason in message
+    assert f"the last checkpoint, {tmp_path / 'checkpoint-2'}, is intact" in message and advice in message
+    assert "space" not in message and "MiB free" not in message
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        OSError(errno.EDQUOT, "Disk quota exceeded"),
+        SafetensorError('Error while serializing: I/O error: No space left on device (os error 28) at path "x"'),
+    ],
+    ids=["enospc", "quota", "safetensors"],
+)
+def test_a_full_disk_is_told_apart_and_only_it_asks_for_space(tmp_path, error):
+    message = minisft.checkpoint.write_failure("checkpoint-3", error, tmp_path)
+    assert "MiB free on that disk" in message and "Free some space, then continue" in message
+
+
+@pytest.mark.skipif(not Path("/dev/full").is_char_device(), reason="no /dev/full: a device that is always full")
+def test_torch_save_on_a_full_disk_raises_its_errno():
+    """torch's own writer says only "unexpected pos" on a full disk; written through a Python file, ENOSPC shows."""
+    with pytest.raises(OSError) as error:
+        minisft.checkpoint.torch_save({"weights": torch.zeros(10**6)}, Path("/dev/full"))
+    assert error.value.errno == errno.ENOSPC
 
 
 # ----------------------------------------------------------------------------- SIGKILL at random moments

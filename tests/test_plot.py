@@ -38,3 +38,14 @@ def test_without_matplotlib_it_says_how_to_install_it(run_dir, capsys, monkeypat
     err = capsys.readouterr().err
     assert 'pip install "minisft[plot]"' in err and "Traceback" not in err
     assert not (run_dir / "metrics.png").exists()
+
+
+def test_a_torn_last_line_is_dropped_with_a_note(run_dir, capsys):
+    """An interrupted run's metrics.jsonl ends in half a line: plotted without it, and said so."""
+    pytest.importorskip("matplotlib")
+    with open(run_dir / "metrics.jsonl", "a") as file:
+        file.write('{"step": 6, "ep')
+    run(main, [str(run_dir)])
+    assert (run_dir / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"note: {run_dir / 'metrics.jsonl'} line 6: dropped, 15 bytes without a newline" in err

@@ -15,7 +15,7 @@ import pytest
 from minisft.cli import run
 from minisft.config import ConfigError, TrainingConfig
 from minisft.loop import train
-from minisft.reporting import chosen_trackers, tracker_name
+from minisft.reporting import MetricsError, MetricsLog, chosen_trackers, tracker_name
 from minisft.train import main
 
 from .tiny_runs import metrics, run_config
@@ -109,3 +109,23 @@ def test_none_stands_alone_and_all_means_the_installed_ones():
     assert chosen_trackers(["all"]) == ["tensorboard", *installed]  # tensorboard is a test extra
     assert chosen_trackers(["none"]) == [] and TrainingConfig(report_to="wandb").report_to == ["wandb"]
     assert json.dumps(TrainingConfig().report_to) == '["none"]'
+
+
+def test_a_resume_drops_a_torn_last_line_with_a_note_and_keeps_a_whole_one(tmp_path):
+    """A run killed while appending leaves its last line cut short: the old code stopped there with a traceback."""
+    lines = [json.dumps({"step": step, "loss": 1.0 / step}) for step in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 4, "lo')
+    log = MetricsLog(tmp_path, 3, ["none"], "run", {})
+    assert log.note.startswith(f"{tmp_path / 'metrics.jsonl'} line 4: dropped, 15 bytes without a newline")
+    assert (tmp_path / "metrics.jsonl").read_text() == "\n".join(lines) + "\n"
+
+    # Whole but for its newline (the write stopped just before it): kept, and nothing to say.
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+    log = MetricsLog(tmp_path, 3, ["none"], "run", {})
+    assert log.note is None and (tmp_path / "metrics.jsonl").read_text() == "\n".join(lines) + "\n"
+
+
+def test_a_bad_line_before_the_last_stops_a_resume_naming_it(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": "2"}\n{"step": 3}\n')
+    with pytest.raises(MetricsError, match=r"metrics.jsonl line 2: not a record of a logging step"):
+        MetricsLog(tmp_path, 3, ["none"], "run", {})

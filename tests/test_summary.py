@@ -1,6 +1,7 @@
 """The end-of-run summary: curves, figures, and the warning signs detected from the metrics."""
 
 import json
+import shlex
 
 import pytest
 from rich.console import Console
@@ -65,3 +66,38 @@ def test_missing_metrics_is_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "metrics.jsonl: no such file" in err and "Traceback" not in err
+
+
+def write_with_a_torn_line(folder, lines):
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    (folder / "metrics.jsonl").write_text(text + '{"step": 6, "epoch": 0.6, "lo')  # a run killed mid-write
+
+
+def test_a_torn_last_line_is_dropped_with_a_note(tmp_path, capsys):
+    """What an interrupted run leaves: the old summary stopped on it with a traceback."""
+    write_with_a_torn_line(tmp_path, records([3.0, 2.0, 1.5, 1.2, 1.0]))
+    run(main, [str(tmp_path)])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"note: {tmp_path / 'metrics.jsonl'} line 6: dropped, 29 bytes without a newline" in out
+    assert "train loss 3 → 1" in out and "steps 5 (0.5 epochs)" in out
+
+
+def test_a_bad_line_before_the_last_is_one_line_naming_it(tmp_path, capsys):
+    lines = [json.dumps(line) + "\n" for line in records([3.0, 2.0, 1.5])]
+    (tmp_path / "metrics.jsonl").write_text(lines[0] + "[1, 2]\n" + lines[2])
+    with pytest.raises(SystemExit) as exit_info:
+        run(main, [str(tmp_path)])
+    err = " ".join(capsys.readouterr().err.split())
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert f"{tmp_path / 'metrics.jsonl'} line 2: not a record of a logging step" in err
+
+
+def test_the_plot_command_pastes_back_as_the_folder(tmp_path):
+    """A folder name the shell would read as two commands (or rich as markup) is printed quoted, as it is."""
+    folder = tmp_path / "run; touch pwned [bold]x"
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in records([3.0, 2.0])))
+    console = Console(record=True, width=40)
+    print_summary(folder, console)
+    command = next(line for line in console.export_text().splitlines() if line.startswith("Plot it:"))
+    assert shlex.split(command) == ["Plot", "it:", "python", "-m", "minisft.plot", str(folder)]
