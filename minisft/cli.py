@@ -1,12 +1,14 @@
 """What every command-line entry point shares: flag parsing, and errors without tracebacks.
 
 A user's mistake (a bad file, an unknown flag value) is answered with one clear message and
-exit status 2; only a bug in minisft shows a traceback.
+exit status 2; only a bug in minisft shows a traceback. Ctrl-C before or after the training steps
+(while the data is prepared, or the model loads) ends the command with one word and status 130.
 """
 
 from __future__ import annotations
 
 import sys
+from argparse import ArgumentTypeError
 from importlib import resources
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from transformers import HfArgumentParser
 from .errors import UserError
 
 stderr_console = Console(stderr=True)
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a command that Ctrl-C ended
 
 
 def demo_dataset_path() -> Path:
@@ -54,14 +57,44 @@ def read_config_file(path: Path, parser) -> dict:
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
-        raise UserError(f"--config {path}: not valid JSON or YAML ({error}).") from None
+        raise UserError(f"--config {path}: not valid JSON or YAML ({' '.join(str(error).split())}).") from None
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"--config {path}: not a UTF-8 text file (byte {error.start}); it takes JSON or YAML."
+        ) from None
+    except RecursionError:
+        raise UserError(f"--config {path}: nested too deeply to read.") from None
     if not isinstance(values, dict):
         raise UserError(f"--config {path}: expected a mapping of flag names to values, got {type(values).__name__}.")
-    known = {action.dest for action in parser._actions}
-    unknown = sorted(set(values) - known)
+    actions = {action.dest: action for action in parser._actions}
+    unknown = sorted(set(values) - set(actions))
     if unknown:
         raise UserError(f"--config {path}: unknown flags {unknown}. See --help for the flags.")
-    return values
+    # The values are checked where the Python API's are: by the flag dataclasses, as the run builds them (config.py).
+    return {name: as_flag_value(actions[name], value, path) for name, value in values.items()}
+
+
+def as_flag_value(action, value, path: Path):
+    """A config file's value as the command line would give it. YAML reads `true` and `2024` as a boolean and a
+    number where a flag takes text (--resume_from_checkpoint true, --run_name 2024), one name where it takes a
+    list of them, and `1e-4` as text where it takes a number."""
+    if action.nargs == "+" and not isinstance(value, list):
+        value = [value]
+    if action.type is str:
+        return [as_text(item) for item in value] if isinstance(value, list) else as_text(value)
+    if isinstance(value, str):
+        try:
+            return action.type(value)
+        except (ValueError, ArgumentTypeError):
+            wanted = {int: "a whole number", float: "a number"}.get(action.type, "true or false")
+            raise UserError(f"--config {path}: --{action.dest} must be {wanted}, got {value!r}.") from None
+    return value  # any other type is checked by the flag dataclasses
+
+
+def as_text(value):
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value) if isinstance(value, (int, float)) else value  # anything else is refused as it is
 
 
 def run(main, argv: list[str] | None = None) -> None:
@@ -73,3 +106,6 @@ def run(main, argv: list[str] | None = None) -> None:
         sys.exit(2)
     except BrokenPipeError:  # e.g. `python -m minisft.inspect --json | head`
         sys.stderr.close()
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps (which stop cleanly, minisft/stopping.py)
+        stderr_console.print("interrupted", highlight=False)
+        sys.exit(INTERRUPTED_EXIT_CODE)

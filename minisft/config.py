@@ -5,13 +5,21 @@ TrainingArguments wherever the concept is the same, so a TRL user can switch wit
 relearning. transformers' HfArgumentParser turns these dataclasses into a command line:
 every field is a `--flag`, its `help` is what `--help` prints (argparse formats it, hence
 `%%` for a literal `%`), and booleans take `--flag` / `--flag false`.
+
+Each dataclass checks its values as it is built (check_values): the type its annotation names,
+the field's choices, the range in FLAG_RANGES. The parser converts and checks a flag's text
+itself, but a --config file's values and the Python API's arguments arrive as they are: the
+same checks refuse `learning_rate: [1, 2]` in a YAML file and TrainingConfig(eval_strategy="step").
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
+import types
+import typing
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -36,7 +44,8 @@ STEPS_OR_FRACTION = (
 FLAG_RANGES = {
     "max_length": (lambda n: n >= 1, "a positive number of tokens"),
     "eval_split_size": (lambda x: 0 <= x < 1, "a fraction in [0, 1)"),
-    "dataset_num_proc": (lambda n: n >= 1, "at least 1"),
+    # More worker processes than this only wait on each other (and each forks a copy of the tokenizer).
+    "dataset_num_proc": (lambda n: 1 <= n <= 256, "from 1 to 256"),
     "lora_r": (lambda n: n >= 1, "a rank of at least 1"),
     "lora_alpha": (lambda x: x > 0, "positive"),
     "lora_dropout": (lambda p: 0 <= p < 1, "a probability in [0, 1)"),
@@ -65,18 +74,62 @@ FLAG_RANGES = {
     ),
     "neftune_noise_alpha": (lambda x: x > 0, "positive (the NEFTune paper uses 5 to 15)"),
     "save_total_limit": (lambda n: n >= 0, "0 (keep all) or more"),
+    "seed": (lambda n: -(2**63) <= n < 2**64, "a whole number that fits in 64 bits, as torch.manual_seed takes it"),
 }
 
 
-def check_ranges(config) -> None:
-    """Refuse a flag of `config` (one of the dataclasses here) whose value is outside its range in FLAG_RANGES."""
+# How a flag's type is named to the user, and which Python values it takes (a bool is an int to Python, not here).
+TYPE_NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "a string", dict: "a JSON object"}
+TYPE_CHECKS = {
+    int: lambda value: isinstance(value, int) and not isinstance(value, bool),
+    float: lambda value: isinstance(value, (int, float)) and not isinstance(value, bool),
+    bool: lambda value: isinstance(value, bool),
+    str: lambda value: isinstance(value, str),
+    dict: lambda value: isinstance(value, dict),
+    list: lambda value: isinstance(value, list) and all(isinstance(item, str) for item in value),  # list[str]: names
+}
+
+
+def check_values(config) -> None:
+    """Refuse a flag of `config` (one of the dataclasses here) whose value has the wrong type, is not one of its
+    choices, or is outside its range in FLAG_RANGES. The command line's parser converts and checks what it is
+    given; a --config file's values and the Python API's arguments arrive as they are, and are checked here."""
     for flag in fields(config):
-        value = getattr(config, flag.name)
-        if flag.name in FLAG_RANGES and value is not None:
+        value, kinds = getattr(config, flag.name), flag_types(type(config))[flag.name]
+        if value is None and None in kinds:
+            continue
+        if not any(TYPE_CHECKS[kind](value) for kind in kinds if kind is not None):
+            wanted = " or ".join(TYPE_NAMES.get(kind, "a list of names") for kind in kinds if kind is not None)
+            raise ConfigError(f"--{flag.name} must be {wanted}, got {shown(value)}.")
+        if isinstance(value, float) and not math.isfinite(value):  # inf epochs or steps never end; nan compares false
+            raise ConfigError(f"--{flag.name} must be a finite number, got {shown(value)}.")
+        choices = flag.metadata.get("choices")
+        if choices and any(item not in choices for item in (value if isinstance(value, list) else [value])):
+            raise ConfigError(f"--{flag.name} must be one of {', '.join(choices)}, got {shown(value)}.")
+        if flag.name in FLAG_RANGES:
             accepts, accepted = FLAG_RANGES[flag.name]
             if not accepts(value):
-                shown = f"{value:g}" if isinstance(value, float) else value  # -1, not the parser's -1.0
-                raise ConfigError(f"--{flag.name} must be {accepted}, got {shown}.")
+                raise ConfigError(f"--{flag.name} must be {accepted}, got {shown(value)}.")
+
+
+@functools.cache
+def flag_types(config_type) -> dict[str, list]:
+    """Each field's accepted types, from its annotation: `int | None` -> [int, None], `list[str]` -> [list]."""
+    kinds = {}
+    for name, hint in typing.get_type_hints(config_type).items():  # the annotations here are strings: evaluated
+        members = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        kinds[name] = [None if member is type(None) else typing.get_origin(member) or member for member in members]
+    return kinds
+
+
+def shown(value) -> str:
+    """A flag's value as the user wrote it: -1, not the parser's -1.0; [1, 2] and "step" as in JSON or YAML."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 @functools.cache  # once per process: the demo parses its flags twice
@@ -142,6 +195,7 @@ class ModelConfig:
     )
 
     def __post_init__(self):
+        check_values(self)
         if self.torch_dtype is not None:
             notice("--torch_dtype is deprecated (transformers 5 and TRL call it --dtype): read as --dtype")
         if (self.torch_dtype or self.dtype) == "float16":
@@ -168,8 +222,8 @@ class DataConfig:
     dataset_name: str | None = field(
         default=None,
         metadata={
-            "help": "A local .jsonl/.json/.parquet/.csv file, a folder of them, or a hub dataset name. "
-            "Empty: the demo dataset that ships with minisft."
+            "help": "A local .jsonl/.json/.parquet/.csv file (.jsonl.gz, .json.gz, .csv.gz too), a folder of them, "
+            "or a hub dataset name. Empty: the demo dataset that ships with minisft."
         },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "The hub dataset's configuration name."})
@@ -250,7 +304,7 @@ class DataConfig:
     )
 
     def __post_init__(self):
-        check_ranges(self)
+        check_values(self)
 
 
 @dataclass
@@ -279,7 +333,7 @@ class PackingConfig:
     )
 
     def __post_init__(self):
-        check_ranges(self)
+        check_values(self)
 
     def packs(self, split: str) -> bool:
         """Whether `split` ("train" or "eval") is packed: eval follows --packing unless --eval_packing says."""
@@ -351,7 +405,11 @@ class LoraConfig:
         )
 
     def __post_init__(self):
-        check_ranges(self)
+        # One name (from a --config file, or from Python) is read as the command line reads it: a list of one.
+        for name in ("lora_target_modules", "lora_modules_to_save"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
+        check_values(self)
 
 
 @dataclass
@@ -360,7 +418,13 @@ class TrainingConfig:
         default=None,
         metadata={"help": "Where the model, checkpoints and metrics go. Default: outputs/run-DATE-TIME, a new folder."},
     )
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Train into a non-empty output_dir anyway."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into a non-empty output_dir anyway: removes the previous minisft run's files there (those "
+            "its .minisft-run.json lists), keeps every other file."
+        },
+    )
     learning_rate: float = field(default=2e-5, metadata={"help": "The peak learning rate."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Examples (or packed rows) per micro-batch."})
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Examples (or packed rows) per eval batch."})
@@ -548,6 +612,7 @@ class TrainingConfig:
             )
         if isinstance(self.report_to, str):  # one name, from a config file or from Python
             self.report_to = [self.report_to]
+        check_values(self)
         if self.fp16 and self.bf16:
             raise ConfigError("--fp16 and --bf16 are two kinds of mixed precision: choose one.")
         if self.fp16 and not torch.cuda.is_available():
@@ -557,5 +622,4 @@ class TrainingConfig:
             )
         if "none" in self.report_to and len(self.report_to) > 1:
             raise ConfigError(f"--report_to {' '.join(self.report_to)}: none means no tracker; give it alone.")
-        check_ranges(self)
         schedule_options(self.lr_scheduler_type, self.lr_scheduler_kwargs, self.learning_rate)  # refused now, if at all

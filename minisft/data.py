@@ -33,17 +33,24 @@ A row that holds `input_ids` is pre-tokenized, whatever else it holds, as TRL de
 
 Sources: a local .jsonl/.json/.parquet/.csv file or a folder of them, a hub dataset name,
 a datasets.Dataset or DatasetDict, or a Python list of dicts. Text files are read as UTF-8;
-a byte-order mark at the start (Windows editors write one) is skipped. Bad input raises
-DataError with a message a user can act on; nothing is dropped without being counted.
+a byte-order mark at the start (Windows editors write one) is skipped. As `datasets` does, a
+.jsonl.gz, .json.gz or .csv.gz file is read through gzip, decompressed as it streams. A folder's
+other files are left out, but named: the run's line of files read (folder_line) lists them.
+Bad input raises DataError with a message a user can act on (a JSON row nested too deeply for
+Python's parser included); nothing is dropped without being counted.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
+import io
 import json
 import math
 import random
 import re
+import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -334,19 +341,42 @@ def normalize_rows(
 # Each reader yields (origin, raw row) as it reads, and (origin, None) for a blank line: skipped, but counted.
 
 
+def data_suffix(path: Path) -> str:
+    """The suffix that says a file's format, under a .gz that says it is gzip-compressed: data.jsonl.gz -> .jsonl."""
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    if suffixes[-1:] == [".gz"] and len(suffixes) >= 2:
+        return suffixes[-2] + ".gz"
+    return suffixes[-1] if suffixes else ""
+
+
+def open_bytes(path: Path):
+    """A data file's bytes, decompressed as they are read when it is gzip-compressed (.gz)."""
+    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
+
+
+# What reading a .gz raises when the file is not gzip, is damaged, or was cut short.
+GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
+
+
+def not_gzip(path: Path, error: Exception) -> str:
+    return f"{path}: not a readable gzip file ({error}); a .gz file must be gzip-compressed and whole"
+
+
 def text_lines(path: Path, newline: str | None = None) -> Iterator[str]:
     """The lines of a UTF-8 text file. "utf-8-sig" skips a byte-order mark at the start, and reads the rest as UTF-8."""
-    with open(path, encoding="utf-8-sig", newline=newline) as file:
+    with open_bytes(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline=newline) as file:
         try:
             yield from file
         except UnicodeDecodeError:
             raise DataError(not_utf8(path)) from None
+        except GZIP_ERRORS as error:
+            raise DataError(not_gzip(path, error)) from None
 
 
 def not_utf8(path: Path) -> str:
     """Where a file stops being UTF-8 (line, byte offset, the byte), worded so that the user can fix it."""
     offset, where = 0, str(path)
-    with open(path, "rb") as file:
+    with open_bytes(path) as file:
         start = file.read(2)
         file.seek(0)
         for number, line in enumerate(file, start=1):
@@ -360,6 +390,11 @@ def not_utf8(path: Path) -> str:
     return f"{where} is not UTF-8. minisft reads UTF-8: save the file as UTF-8 (e.g. iconv -f cp1252 -t utf-8).{utf16}"
 
 
+def too_deep(where: str) -> str:
+    # json's parser recurses once per level of nesting: [[[[...]]]] a few thousand deep exhausts Python's stack.
+    return f"{where}: JSON nested too deeply to read (more than {sys.getrecursionlimit()} levels of lists or objects)"
+
+
 def read_json_lines(path: Path) -> Iterator[tuple[str, dict | None]]:
     for number, line in enumerate(text_lines(path), start=1):
         origin = f"{path} line {number}"
@@ -371,12 +406,17 @@ def read_json_lines(path: Path) -> Iterator[tuple[str, dict | None]]:
         except json.JSONDecodeError as error:
             problem = f"not valid JSON ({error.msg} at column {error.colno})"
             raise DataError(f"{origin}: {problem}; each line must hold one JSON object") from None
+        except RecursionError:
+            raise DataError(too_deep(origin)) from None
 
 
 def read_json(path: Path) -> Iterator[tuple[str, dict | None]]:
     """A .json file is either one JSON array of objects (read whole: JSON has no stream) or JSON lines."""
-    with open(path, "rb") as file:  # bytes: a file that is not UTF-8 is reported by text_lines, with its line
-        is_array = file.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
+    try:
+        with open_bytes(path) as file:  # bytes: a file that is not UTF-8 is reported by text_lines, with its line
+            is_array = file.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
+    except GZIP_ERRORS as error:
+        raise DataError(not_gzip(path, error)) from None
     if not is_array:
         yield from read_json_lines(path)
         return
@@ -385,6 +425,8 @@ def read_json(path: Path) -> Iterator[tuple[str, dict | None]]:
     except json.JSONDecodeError as error:
         problem = f"not valid JSON ({error.msg} at column {error.colno})"
         raise DataError(f"{path} line {error.lineno}: {problem}") from None
+    except RecursionError:
+        raise DataError(too_deep(str(path))) from None
     yield from ((f"{path} item {index}", item) for index, item in enumerate(items))
 
 
@@ -420,6 +462,16 @@ def read_csv(path: Path) -> Iterator[tuple[str, dict | None]]:
 
 
 READERS = {".jsonl": read_json_lines, ".json": read_json, ".parquet": read_parquet, ".csv": read_csv}
+# The text formats may come gzip-compressed, as `datasets` reads them: decompressed as they are read.
+COMPRESSED = (".jsonl.gz", ".json.gz", ".csv.gz")
+FILE_TYPES = ", ".join([*READERS, *COMPRESSED])
+SHOWN_FILES = 10  # a folder's line names this many files of each kind, then counts the rest
+
+
+def reader_of(path: Path):
+    """The reader of a data file, by its suffix (under .gz for a compressed one); None: not a data file."""
+    suffix = data_suffix(path)
+    return READERS[suffix.removesuffix(".gz")] if suffix in READERS or suffix in COMPRESSED else None
 
 
 def split_of(relative_path: Path) -> str:
@@ -428,21 +480,26 @@ def split_of(relative_path: Path) -> str:
     return next((split for split, keywords in SPLIT_KEYWORDS.items() if set(keywords) & set(words)), "train")
 
 
-def local_files(path: Path) -> list[Path]:
-    """The data files of a file or folder source (a folder's hidden files and folders left out)."""
-    if not path.is_dir():
-        if path.suffix.lower() not in READERS:
-            raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(READERS)}")
-        return [path]
-    files = sorted(
+def folder_files(path: Path) -> tuple[list[Path], list[Path]]:
+    """A folder's data files, and its other files (left out, and said so); hidden files and folders are skipped."""
+    visible = sorted(
         file
         for file in path.rglob("*")
-        if file.is_file()
-        and file.suffix.lower() in READERS
-        and not any(part.startswith(".") for part in file.relative_to(path).parts)
+        if file.is_file() and not any(part.startswith(".") for part in file.relative_to(path).parts)
     )
+    return [file for file in visible if reader_of(file)], [file for file in visible if not reader_of(file)]
+
+
+def local_files(path: Path) -> list[Path]:
+    """The data files of a file or folder source."""
+    if not path.is_dir():
+        if reader_of(path) is None:
+            raise DataError(f"{path}: unsupported file type {data_suffix(path)!r}; use one of {FILE_TYPES}")
+        return [path]
+    files, others = folder_files(path)
     if not files:
-        raise DataError(f"{path}: no {', '.join(READERS)} files in this folder")
+        holds = f"; it holds {names(path, others)}" if others else ""
+        raise DataError(f"{path}: no {', '.join(READERS)} files in this folder (nor their .gz{holds})")
     return files
 
 
@@ -452,6 +509,37 @@ def read_local(path: Path, train_split: str) -> dict[str, list]:
         split = split_of(file.relative_to(path)) if path.is_dir() else train_split
         splits.setdefault(split, []).append(FilePart(file))
     return splits
+
+
+def names(folder: Path, files: list[Path]) -> str:
+    """The files' paths inside `folder`, the first SHOWN_FILES of them."""
+    shown = ", ".join(str(file.relative_to(folder)) for file in files[:SHOWN_FILES])
+    return shown + (f" and {len(files) - SHOWN_FILES:,} more" if len(files) > SHOWN_FILES else "")
+
+
+def folder_line(source, train_split: str = "train", test_split: str = "test", eval_split_size: float = 0.0):
+    """For a folder source, one line: the files read (and the split each goes to), and those left out and why.
+    None for any other source. Only the folder is listed: no file is opened."""
+    if not isinstance(source, (str, Path)) or not Path(source).is_dir():
+        return None
+    folder = Path(source)
+    files, others = folder_files(folder)
+    by_split: dict[str, list[Path]] = {}
+    for file in files:
+        by_split.setdefault(split_of(file.relative_to(folder)), []).append(file)
+    evaluated = test_split if eval_split_size == 0 else None  # the dataset's own eval split, as stream_splits takes it
+    read = [(split, by_split[split]) for split in (train_split, evaluated) if split in by_split]
+    unread = [(split, files) for split, files in by_split.items() if split not in (train_split, evaluated)]
+    held_out = f", {eval_split_size:.0%} held out for eval" if eval_split_size else ""
+    line = f"data: read {sum(len(files) for _, files in read)} files from {folder}: " + "; ".join(
+        f"{names(folder, files)} ({'eval' if split == evaluated else 'train' + held_out})" for split, files in read
+    )
+    left_out = [
+        f"{names(folder, files)} (the {split!r} split; --dataset_test_split {split} reads it)"
+        for split, files in unread
+    ]
+    left_out += [f"{names(folder, others)} (not {FILE_TYPES})"] if others else []
+    return line + (f"; left out: {'; '.join(left_out)}" if left_out else "")
 
 
 # ----------------------------------------------------------------------------- sources and splits
@@ -464,10 +552,11 @@ class FilePart:
     path: Path
 
     def rows(self) -> Iterator[tuple[str, dict | None]]:
-        return READERS[self.path.suffix.lower()](self.path)
+        return reader_of(self.path)(self.path)
 
     def count(self) -> int:
-        if self.path.suffix.lower() == ".jsonl":  # one row per non-blank line: counted without parsing JSON
+        # JSON lines: one row per non-blank line, counted without parsing JSON
+        if data_suffix(self.path) in (".jsonl", ".jsonl.gz"):
             return sum(1 for line in text_lines(self.path) if line.strip())
         return sum(row is not None for _, row in self.rows())
 

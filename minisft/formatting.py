@@ -25,6 +25,11 @@ A conversation's `tools` and `chat_template_kwargs` go to the template with its 
 TRL passes them. A template renders only what it mentions, so tool calls given to a template
 that never reads `tool_calls` would vanish from the training text without a word: that is
 refused, naming the example.
+
+A chat template is a program the user supplies, and it can fail: a template that is not Jinja
+is refused once, by name, when it is set up (check_template); one that fails on a conversation
+({{ 1 + 'a' }}, messages[99], a range past Jinja's sandbox limit) is refused naming the row.
+FormattingError carries only its message, so it pickles, and crosses from a preparation worker.
 """
 
 from __future__ import annotations
@@ -45,6 +50,12 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+# What a chat template's own mistakes raise as it renders: Jinja's errors, and the Python errors of the expressions it
+# evaluates ({{ 1 + 'a' }}: TypeError; {{ 1 / 0 }}: ZeroDivisionError; range(10**9) in Jinja's sandbox: OverflowError;
+# a template that calls itself: RecursionError). A template is the user's program: any of them is the user's to fix.
+TEMPLATE_ERRORS = (TemplateError, TypeError, ValueError, ArithmeticError, LookupError, AttributeError, RecursionError)
 
 
 class FormattingError(UserError, ValueError):
@@ -78,8 +89,7 @@ def setup_chat_template(tokenizer, chat_template_path: str | None = None, trust_
     """
     if chat_template_path is not None:
         if os.path.isfile(chat_template_path):
-            with open(chat_template_path, encoding="utf-8") as template_file:
-                tokenizer.chat_template = template_file.read()
+            tokenizer.chat_template = read_template_file(chat_template_path)
         else:
             from transformers import AutoTokenizer
 
@@ -95,8 +105,10 @@ def setup_chat_template(tokenizer, chat_template_path: str | None = None, trust_
                     f"The tokenizer at --chat_template_path {chat_template_path!r} has no chat template."
                 )
             tokenizer.chat_template = donor.chat_template
+        check_template(tokenizer.chat_template, f"--chat_template_path {chat_template_path}")
         return []
     if tokenizer.chat_template:
+        check_template(tokenizer.chat_template, "the tokenizer's chat template")
         return []
     missing = [token for token in ("<|im_start|>", "<|im_end|>") if token not in tokenizer.get_vocab()]
     if missing:
@@ -107,6 +119,30 @@ def setup_chat_template(tokenizer, chat_template_path: str | None = None, trust_
     if tokenizer.pad_token is None:
         tokenizer.pad_token = "<|im_end|>"
     return missing
+
+
+def read_template_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as template_file:
+            return template_file.read()
+    except UnicodeDecodeError as error:
+        raise FormattingError(
+            f"--chat_template_path {path}: not a text file in UTF-8 (byte {error.start} is "
+            f"0x{error.object[error.start]:02x}); it takes a Jinja chat template (.jinja), or a tokenizer folder"
+        ) from None
+
+
+def check_template(template, where: str) -> None:
+    """A template that is not valid Jinja is refused once, by name, rather than once per example."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    if not isinstance(template, str):  # a dict of named templates: each is compiled when it is used
+        return
+    try:
+        _compile_jinja_template(template)  # apply_chat_template's own compiler, which caches what it compiles
+    except TemplateError as error:
+        line = f" line {error.lineno}" if getattr(error, "lineno", None) else ""
+        raise FormattingError(f"{where}{line}: not a valid Jinja template ({error.message or error})") from None
 
 
 def resolve_eos_token(tokenizer, eos_token: str | None) -> str | None:
@@ -244,9 +280,8 @@ def _apply_template(tokenizer, example: dict, messages: list[dict], **options):
         return tokenizer.apply_chat_template(
             messages, tools=tools, **example.get("chat_template_kwargs", {}), **options
         )
-    # A template's own mistakes (a missing key, text + null) surface as TypeError as well as TemplateError.
-    except (TemplateError, TypeError) as error:
-        raise FormattingError(f"{_origin(example)}: the chat template rejected this conversation: {error}") from error
+    except TEMPLATE_ERRORS as error:
+        raise FormattingError(f"{_origin(example)}: the chat template rejected this conversation: {error}") from None
 
 
 def _with_eos(text: str, eos_token: str | None, example: dict) -> str:

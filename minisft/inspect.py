@@ -27,6 +27,7 @@ from rich.text import Text
 
 from .cli import demo_dataset_path, parse_flags, run, stderr_console
 from .config import DataConfig, ModelConfig, PackingConfig, TrainingConfig
+from .data import folder_line
 from .masking import IGNORE_INDEX
 from .models import load_tokenizer
 from .packing import PackedDataset, pack, positions_of, setup_pad_token
@@ -57,6 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     tokenizer = load_tokenizer(model_config.model_name_or_path, trust_remote_code=model_config.trust_remote_code)
     source = data_config.dataset_name or demo_dataset_path()
+    files = folder_line(
+        source, data_config.dataset_train_split, data_config.dataset_test_split, data_config.eval_split_size
+    )
+    if files:
+        stderr_console.print(files, markup=False, highlight=False, soft_wrap=True)
     splits = load_and_prepare(source, tokenizer, data_config, packing_config, inspect_config.seed)
     stderr_console.print(splits.cache_note, highlight=False, soft_wrap=True)
     pad_note = setup_pad_token(tokenizer, data_config.pad_token)  # as training pads: checked, and said

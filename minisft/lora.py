@@ -11,6 +11,8 @@ and learns its change as the product of two thin matrices, A (r × d_in) and B (
 With r = 8 on a 576 × 576 projection that is 9,216 trained numbers instead of 331,776. A
 starts Kaiming-uniform and B at zero, as in peft, so at step 0 the adapted model *is* the base
 model. After training, W + B A · scale can be merged into one matrix: no cost at inference.
+B A can be any update of rank up to min(d_out, d_in): a larger r adds trained numbers and nothing
+else, and soon more of them than the layer has (rank_note says so before the adapters are made).
 
 DoRA (--use_dora, weight-decomposed LoRA) splits each row of the adapted weight into a direction and
 a length, and trains the length m (one number per output row) apart from the direction:
@@ -40,6 +42,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -252,17 +255,46 @@ def find_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
     return found
 
 
+def resolve_targets(model: nn.Module, settings: LoraSettings) -> tuple[list[str], str]:
+    """The Linear layers LoRA adapts, and why these: the flag, peft's default for the model type, or the fallback."""
+    if settings.target_modules is None:
+        targets, source = default_targets(model)
+    else:
+        targets, source = settings.target_modules, "--lora_target_modules"
+    return find_targets(model, targets), source
+
+
+def rank_note(model: nn.Module, settings: LoraSettings) -> str | None:
+    """A note when r exceeds a targeted layer's rank, min(d_in, d_out): there B A can already be any update of the
+    layer, so more rank adds parameters and nothing else, up to more than training the layer itself would."""
+    layers = [model.get_submodule(name) for name in resolve_targets(model, settings)[0]]
+    over = [layer for layer in layers if settings.r > min(layer.in_features, layer.out_features)]
+    if not over:
+        return None
+    adapters = sum(settings.r * (layer.in_features + layer.out_features) for layer in layers)
+    full = sum(layer.in_features * layer.out_features for layer in layers)
+    size = sum(parameter.numel() for parameter in model.parameters())
+    ranks = ", ".join(str(rank) for rank in sorted({min(layer.in_features, layer.out_features) for layer in over}))
+    every = len(over) == len(layers)
+    which = "every targeted layer's rank" if every else f"the rank of {len(over)} of {len(layers)} targeted layers"
+    return (
+        f"note: --lora_r {settings.r} exceeds {which} ({ranks}): the adapters hold {adapters:,} parameters, "
+        f"{adapters / (size + adapters):.2%} of the model with them; "
+        + (
+            f"full fine-tuning of the targeted layers would train fewer ({full:,})"
+            if adapters > full
+            else "above a layer's rank, more rank adds parameters but no expressiveness"
+        )
+    )
+
+
 def inject_lora(model: nn.Module, settings: LoraSettings) -> LoraReport:
     """Freeze the model, wrap the target Linears in LoraLinear, and make modules_to_save trainable copies."""
     if settings.r <= 0:
         raise LoraError(f"--lora_r must be a positive rank, got {settings.r}.")
     if settings.alpha <= 0:
         raise LoraError(f"--lora_alpha must be positive, got {settings.alpha}.")
-    if settings.target_modules is None:
-        targets, source = default_targets(model)
-    else:
-        targets, source = settings.target_modules, "--lora_target_modules"
-    targeted = find_targets(model, targets)
+    targeted, source = resolve_targets(model, settings)
     model.requires_grad_(False)
     for name in targeted:
         parent, child = _parent(model, name)
@@ -363,9 +395,17 @@ def read_adapter_settings(directory: str | Path) -> LoraSettings:
     path = Path(directory) / ADAPTER_CONFIG
     if not path.is_file():
         raise LoraError(f"{directory}: no {ADAPTER_CONFIG}; a peft LoRA adapter folder holds it and {ADAPTER_WEIGHTS}.")
-    config = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LoraError(f"{path}: not a JSON file ({error}).") from None
+    if not isinstance(config, dict):
+        raise LoraError(f"{path}: expected a JSON object of peft settings, got {type(config).__name__}.")
     if config.get("peft_type") != "LORA":
         raise LoraError(f"{path}: peft_type is {config.get('peft_type')!r}; minisft reads LoRA adapters only.")
+    missing = [key for key in ("r", "lora_alpha", "target_modules") if key not in config]
+    if missing:
+        raise LoraError(f"{path}: no {', '.join(missing)}; a peft LoRA adapter's config names them.")
     unsupported = {
         key: config[key]
         for key in ("rank_pattern", "alpha_pattern", "fan_in_fan_out", "layers_to_transform")
@@ -393,7 +433,10 @@ def load_adapter(model: nn.Module, directory: str | Path) -> LoraSettings:
     weights_path = Path(directory) / ADAPTER_WEIGHTS
     if not weights_path.is_file():
         raise LoraError(f"{directory}: no {ADAPTER_WEIGHTS}.")
-    saved = load_file(weights_path)
+    try:
+        saved = load_file(weights_path)
+    except (SafetensorError, OSError) as error:
+        raise LoraError(f"{weights_path}: not a safetensors file, or a damaged one ({error}).") from None
     expected = adapter_state_dict(model, settings)
     missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
     if missing or unexpected:

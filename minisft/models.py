@@ -12,6 +12,10 @@ dequantized back to float32 here: close to the original bf16 weights, not equal 
 Dequantizing a GGUF takes ~40 s, so it is done once and cached as an ordinary HF folder
 (safetensors + tokenizer + chat template); later loads take about a second.
 
+A local folder's .safetensors files are checked before the model loads (check_safetensors):
+their headers only, so that a file that is not one (a renamed pickle, a download cut short) is
+named, and nothing is ever unpickled.
+
 `tiny_model` builds a small, randomly initialised Llama with the real SmolLM2 vocabulary,
 so that tests exercise real tokenization without paying for 135M parameters.
 """
@@ -125,8 +129,13 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     source = resolve_model_source(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, KeyError) as error:
         raise ModelSourceError(_not_loadable(name_or_path, "tokenizer", error)) from error
+    except Exception as error:
+        # The tokenizers library (Rust) reports a tokenizer.json it cannot read ("Model missing") as a bare Exception.
+        if type(error) is not Exception:
+            raise
+        raise ModelSourceError(_not_loadable(name_or_path, "tokenizer", f"tokenizer.json: {error}")) from error
 
 
 def load_model(
@@ -140,6 +149,7 @@ def load_model(
     """The model, on `device`. With a quantization_config (QLoRA's, lora.four_bit_quantization) each weight
     is quantized as it is read, straight onto the device: the full-precision model is never built."""
     source = resolve_model_source(name_or_path)
+    check_safetensors(Path(source))
     # device_map places each weight as it is read; transformers needs it (and accelerate) to quantize on the way.
     quantized = {"quantization_config": quantization_config, "device_map": {"": str(device)}}
     try:
@@ -155,7 +165,24 @@ def load_model(
     return model.to(device)
 
 
-def _not_loadable(name_or_path: str, what: str, error: Exception) -> str:
+def check_safetensors(folder: Path) -> None:
+    """Every .safetensors file of a local model folder must be one: its header is read (no weights), never unpickled.
+
+    transformers' own message for a damaged file ("header too large") does not say which file it read."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ModelSourceError(
+                f"{path}: not a safetensors file, or a damaged one ({error}); save the weights again with "
+                "save_pretrained"
+            ) from None
+
+
+def _not_loadable(name_or_path: str, what: str, error: Exception | str) -> str:
     """One line: what --model_name_or_path was taken to be, and why that did not load."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 

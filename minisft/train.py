@@ -15,6 +15,7 @@ the run itself is minisft/loop.py, callable from Python as `minisft.loop.train(R
 
 from __future__ import annotations
 
+import shlex
 import sys
 
 import transformers
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     if ask and not result.interrupted:
         after = answers(str(result.output_dir), config.model.trust_remote_code, prompts, console)
         Console().print(before_after_table(prompts, before, after))
-        console.print(f"Chat with it: python -m minisft.chat --model_name_or_path {result.output_dir}")
+        command = f"python -m minisft.chat --model_name_or_path {shlex.quote(str(result.output_dir))}"
+        console.print(f"Chat with it: {command}", markup=False, highlight=False, soft_wrap=True)  # pasted as it is
     if result.interrupted:  # stopped by a signal, after its checkpoint: "try again later" (minisft/stopping.py)
         sys.exit(STOPPED_EXIT_CODE)
 
