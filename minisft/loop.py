@@ -25,7 +25,6 @@ import functools
 import math
 import random
 import resource
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -41,7 +40,9 @@ from .attention import packed_inputs, use_sdpa_by_example
 from .checkpoint import (
     WRITE_ERRORS,
     CheckpointError,
+    base_identity,
     batch_for_processes,
+    check_base_model,
     check_resume,
     data_fingerprint,
     load_checkpoint,
@@ -54,6 +55,7 @@ from .checkpoint import (
 )
 from .cli import demo_dataset_path
 from .config import ConfigError, DataConfig, LoraConfig, ModelConfig, PackingConfig, TrainingConfig
+from .data import folder_line
 from .distributed import DataParallel, Processes, barrier, data_parallel, device_of, start, total_norm, whole_weights
 from .errors import UserError
 from .extras import check_run_packages
@@ -65,13 +67,23 @@ from .lora import (
     inject_lora,
     load_adapter,
     merged_model,
+    rank_note,
     read_adapter_settings,
     save_adapter,
 )
 from .loss import TokenLosses, count_trained_tokens_of, token_losses
-from .models import fit_embeddings_to_tokenizer, load_model, load_tokenizer
+from .models import EMBEDDED_MODEL_NAME, cache_root, fit_embeddings_to_tokenizer, load_model, load_tokenizer
 from .neftune import add_neftune_noise
 from .optim import build_optimizer, build_schedule, warmup_steps
+from .outputs import (
+    OutputLock,
+    contents,
+    make_folder,
+    record_outputs,
+    refuse_unsafe_folder,
+    start_writing,
+    take_lock,
+)
 from .packing import collate_padded, collate_rows, pack, padding_free_row, setup_pad_token
 from .prepare import PreparedDataset, cut_lengths, load_and_prepare
 from .reporting import MetricsLog
@@ -106,8 +118,16 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
     processes = start()  # one process, or this process's place among torchrun's
     console = (console or Console(stderr=True)) if processes.is_main else Console(quiet=True)  # rank 0 speaks
     check_flags(config, processes)
+    output_dir, resume_from, lock = open_output_dir(config, processes, console)
+    with lock:  # one run per output folder, until this one ends however it ends (minisft/outputs.py)
+        return train_into(output_dir, resume_from, config, processes, console)
+
+
+def train_into(
+    output_dir: Path, resume_from: Path | None, config: RunConfig, processes: Processes, console
+) -> TrainResult:
+    """train(), once its output folder is checked and locked."""
     args = config.training
-    output_dir, resume_from = open_output_dir(args, processes)
     resumed, args = resume_state(resume_from, args, processes.world_size, console)
     config = dataclasses.replace(config, training=args)  # the per-process batch a resume may have re-derived
     random.seed(args.seed)
@@ -122,7 +142,8 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
 
     # 2. Model: load, grow the embeddings if the tokenizer grew, LoRA, memory savers; wrapped under torchrun.
     device = device_of(processes)
-    model, lora_settings = prepare_model(config, tokenizer, device, console)
+    model, lora_settings, base_model = prepare_model(config, tokenizer, device, console)
+    check_base_model(resume_from, resumed, base_model)  # not --ignore_data_order_mismatch's: it is about data
     parallel = data_parallel(model, processes, args.fsdp)
     autocast = mixed_precision(args.bf16, args.fp16, device, config.model.resolved_dtype())
     scaler = gradient_scaler(args.fp16, device)
@@ -149,9 +170,15 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
         model, optimizer, schedule, scaler, autocast, parallel, collate_fn, train_units, eval_units,
         steps_per_epoch, total_steps, output_dir, lora_settings, config.model.model_name_or_path, args.seed,
         order, completed=resumed["step"], saved=resume_from if in_output_dir else None,
-        interval=Interval(resumed.get("num_tokens", 0)),
+        interval=Interval(resumed.get("num_tokens", 0)), base_model=base_model,
     )  # fmt: skip
+    # Every input is open and checked: only now may --overwrite_output_dir remove the previous run's files.
+    prepare_output_dir(output_dir, args.overwrite_output_dir, resume_from is not None, processes, console)
     metrics_log = open_metrics_log(config, output_dir, run.completed) if processes.is_main else None
+    if metrics_log is not None and metrics_log.note:  # the torn last line a killed run left, dropped
+        console.print(f"note: {metrics_log.note}", markup=False, highlight=False)
+    if processes.is_main:
+        record_outputs(output_dir)  # metrics.jsonl and the trackers' folders
     with stop_requests(one_process=not processes.distributed, speak=processes.is_main) as stop:
         last_metrics, stopped = run_steps(run, args, stop, metrics_log, console)
         if stopped:  # still inside stop_requests: a second SIGTERM cannot cut the checkpoint short
@@ -189,6 +216,7 @@ class Run:
     completed: int = 0  # steps done
     saved: Path | None = None  # the checkpoint of step `completed`, if there is one
     interval: Interval = field(default_factory=lambda: Interval())  # the figures since the last log line (below)
+    base_model: dict = field(default_factory=dict)  # what it trains from (checkpoint.base_identity)
 
 
 def run_steps(run: Run, args: TrainingConfig, stop, metrics_log, console: Console) -> tuple[dict, bool]:
@@ -346,6 +374,7 @@ def save(run: Run, args: TrainingConfig) -> Path:
         "world_size": processes.world_size,
         "num_tokens": run.interval.total_tokens + run.interval.tokens,  # the trained tokens of all steps so far
         "data_order": run.data_order(),
+        "base_model": run.base_model,
     }
     path = save_checkpoint(
         run.output_dir, run.completed, run.model, run.optimizer, run.schedule, state, run.lora_settings,
@@ -353,6 +382,7 @@ def save(run: Run, args: TrainingConfig) -> Path:
     )  # fmt: skip
     if processes.is_main:
         prune(run.output_dir, args.save_total_limit, current=path)
+        record_outputs(run.output_dir)  # the new checkpoint is this run's; the pruned ones are gone
     return path
 
 
@@ -405,29 +435,53 @@ def check_flags(config: RunConfig, processes: Processes) -> None:
     check_run_packages(config.model.attn_implementation, args.report_to, args.optim, config.lora.load_in_4bit)
 
 
-def open_output_dir(args: TrainingConfig, processes: Processes) -> tuple[Path, Path | None]:
-    """The run's folder, checked (and cleared with --overwrite_output_dir), and the checkpoint to resume from."""
+def open_output_dir(config: RunConfig, processes: Processes, console) -> tuple[Path, Path | None, OutputLock]:
+    """The run's folder, checked, made and locked (rank 0), the checkpoint to resume from, and the lock to hold.
+
+    Nothing is removed here: --overwrite_output_dir clears the previous run only once every input is open
+    (prepare_output_dir)."""
+    args = config.training
     output_dir = Path(args.output_dir or time.strftime("outputs/run-%Y%m%d-%H%M%S"))
+    model = config.model.model_name_or_path
+    # The embedded model's folder is its cache (models.embedded_model_dir), named here without converting anything.
+    model_folder = cache_root() / EMBEDDED_MODEL_NAME if model.lower() == EMBEDDED_MODEL_NAME else model
+    refuse_unsafe_folder(output_dir, config.data.dataset_name or demo_dataset_path(), model_folder)
     resume_from = resolve_resume(output_dir, args.resume_from_checkpoint)
     check_output_dir(output_dir, args.overwrite_output_dir, resuming=resume_from is not None)
-    barrier(processes)  # every process has checked the folder before rank 0 clears it
+    barrier(processes)  # every process has checked the folder before rank 0 makes it
+    lock = OutputLock(output_dir, None)  # under torchrun only rank 0 writes, and holds the lock
     if processes.is_main:
-        prepare_output_dir(output_dir, args.overwrite_output_dir, resuming=resume_from is not None)
+        make_folder(output_dir)
+        lock = take_lock(output_dir)  # the last check: nothing after it can fail and leave it held
+        if lock.note:
+            console.print(lock.note, highlight=False, soft_wrap=True)
+        if resume_from is not None:
+            remove_leftovers(output_dir)  # what runs killed while saving left: minisft's own temporary folders
     barrier(processes)
-    return output_dir, resume_from
+    return output_dir, resume_from, lock
 
 
 def prepare_data(config: RunConfig, tokenizer, processes: Processes, console) -> tuple[Sequence, Sequence | None]:
-    """The train and eval units (packed rows, or examples), each split's counts said in one line."""
-    args = config.training
+    """The train and eval units (packed rows, or examples), each split's counts said in one line. A split left
+    with no example (every one dropped) is refused here, before the model loads, if it is to be used."""
+    args, data = config.training, config.data
+    max_length, multiple = data.max_length, config.packing.pad_to_multiple_of
+    # Padding past the longest an example can be only adds pad tokens; without --max_length, 65,536 is the bound.
+    if multiple is not None and multiple > (max_length or 2**16):
+        bound = f"--max_length ({max_length})" if max_length else "65,536 without --max_length"
+        raise ConfigError(f"--pad_to_multiple_of must be from 1 to {bound}, got {multiple}.")
+    source = data.dataset_name or demo_dataset_path()
+    files = folder_line(source, data.dataset_train_split, data.dataset_test_split, data.eval_split_size)
+    if files:
+        console.print(files, markup=False, highlight=False, soft_wrap=True)  # file names are not rich markup
     # Under torchrun rank 0 prepares first and the others then find its preparation in the cache.
     if not processes.is_main:
         barrier(processes)
-    source = config.data.dataset_name or demo_dataset_path()
     splits = load_and_prepare(source, tokenizer, config.data, config.packing, args.seed)
     if processes.is_main:
         barrier(processes)
-    if (args.eval_strategy != "no" or args.eval_on_start) and splits.eval is None:
+    evaluates = args.eval_strategy != "no" or args.eval_on_start
+    if evaluates and splits.eval is None:
         asked = f"--eval_strategy {args.eval_strategy}" if args.eval_strategy != "no" else "--eval_on_start"
         raise ConfigError(
             f"{asked}: there is no eval split to evaluate on. Hold one out with "
@@ -437,9 +491,10 @@ def prepare_data(config: RunConfig, tokenizer, processes: Processes, console) ->
     pad_note = setup_pad_token(tokenizer, config.data.pad_token)  # before any batch: the tokenizer may have none
     if pad_note:
         console.print(pad_note)
-    max_length = config.data.max_length
-    train_units = units_for(splits.train, "train", max_length, config.packing, console)
-    eval_units = units_for(splits.eval, "eval", max_length, config.packing, console) if splits.eval else None
+    train_units = units_for(splits.train, "train", max_length, config.packing, console, used=True)
+    eval_units = None
+    if splits.eval is not None:
+        eval_units = units_for(splits.eval, "eval", max_length, config.packing, console, used=evaluates)
     if splits.train.stats.completion_mask_unused:  # TRL's default for pre-tokenized rows: every token trained
         console.print("data: the rows' completion_mask is not applied; --completion_only_loss applies it")
     return train_units, eval_units
@@ -471,7 +526,7 @@ def check_data_order(resume_from: Path | None, state: dict, order, ignore_mismat
 
 
 def prepare_model(config: RunConfig, tokenizer, device: torch.device, console: Console):
-    """The model to train and its LoRA settings (None: full fine-tuning)."""
+    """The model to train, its LoRA settings (None: full fine-tuning), and the identity of its base."""
     lora, dtype = config.lora, DTYPES[config.model.resolved_dtype()]
     quantization = (
         four_bit_quantization(
@@ -488,6 +543,7 @@ def prepare_model(config: RunConfig, tokenizer, device: torch.device, console: C
         quantization_config=quantization,
         device=device,
     )
+    base_model = base_identity(model, config.model.model_name_or_path)  # as loaded: before LoRA or resizing
     if quantization:
         console.print(f"QLoRA: the base's Linear layers quantized to 4-bit {lora.bnb_4bit_quant_type} as it loaded")
     fit_embeddings_to_tokenizer(model, tokenizer)
@@ -502,7 +558,7 @@ def prepare_model(config: RunConfig, tokenizer, device: torch.device, console: C
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.training.neftune_noise_alpha is not None:
         add_neftune_noise(model, config.training.neftune_noise_alpha)
-    return model, lora_settings
+    return model, lora_settings, base_model
 
 
 def count_steps(unit_count: int, args: TrainingConfig, world_size: int) -> tuple[int, int]:
@@ -537,19 +593,21 @@ def run_line(config: RunConfig, output_dir, processes, total_steps, warmup, mode
 
 
 def check_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> None:
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not (overwrite or resuming):
+    if contents(output_dir) and not (overwrite or resuming):
         raise ConfigError(
-            f"--output_dir {output_dir} is not empty. Pass --overwrite_output_dir to train into it anyway, "
-            "or --resume_from_checkpoint true to continue the run in it."
+            f"--output_dir {output_dir} is not empty. Pass --overwrite_output_dir to train into it anyway (it "
+            "removes only what the previous minisft run there wrote), or --resume_from_checkpoint true to continue it."
         )
 
 
-def prepare_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> None:
-    if overwrite and not resuming and output_dir.is_dir():
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if resuming:
-        remove_leftovers(output_dir)  # what runs killed while saving left: minisft's own temporary folders
+def prepare_output_dir(output_dir: Path, overwrite: bool, resuming: bool, processes: Processes, console) -> None:
+    """Just before the run's first write: with --overwrite_output_dir, rank 0 removes the previous run's files
+    (only those its record lists and minisft writes, minisft/outputs.py) and starts this run's record."""
+    if processes.is_main:
+        note = start_writing(output_dir, overwrite and not resuming)
+        if note:
+            console.print(note, highlight=False, soft_wrap=True)
+    barrier(processes)  # nothing is written into the folder until it is cleared
 
 
 def data_order(config: RunConfig, train_units: Sequence[dict], world_size: int) -> dict:
@@ -573,14 +631,25 @@ def data_order(config: RunConfig, train_units: Sequence[dict], world_size: int) 
 
 
 def units_for(
-    prepared: PreparedDataset, split: str, max_length: int | None, packing: PackingConfig, console
+    prepared: PreparedDataset, split: str, max_length: int | None, packing: PackingConfig, console, used: bool
 ) -> Sequence[dict]:
     """What a batch of `split` is made of, packed rows or the examples themselves, and the split's one line of
     counts: what it holds, what was cut to fit max_length (or split over rows instead), what was dropped.
+    A split the run uses that has no example left is refused, with why they were dropped.
 
     Preparation made every cut, as prepare.cut_lengths decided; a packer of bfd_split or wrapped splits instead.
     """
     stats, cut_to = prepared.stats, cut_lengths(max_length, packing)[split]
+    reasons = ", ".join(f"{count:,} {reason}" for reason, count in stats.drop_reasons.items())
+    if used and not stats.examples:
+        if stats.drop_reasons.get("every trained token was past max_length"):
+            remedy = f"raise --max_length ({max_length}), or shorten the prompts"
+        else:  # nothing to train on before any cut: the masks leave no token (python -m minisft.inspect shows them)
+            remedy = "check the loss masking flags against the data with python -m minisft.inspect"
+        raise ConfigError(
+            f"data ({split}): every example was dropped ({reasons}), so there is nothing to "
+            f"{'train on' if split == 'train' else 'evaluate'}: {remedy}."
+        )
     packed = pack(prepared.examples, max_length, packing.packing_strategy) if packing.packs(split) else None
     if cut_to is not None:
         fitted = f"{stats.truncated:,} truncated to {cut_to} tokens ({stats.truncated_tokens:,} tokens cut)"
@@ -588,7 +657,6 @@ def units_for(
         fitted = f"{packed.stats.split_examples:,} split over rows (nothing cut)"
     else:
         fitted = "nothing cut (no --max_length)"
-    reasons = ", ".join(f"{count:,} {reason}" for reason, count in stats.drop_reasons.items())
     line = (
         f"data ({split}): {stats.examples:,} examples, {stats.trained_tokens:,} trained tokens; {fitted}, "
         f"{stats.dropped:,} dropped" + (f" ({reasons})" if reasons else "")
@@ -613,6 +681,9 @@ def attach_lora(model, lora: LoraConfig, console: Console):
         console.print(f"continuing the adapter {lora.lora_adapter}")
     else:
         settings = lora.settings()
+        note = rank_note(model, settings)  # said before the adapters are made: too large a rank may not fit in memory
+        if note:
+            console.print(note, highlight=False, soft_wrap=True)
         console.print(str(inject_lora(model, settings)))
     return settings
 
@@ -723,6 +794,8 @@ def write_outputs(run: Run, tokenizer, model_config: ModelConfig, lora: LoraConf
         except WRITE_ERRORS as error:
             failure = write_failure(f"the trained model to {run.output_dir}", error, run.output_dir)
             raise CheckpointError(failure) from None
+        finally:
+            record_outputs(run.output_dir)  # also what a failed write left: --overwrite_output_dir may clear it
     barrier(processes)
     return merged_dir
 
