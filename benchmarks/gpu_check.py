@@ -69,8 +69,8 @@ def attention(implementation: str, model_dir: str, device: str, work: Path) -> d
 
     from minisft.attention import packed_inputs, use_sdpa_by_example
     from minisft.cli import demo_dataset_path
-    from minisft.config import DataConfig, LoraConfig, ModelConfig, PackingConfig, TrainingConfig
-    from minisft.loop import RunConfig, train
+    from minisft.config import DataConfig, LoraConfig, ModelConfig, PackingConfig, RunConfig, TrainingConfig
+    from minisft.loop import train
     from minisft.models import load_model, load_tokenizer
     from minisft.packing import collate_rows, make_row
 

@@ -44,7 +44,6 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -115,8 +114,7 @@ def worker(variant: str, args) -> dict:
 
     from minisft.attention import use_sdpa_by_example
     from minisft.config import DataConfig
-    from minisft.distributed import Processes, data_parallel
-    from minisft.loop import collate, gradient_scaler, peak_memory_mb, train_step
+    from minisft.loop import collate, peak_memory_mb, train_step
     from minisft.loss import ChunkedLinearCrossEntropy, count_trained_tokens_of
     from minisft.models import load_model, load_tokenizer, tiny_model
     from minisft.optim import build_optimizer, build_schedule
@@ -138,7 +136,6 @@ def worker(variant: str, args) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if variant in ("loss_in_place", "combined"):
         ChunkedLinearCrossEntropy.backward = staticmethod(in_place_backward)
-    parallel = data_parallel(model, Processes(), fsdp=False)
     optimizer = build_optimizer(model, "adamw_torch", 1e-3, 0.0)
 
     conversations = synthetic_conversations(args.examples, args.seed)
@@ -174,17 +171,14 @@ def worker(variant: str, args) -> dict:
     layers[-1].register_forward_hook(last_layer_ran)
     optimizer.register_step_pre_hook(lambda *unused: sampler.enter(f"step {step + 1} optimizer"))
     schedule = build_schedule(optimizer, "constant", 0, args.steps)
-    scaler = gradient_scaler(False, torch.device("cpu"))
 
     for step in range(args.steps):
         units = [rows[index] for index in order[step * args.rows_per_step : (step + 1) * args.rows_per_step]]
         step_tokens = count_trained_tokens_of(units)
         start = time.perf_counter()
         with saved.hooks():
-            train_step(
-                model, [([row], 1) for row in units], step_tokens, functools.partial(collate_and_mark, step=step),
-                optimizer, schedule, scaler, nullcontext, 1.0, parallel,
-            )  # fmt: skip
+            step_collate = functools.partial(collate_and_mark, step=step)
+            train_step(model, [[row] for row in units], step_tokens, step_collate, optimizer, schedule, 1.0)
         timings.append({"seconds": time.perf_counter() - start, "trained_tokens": step_tokens})
     sampler.enter("end")
     sampler.running = False

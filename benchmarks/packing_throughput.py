@@ -181,7 +181,6 @@ def run_minisft(mode: str, args, work: Path) -> dict:
     """minisft's own training step (minisft.loop.train_step, the function the loop calls), over this mode's units."""
     from minisft.attention import use_sdpa_by_example
     from minisft.config import DataConfig
-    from minisft.distributed import Processes, data_parallel
     from minisft.loop import collate, mixed_precision, train_step
     from minisft.loss import count_trained_tokens_of
     from minisft.models import load_model, load_tokenizer
@@ -202,13 +201,11 @@ def run_minisft(mode: str, args, work: Path) -> dict:
     preparation_seconds = time.perf_counter() - start
 
     autocast = mixed_precision(args.device == "cuda", False, device, "float32")
-    parallel = data_parallel(model, Processes(), fsdp=False)  # one process: the model's own backbone
     optimizer = build_optimizer(model, "adamw_torch", args.learning_rate, 0.0)
     schedule = build_schedule(optimizer, "constant", 0, args.steps)
     per_step, micro_batch = units_per_step(mode, len(units), args)
     order = torch.randperm(len(units), generator=torch.Generator().manual_seed(args.seed)).tolist()
 
-    scaler = torch.amp.GradScaler(device.type, enabled=False)  # fp32 or bf16: no loss scaling, as the loop
     figures: list[tuple[int, int, int]] = []
 
     def collate_and_count(group: list[dict]) -> dict:  # the step collates; the figures are counted on the way
@@ -227,10 +224,8 @@ def run_minisft(mode: str, args, work: Path) -> dict:
         ]
         figures.clear()
         step_tokens = sum(count_trained_tokens_of(group) for group in groups)
-        micro_batches = [(group, 1.0) for group in groups]
-        train_step(
-            model, micro_batches, step_tokens, collate_and_count, optimizer, schedule, scaler, autocast, 1.0, parallel
-        )
+        # One process, fp32 or bf16 autocast: no data parallelism, no loss scaling, as the loop then runs.
+        train_step(model, groups, step_tokens, collate_and_count, optimizer, schedule, 1.0, autocast=autocast)
         if device.type == "cuda":
             torch.cuda.synchronize()
         now = time.perf_counter()
@@ -264,21 +259,19 @@ def step_totals(figures: list[tuple[int, int, int]]) -> dict:
 def held_out_loss(model, tokenizer, work: Path, args) -> float:
     """Σ token losses / trained tokens on the held-out conversations: the same code whichever mode trained."""
     from minisft.config import DataConfig
-    from minisft.distributed import Processes, data_parallel
     from minisft.loop import model_losses
     from minisft.packing import collate_padded
     from minisft.prepare import prepare_dataset
 
     examples = prepare_dataset(read_jsonl(work / "held_out.jsonl"), tokenizer, DataConfig(max_length=args.max_length))
     model.eval()
-    parallel = data_parallel(model, Processes(), fsdp=False)
     loss_sum, tokens = 0.0, 0
     with torch.no_grad():
         for example in examples.examples:
             batch = collate_padded([example], tokenizer.pad_token_id)
             inputs = {key: batch[key].to(args.device) for key in ("input_ids", "attention_mask")}
             with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
-                losses = model_losses(model, {"inputs": inputs, "labels": batch["labels"].to(args.device)}, parallel)
+                losses = model_losses(model, {"inputs": inputs, "labels": batch["labels"].to(args.device)})
             loss_sum += float(losses.loss_sum)
             tokens += losses.tokens
     return loss_sum / max(tokens, 1)

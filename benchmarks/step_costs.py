@@ -37,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -47,12 +46,11 @@ from packing_throughput import TINY_SHAPE, synthetic_conversations, write_jsonl 
 
 
 def step_parts(model) -> tuple:
-    """What train_step takes beside the batches: fused AdamW (lr 1e-5, no decay), a constant schedule, no scaler."""
-    from minisft.loop import gradient_scaler
+    """What train_step takes beside the batches: fused AdamW (lr 1e-5, no decay) and a constant schedule."""
     from minisft.optim import build_optimizer, build_schedule
 
     optimizer = build_optimizer(model, "adamw_torch_fused", 1e-5, 0.0)
-    return optimizer, build_schedule(optimizer, "constant", 0, 1000), gradient_scaler(False, torch.device("cpu"))
+    return optimizer, build_schedule(optimizer, "constant", 0, 1000)
 
 
 def eval_costs(repeats: int, model_name: str) -> dict:
@@ -61,7 +59,6 @@ def eval_costs(repeats: int, model_name: str) -> dict:
     from minisft import loss as loss_module
     from minisft.attention import use_sdpa_by_example
     from minisft.config import DataConfig
-    from minisft.distributed import Processes, data_parallel
     from minisft.loop import collate, model_losses, train_step
     from minisft.loss import count_trained_tokens_of
     from minisft.models import load_model, load_tokenizer, tiny_model
@@ -73,10 +70,9 @@ def eval_costs(repeats: int, model_name: str) -> dict:
     use_sdpa_by_example(model)
     examples = prepare_dataset(synthetic_conversations(64, seed=0), tokenizer, DataConfig(max_length=1024)).examples
     rows = list(pack(examples, 1024, "bfd").rows)[:8]
-    parallel = data_parallel(model, Processes(), fsdp=False)
     batches = [collate([row], model, tokenizer.pad_token_id, False, None, torch.device("cpu")) for row in rows]
     tokens = count_trained_tokens_of(rows)
-    optimizer, schedule, scaler = step_parts(model)
+    optimizer, schedule = step_parts(model)
 
     def timed(work) -> float:
         work()  # warm-up
@@ -90,16 +86,13 @@ def eval_costs(repeats: int, model_name: str) -> dict:
     collated = {id(row): batch for row, batch in zip(rows, batches)}  # collated once, outside the timing
 
     def training() -> int:  # one optimizer step over the rows, one micro-batch each: the loop's train_step
-        micro_batches = [([row], 1) for row in rows]
-        train_step(
-            model, micro_batches, tokens, lambda units: collated[id(units[0])], optimizer, schedule, scaler,
-            nullcontext, 1.0, parallel,
-        )  # fmt: skip
+        micro_batches = [[row] for row in rows]
+        train_step(model, micro_batches, tokens, lambda units: collated[id(units[0])], optimizer, schedule, 1.0)
         return tokens
 
     def evaluation() -> int:
         with torch.no_grad():
-            return sum(model_losses(model, batch, parallel).tokens for batch in batches)
+            return sum(model_losses(model, batch).tokens for batch in batches)
 
     def evaluation_fused() -> int:
         plain = loss_module.plain_losses
@@ -170,7 +163,6 @@ def step_memory(counts: list[int], length: int) -> dict:
 
     from minisft.attention import use_sdpa_by_example
     from minisft.config import DataConfig
-    from minisft.distributed import Processes, data_parallel
     from minisft.loop import collate, train_step
     from minisft.loss import count_trained_tokens_of
     from minisft.models import load_tokenizer, tiny_model
@@ -186,24 +178,20 @@ def step_memory(counts: list[int], length: int) -> dict:
     for implementation in ("eager", "sdpa"):
         model = tiny_model(tokenizer, **TINY_SHAPE, attn_implementation=implementation)
         use_sdpa_by_example(model)  # sdpa → sdpa per example, as the loop runs packed rows; eager stays
-        parallel = data_parallel(model, Processes(), fsdp=False)
-        optimizer, schedule, scaler = step_parts(model)
+        optimizer, schedule = step_parts(model)
         collate_fn = functools.partial(
             collate, model=model, pad_token_id=tokenizer.pad_token_id, padding_free=False, pad_to_multiple_of=None,
             device=torch.device("cpu"),
         )  # fmt: skip
 
         def step(count: int, ahead: bool) -> None:
-            micro_batches = [([row], 1)] * count
+            micro_batches = [[row]] * count
             step_collate = collate_fn
             if ahead:  # the old loop: the whole step's micro-batches collated before the first forward pass
-                batches = [collate_fn(units) for units, _ in micro_batches]
+                batches = [collate_fn(units) for units in micro_batches]
                 pending = iter(batches)
                 step_collate = lambda units: next(pending)  # noqa: E731
-            train_step(
-                model, micro_batches, trained * count, step_collate, optimizer, schedule, scaler, nullcontext,
-                1.0, parallel,
-            )  # fmt: skip
+            train_step(model, micro_batches, trained * count, step_collate, optimizer, schedule, 1.0)
 
         step(1, ahead=False)  # the optimizer's state is created here, outside the measured steps
         _, batch_bytes, _ = live_bytes(lambda: collate_fn([row]))  # what one collated micro-batch holds

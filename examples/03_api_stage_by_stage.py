@@ -16,11 +16,11 @@ from rich.table import Table
 
 from minisft.attention import packed_inputs, use_sdpa_by_example
 from minisft.cli import demo_dataset_path
-from minisft.config import DataConfig, LoraConfig, PackingConfig, TrainingConfig
+from minisft.config import DataConfig, LoraConfig, PackingConfig, RunConfig, TrainingConfig
 from minisft.data import load_splits
 from minisft.formatting import format_example, resolve_eos_token
 from minisft.inspect import render_tokens
-from minisft.loop import RunConfig, train
+from minisft.loop import train
 from minisft.lora import LoraSettings, head_matrix, inject_lora
 from minisft.loss import token_losses
 from minisft.models import load_model, load_tokenizer

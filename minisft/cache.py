@@ -10,9 +10,10 @@ named by a sha256 of:
   mtime; reading 64 MiB takes a tenth of a second, a warm run's budget allows it);
 - the tokenizer: its whole vocabulary and merges (the fast tokenizer's JSON), its added and
   special tokens, and the chat template it will render with;
-- every flag that changes the prepared tokens: DATA_FLAGS below, the seed when it picks the
-  held-out rows, and the length each split is truncated to (prepare.cut_lengths: --max_length,
-  or nothing for a split that bfd_split or wrapped will split over rows);
+- every flag that changes the prepared tokens: the DataConfig fields whose metadata says
+  "prepared" (config.py says why the others do not), the seed when it picks the held-out rows,
+  and the length each split is truncated to (prepare.cut_lengths: --max_length, or nothing for
+  a split that bfd_split or wrapped will split over rows);
 - PREPARATION_FORMAT, raised whenever preparation's output changes for the same inputs.
 
 A second run with the same inputs finds the folder and maps it; any change gives another
@@ -41,6 +42,7 @@ import os
 import shutil
 import socket
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
 from .config import DataConfig
@@ -53,22 +55,6 @@ PREPARATION_FORMAT = 3
 MANIFEST = "manifest.json"
 HOST = socket.gethostname()
 CONTENT_HASHED_BELOW = 64 << 20  # bytes
-# The DataConfig fields that change what preparation writes. The others (the dataset's name, the pad
-# token, the cache itself, the number of processes) do not: the files are fingerprinted instead of
-# the name, padding happens in batches, and workers give the same output as one process. --max_length
-# counts through the lengths the splits are cut to (fingerprint's cut_to), the only thing it changes here.
-DATA_FLAGS = (
-    "dataset_config",
-    "dataset_train_split",
-    "dataset_test_split",
-    "eval_split_size",
-    "dataset_text_field",
-    "completion_only_loss",
-    "assistant_only_loss",
-    "response_template",
-    "instruction_template",
-    "eos_token",
-)
 OFF = ("none", "")
 
 
@@ -103,7 +89,7 @@ def tokenizer_identity(tokenizer) -> str:
 
 def fingerprint(files: list[Path], tokenizer, config: DataConfig, seed: int, cut_to: dict[str, int | None]) -> str:
     """The cache key of preparing `files`; `cut_to`: the length each split is truncated to (prepare.cut_lengths)."""
-    settings = {flag: getattr(config, flag) for flag in DATA_FLAGS}
+    settings = {flag.name: getattr(config, flag.name) for flag in fields(config) if flag.metadata["prepared"]}
     if config.eval_split_size:  # the seed picks the held-out rows; otherwise it only shuffles training
         settings["seed"] = seed
     described = {

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from transformers import HfArgumentParser
 
+from .config import OWN_METADATA
 from .errors import UserError
 
 stderr_console = Console(stderr=True)
@@ -27,6 +28,15 @@ def demo_dataset_path() -> Path:
     return Path(str(resources.files("minisft") / "demo_data"))
 
 
+class FlagParser(HfArgumentParser):
+    """HfArgumentParser, minus the field metadata minisft reads itself (config.OWN_METADATA): HfArgumentParser hands
+    every metadata key to argparse's add_argument, which refuses a key it does not know. (minisft's dataclasses set
+    no _argument_group_name, so every flag is added through this parser's own add_argument.)"""
+
+    def add_argument(self, *names, **options):
+        return super().add_argument(*names, **{key: value for key, value in options.items() if key not in OWN_METADATA})
+
+
 def parse_flags(
     config_types: tuple, argv: list[str] | None, program: str, description: str, defaults: dict | None = None
 ):
@@ -34,7 +44,7 @@ def parse_flags(
 
     `defaults` replaces some fields' own defaults (the demo's, say); a config file and the flags still win.
     """
-    parser = HfArgumentParser(config_types, prog=f"python -m {program}", description=description)
+    parser = FlagParser(config_types, prog=f"python -m {program}", description=description)
     parser.set_defaults(**(defaults or {}))
     parser.add_argument("--config", help="A JSON or YAML file of flag values; flags on the command line override it.")
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -10,6 +10,20 @@ Each dataclass checks its values as it is built (check_values): the type its ann
 the field's choices, the range in FLAG_RANGES. The parser converts and checks a flag's text
 itself, but a --config file's values and the Python API's arguments arrive as they are: the
 same checks refuse `learning_rate: [1, 2]` in a YAML file and TrainingConfig(eval_strategy="step").
+
+RunConfig, the whole run's flags, checks their combinations as it is built (check_run): --merge_lora
+without --use_peft, --fsdp outside torchrun and the like are refused as the command line is parsed,
+before any data, tokenizer or model is read. Only what needs the data (a masking flag the dataset's
+format cannot honour) or the model (LoRA on its output head) is checked where that is read.
+
+This module is a leaf: it imports nothing of minisft but minisft.errors, so every stage may import
+it. The names --optim and --lr_scheduler_type offer, and the check of --lr_scheduler_kwargs, live
+here for that reason; minisft/optim.py imports them.
+
+Each DataConfig field says in its metadata whether it changes the prepared tokens ("prepared"):
+the preparation cache (minisft/cache.py) keys prepared data by those fields, so a new field must
+decide, and tests/test_flags.py fails for one that does not. HfArgumentParser would hand that key
+to argparse, which knows no such option: cli.FlagParser drops it (OWN_METADATA).
 """
 
 from __future__ import annotations
@@ -17,6 +31,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import sys
 import types
 import typing
@@ -25,13 +40,18 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .errors import UserError
-from .optim import OPTIMIZERS, SCHEDULES, schedule_options
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+# Field metadata that minisft reads itself, not argparse: whether a DataConfig field changes the prepared tokens.
+OWN_METADATA = ("prepared",)
 
 
 class ConfigError(UserError, ValueError):
     """A flag value that cannot work; the message names the flag."""
+
+
+class OptimizerError(UserError, ValueError):
+    """An optimizer or schedule setting that cannot work here."""
 
 
 # --logging_steps and --eval_steps: a count of steps, or below 1 a fraction of the run (as transformers 5 reads them).
@@ -76,6 +96,82 @@ FLAG_RANGES = {
     "save_total_limit": (lambda n: n >= 0, "0 (keep all) or more"),
     "seed": (lambda n: -(2**63) <= n < 2**64, "a whole number that fits in 64 bits, as torch.manual_seed takes it"),
 }
+
+
+# --optim's and --lr_scheduler_type's choices. minisft/optim.py builds them; they are named here, where the flags
+# are, so that this module imports nothing of minisft's (optim imports config, not the other way).
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor")
+# Each schedule's --lr_scheduler_kwargs and their defaults, those of transformers' get_*_schedule functions.
+SCHEDULE_KWARGS = {
+    "linear": {},
+    "cosine": {"num_cycles": 0.5},  # half a wave: from the peak down to 0
+    "constant": {},
+    "constant_with_warmup": {},
+    "cosine_with_min_lr": {"num_cycles": 0.5, "min_lr": None, "min_lr_rate": None},  # exactly one of the two
+    "cosine_with_restarts": {"num_cycles": 1},
+    "polynomial": {"lr_end": 1e-7, "power": 1.0},
+    "warmup_stable_decay": {
+        "num_decay_steps": None,  # required: transformers has no default either
+        "num_stable_steps": None,  # default: the steps that warmup and decay leave of the run
+        "warmup_type": "linear",
+        "decay_type": "cosine",
+        "min_lr_ratio": 0.0,
+        "num_cycles": 0.5,
+    },
+}
+SCHEDULES = tuple(SCHEDULE_KWARGS)
+WSD_SHAPES = ("linear", "cosine", "1-sqrt")
+
+
+def schedule_options(schedule: str, kwargs: dict | None, learning_rate: float) -> dict:
+    """The settings the schedule's formula reads: --lr_scheduler_kwargs over transformers' defaults, checked.
+
+    As in transformers, min_lr becomes min_lr_rate (a fraction of the peak), and polynomial keeps the peak
+    (lr_init) to divide by.
+    """
+    if schedule not in SCHEDULE_KWARGS:
+        raise OptimizerError(f"Unknown --lr_scheduler_type {schedule!r}; choose one of {', '.join(SCHEDULES)}.")
+    defaults, given = SCHEDULE_KWARGS[schedule], dict(kwargs or {})
+    flags = f"--lr_scheduler_type {schedule} " + (
+        f"--lr_scheduler_kwargs '{json.dumps(given)}'" if given else "(no --lr_scheduler_kwargs)"
+    )
+    unknown = ", ".join(sorted(set(given) - set(defaults)))
+    if unknown:
+        takes = f"only {', '.join(defaults)}" if defaults else "no settings"
+        raise OptimizerError(f"{flags}: the schedule takes {takes}, not {unknown}.")
+    options = {**defaults, **given}
+    problem = schedule_problem(schedule, options, learning_rate)
+    if problem:
+        raise OptimizerError(f"{flags}: {problem}.")
+    if schedule == "cosine_with_min_lr" and options["min_lr"] is not None:
+        options["min_lr_rate"] = options["min_lr"] / learning_rate
+    if schedule == "polynomial":
+        options["lr_init"] = learning_rate
+    return options
+
+
+def schedule_problem(schedule: str, options: dict, learning_rate: float) -> str | None:
+    """What is wrong with a schedule's settings, in words; None if nothing."""
+    for key, value in options.items():
+        is_shape = key in ("warmup_type", "decay_type")
+        if is_shape and value not in WSD_SHAPES:
+            return f"{key} must be one of {', '.join(WSD_SHAPES)}, got {value!r}"
+        if not is_shape and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"{key} must be a number, got {value!r}"
+    if schedule == "cosine_with_min_lr" and (options["min_lr"] is None) == (options["min_lr_rate"] is None):
+        return "give exactly one of min_lr (a learning rate) and min_lr_rate (a fraction of --learning_rate)"
+    if schedule == "polynomial":
+        if not options["lr_end"] < learning_rate:
+            return f"lr_end {options['lr_end']} must be below --learning_rate {learning_rate}"
+        if not options["power"] > 0:
+            return f"power must be positive, got {options['power']}"
+    if schedule == "warmup_stable_decay":
+        if options["num_decay_steps"] is None:
+            return "num_decay_steps, the steps of the final decay, is required"
+        for key in ("num_decay_steps", "num_stable_steps"):
+            if options[key] is not None and not (options[key] >= 0 and options[key] == int(options[key])):
+                return f"{key} must be a whole number of steps, got {options[key]}"
+    return None
 
 
 # How a flag's type is named to the user, and which Python values it takes (a bool is an int to Python, not here).
@@ -217,33 +313,44 @@ class ModelConfig:
         return name
 
 
+# "prepared" in a DataConfig field's metadata: whether it changes the prepared tokens, and so keys the preparation
+# cache (minisft/cache.py). Not the dataset's name (its files are fingerprinted instead), --max_length (counted
+# through the length each split is cut to), --chat_template_path (through the tokenizer's template), the pad token
+# (padding happens in batches), the workers (any number gives the same output) nor the cache itself.
 @dataclass
 class DataConfig:
     dataset_name: str | None = field(
         default=None,
         metadata={
             "help": "A local .jsonl/.json/.parquet/.csv file (.jsonl.gz, .json.gz, .csv.gz too), a folder of them, "
-            "or a hub dataset name. Empty: the demo dataset that ships with minisft."
+            "or a hub dataset name. Empty: the demo dataset that ships with minisft.",
+            "prepared": False,
         },
     )
-    dataset_config: str | None = field(default=None, metadata={"help": "The hub dataset's configuration name."})
-    dataset_train_split: str = field(default="train", metadata={"help": "The split to train on."})
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "The hub dataset's configuration name.", "prepared": True}
+    )
+    dataset_train_split: str = field(default="train", metadata={"help": "The split to train on.", "prepared": True})
     dataset_test_split: str = field(
-        default="test", metadata={"help": "The dataset's own evaluation split, used when it exists."}
+        default="test", metadata={"help": "The dataset's own evaluation split, used when it exists.", "prepared": True}
     )
     eval_split_size: float = field(
         default=0.0,
         metadata={
             "help": "Hold out this fraction of the train split for evaluation (seeded by --seed), "
-            "instead of the dataset's own test split."
+            "instead of the dataset's own test split.",
+            "prepared": True,
         },
     )
-    dataset_text_field: str = field(default="text", metadata={"help": "The column that holds plain text."})
+    dataset_text_field: str = field(
+        default="text", metadata={"help": "The column that holds plain text.", "prepared": True}
+    )
     max_length: int | None = field(
         default=1024,
         metadata={
             "help": "Truncate every tokenized example to this many tokens, keeping the start (under --packing_strategy "
-            "bfd_split or wrapped: split it over rows instead). Counted. Also the length of a packed row."
+            "bfd_split or wrapped: split it over rows instead). Counted. Also the length of a packed row.",
+            "prepared": False,
         },
     )
     completion_only_loss: bool | None = field(
@@ -253,58 +360,76 @@ class DataConfig:
             # a bare --completion_only_loss means true, like the plain boolean flags
             "nargs": "?",
             "const": True,
+            "prepared": True,
         },
     )
     assistant_only_loss: bool = field(
         default=False,
         metadata={
             "help": "Train only on the assistant turns of conversations: from the template's {%% generation %%} tags, "
-            "else from the response/instruction templates of a known template family (ChatML, Llama 3, Gemma)."
+            "else from the response/instruction templates of a known template family (ChatML, Llama 3, Gemma).",
+            "prepared": True,
         },
     )
     response_template: str | None = field(
         default=None,
         metadata={
             "help": "Train only on the tokens after this string (or JSON list of token ids), up to the next "
-            "--instruction_template: TRL's former DataCollatorForCompletionOnlyLM."
+            "--instruction_template: TRL's former DataCollatorForCompletionOnlyLM.",
+            "prepared": True,
         },
     )
     instruction_template: str | None = field(
         default=None,
-        metadata={"help": "With --response_template: where each trained response ends (string or JSON list of ids)."},
+        metadata={
+            "help": "With --response_template: where each trained response ends (string or JSON list of ids).",
+            "prepared": True,
+        },
     )
     chat_template_path: str | None = field(
         default=None,
-        metadata={"help": "A Jinja file, or a tokenizer folder whose chat template replaces the tokenizer's own."},
+        metadata={
+            "help": "A Jinja file, or a tokenizer folder whose chat template replaces the tokenizer's own.",
+            "prepared": False,
+        },
     )
     eos_token: str | None = field(
         default=None,
-        metadata={"help": "The end-of-sequence token appended to text and completions. Default: the tokenizer's."},
+        metadata={
+            "help": "The end-of-sequence token appended to text and completions. Default: the tokenizer's.",
+            "prepared": True,
+        },
     )
     pad_token: str | None = field(
         default=None,
         metadata={
             "help": "The token batches are padded with, and the saved tokenizer's pad token. Default: the "
-            "tokenizer's own, else its EOS (as TRL). Padding is never trained, so it does not change the loss."
+            "tokenizer's own, else its EOS (as TRL). Padding is never trained, so it does not change the loss.",
+            "prepared": False,
         },
     )
     dataset_num_proc: int | None = field(
         default=None,
         metadata={
             "help": "Processes that tokenize the dataset. Default: one for data under 8 MB, else one per CPU "
-            "core (at most 8). Any number gives the same examples."
+            "core (at most 8). Any number gives the same examples.",
+            "prepared": False,
         },
     )
     cache_dir: str | None = field(
         default=None,
         metadata={
             "help": "Where prepared datasets are kept and reused while the data files, tokenizer and data flags "
-            "stay the same. Default: $MINISFT_CACHE/prepared. none: prepare afresh every run, keep nothing."
+            "stay the same. Default: $MINISFT_CACHE/prepared. none: prepare afresh every run, keep nothing.",
+            "prepared": False,
         },
     )
 
     def __post_init__(self):
         check_values(self)
+        # Here, not in RunConfig: `python -m minisft.inspect` prepares data from these flags too.
+        if self.instruction_template is not None and self.response_template is None:
+            raise ConfigError("--instruction_template needs a --response_template.")
 
 
 @dataclass
@@ -623,3 +748,55 @@ class TrainingConfig:
         if "none" in self.report_to and len(self.report_to) > 1:
             raise ConfigError(f"--report_to {' '.join(self.report_to)}: none means no tracker; give it alone.")
         schedule_options(self.lr_scheduler_type, self.lr_scheduler_kwargs, self.learning_rate)  # refused now, if at all
+
+
+@dataclass
+class RunConfig:
+    """The whole run's flags; their combinations are checked as it is built (check_run)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    packing: PackingConfig = field(default_factory=PackingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def __post_init__(self):
+        check_run(self)
+
+
+def check_run(config: RunConfig) -> None:
+    """Flag combinations that cannot work, refused from the flags alone (and the process count torchrun sets):
+    before any data, tokenizer or model is read. minisft.loop.train asks again, for a config changed since."""
+    model, data, packing, lora, args = config.model, config.data, config.packing, config.lora, config.training
+    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1  # as minisft.distributed.start reads it
+    if args.output_dir is None and (args.resume_from_checkpoint or under_torchrun):
+        raise ConfigError("--resume_from_checkpoint and torchrun runs need an explicit --output_dir.")
+    if args.fsdp and args.optim not in ("adamw_torch_fused", "adamw_torch"):
+        raise ConfigError(
+            f"--optim {args.optim} does not run on FSDP's sharded weights (DTensors): bitsandbytes' kernels and "
+            "Adafactor's factored state take whole tensors. Use --optim adamw_torch_fused (the default) with --fsdp."
+        )
+    if args.fsdp and not under_torchrun:
+        raise ConfigError("--fsdp shards the model across processes: start it with torchrun --nproc_per_node N")
+    if (lora.lora_adapter or lora.merge_lora) and not lora.use_peft:
+        raise ConfigError("--lora_adapter and --merge_lora need --use_peft.")
+    if lora.load_in_4bit and not lora.use_peft:
+        raise ConfigError("--load_in_4bit needs --use_peft: a 4-bit base is frozen, only LoRA can train over it.")
+    if args.fp16 and (args.fsdp or model.resolved_dtype() != "float32"):
+        raise ConfigError(
+            "--fp16 is mixed precision over float32 weights with one process's gradient scaler: it needs --dtype "
+            "float32 and no --fsdp (FSDP would need a sharded scaler, not written yet)."
+        )
+    if model.attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"--attn_implementation flex_attention trains only on a GPU: PyTorch's FlexAttention has no backward pass "
+            f"on the CPU (torch {torch.__version__}); use sdpa (the default) or eager."
+        )
+    # Padding past the longest an example can be only adds pad tokens; without --max_length, 65,536 is the bound.
+    multiple = packing.pad_to_multiple_of
+    if multiple is not None and multiple > (data.max_length or 2**16):
+        bound = f"--max_length ({data.max_length})" if data.max_length else "65,536 without --max_length"
+        raise ConfigError(f"--pad_to_multiple_of must be from 1 to {bound}, got {multiple}.")
+    packed = [flag for flag, on in (("--packing", packing.packing), ("--eval_packing", packing.eval_packing)) if on]
+    if packed and data.max_length is None:
+        raise ConfigError(f"{packed[0]} needs a row length: set --max_length (e.g. 1024).")

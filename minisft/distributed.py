@@ -185,11 +185,7 @@ class DataParallel:
 def data_parallel(model: nn.Module, processes: Processes, fsdp: bool) -> DataParallel:
     """One process: the model's own backbone. Under torchrun: the Backbone wrapped in DDP or FSDP2."""
     device = device_of(processes)
-    if not processes.distributed:
-        if fsdp:
-            raise DistributedError(
-                "--fsdp shards the model across processes: start it with torchrun --nproc_per_node N"
-            )
+    if not processes.distributed:  # --fsdp outside torchrun is refused with the flags (config.check_run)
         return DataParallel(processes, model.base_model, device)
     backbone = Backbone(model)
     if not fsdp:

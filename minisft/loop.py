@@ -1,6 +1,6 @@
 """The training loop, top to bottom: data → model → optimizer → steps → outputs.
 
-One optimizer step (train_step below; the benchmark calls the same function):
+One optimizer step (train_step below; with its defaults a one-process step, as the benchmarks call it):
 
     for each micro-batch of the step:                 (gradient_accumulation_steps of them)
         hidden = backbone(batch)                      forward, boundaries kept for packed rows
@@ -54,7 +54,7 @@ from .checkpoint import (
     write_failure,
 )
 from .cli import demo_dataset_path
-from .config import ConfigError, DataConfig, LoraConfig, ModelConfig, PackingConfig, TrainingConfig
+from .config import ConfigError, LoraConfig, ModelConfig, PackingConfig, RunConfig, TrainingConfig, check_run
 from .data import folder_line
 from .distributed import DataParallel, Processes, barrier, data_parallel, device_of, start, total_norm, whole_weights
 from .errors import UserError
@@ -97,15 +97,6 @@ class TrainingError(UserError, RuntimeError):
 
 
 @dataclass
-class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    packing: PackingConfig = field(default_factory=PackingConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-
-
-@dataclass
 class TrainResult:
     output_dir: Path
     steps: int
@@ -117,7 +108,7 @@ class TrainResult:
 def train(config: RunConfig, console: Console | None = None) -> TrainResult:
     processes = start()  # one process, or this process's place among torchrun's
     console = (console or Console(stderr=True)) if processes.is_main else Console(quiet=True)  # rank 0 speaks
-    check_flags(config, processes)
+    check_flags(config)
     output_dir, resume_from, lock = open_output_dir(config, processes, console)
     with lock:  # one run per output folder, until this one ends however it ends (minisft/outputs.py)
         return train_into(output_dir, resume_from, config, processes, console)
@@ -200,7 +191,7 @@ class Run:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
+    scaler: torch.amp.GradScaler | None  # fp16's; None otherwise
     autocast: Callable
     parallel: DataParallel
     collate: Callable[[list[dict]], dict]  # units → {"inputs", "labels"} on the device
@@ -226,35 +217,37 @@ def run_steps(run: Run, args: TrainingConfig, stop, metrics_log, console: Consol
     """
     last_metrics: dict = {}
     progress = progress_bar(console)
+    evaluation = functools.partial(
+        evaluate, run.model, run.eval_units, run.collate, args.per_device_eval_batch_size, parallel=run.parallel,
+        autocast=run.autocast,
+    )  # fmt: skip
     try:
         with progress:
             task = progress.add_task("training", total=run.total_steps, completed=run.completed, figures="")
             if args.eval_on_start:  # a check that evaluation works before any time goes into training
-                log(metrics_log, {**epoch_record(run), **evaluate(run, args)}, last_metrics)
+                log(metrics_log, {**epoch_record(run), **evaluation()}, last_metrics)
             for step in range(run.completed, run.total_steps):
-                indices = micro_batches_of_step(
-                    step, len(run.train_units), args.per_device_train_batch_size, args.gradient_accumulation_steps,
-                    run.steps_per_epoch, run.seed, run.parallel.processes.world_size,
-                )  # fmt: skip
-                micro_batches = [
-                    ([run.train_units[i] for i in batch], weight) for batch, weight in run.parallel.mine(indices)
-                ]
-                # Counted from the label lists: each micro-batch is collated only just before its forward pass.
-                local_tokens = sum(count_trained_tokens_of(units) for units, weight in micro_batches if weight)
+                micro_batches, weights, local_tokens = share_of_step(run, args, step)
                 # The stop requests travel in the step's token all-reduce: every process sees the same sum,
                 # so all stop before the same step, even if only one of them got the signal.
                 step_tokens, stop_votes = run.parallel.sum([local_tokens, float(stop.signal is not None)])
                 if stop_votes:
                     return last_metrics, True
                 learning_rate = run.optimizer.param_groups[0]["lr"]
-                figures = checked_step(run, micro_batches, step_tokens, args.max_grad_norm, stop, console, step)
+                figures = train_step(
+                    run.model, micro_batches, step_tokens, run.collate, run.optimizer, run.schedule, args.max_grad_norm,
+                    weights=weights, parallel=run.parallel, scaler=run.scaler, autocast=run.autocast,
+                    passes=stop.abandonable,
+                )  # fmt: skip
+                if not math.isfinite(figures[-1]):  # the gradient norm: fp16's scaler skipped the step
+                    console.print(f"fp16: the gradients overflowed at step {step + 1}; skipped, scale lowered")
                 run.completed = step + 1
                 run.interval.add_step(*figures, step_tokens, learning_rate)
                 record = {}
                 if logging_due(args, run.completed, run.total_steps):
                     record = run.interval.figures(epoch_record(run), run.parallel.device)
                 if evaluation_due(args, run.completed, run.steps_per_epoch, run.total_steps) and run.eval_units:
-                    record.update({**epoch_record(run), **evaluate(run, args)})
+                    record.update({**epoch_record(run), **evaluation()})
                 if record:
                     log(metrics_log, record, last_metrics)
                     progress.update(task, figures=progress_figures(last_metrics))
@@ -264,28 +257,30 @@ def run_steps(run: Run, args: TrainingConfig, stop, metrics_log, console: Consol
     except KeyboardInterrupt:  # a second Ctrl-C (one process): the step under way is abandoned
         run.optimizer.zero_grad(set_to_none=True)
         return last_metrics, True
+    except NonFiniteStep as error:  # raised before the step applied anything: run.completed steps are good
+        raise TrainingError(
+            f"The loss (or the gradient norm) is not finite at step {run.completed + 1}: {error}. Nothing from this "
+            f"step was applied; the last good checkpoint stays in {run.output_dir}. Try a lower --learning_rate, or "
+            "--bf16 false."
+        ) from None
     finally:
         if metrics_log is not None:
             metrics_log.close()
     return last_metrics, False
 
 
-def checked_step(run: Run, micro_batches, step_tokens, max_grad_norm, stop, console, step: int) -> tuple:
-    """train_step, with a non-finite step turned into the user's error and fp16's overflows told."""
-    try:
-        loss, correct, entropy, grad_norm = train_step(
-            run.model, micro_batches, step_tokens, run.collate, run.optimizer, run.schedule, run.scaler,
-            run.autocast, max_grad_norm, run.parallel, passes=stop.abandonable,
-        )  # fmt: skip
-    except NonFiniteStep as error:
-        raise TrainingError(
-            f"The loss (or the gradient norm) is not finite at step {step + 1}: {error}. Nothing from this step "
-            f"was applied; the last good checkpoint stays in {run.output_dir}. Try a lower --learning_rate, or "
-            "--bf16 false."
-        ) from None
-    if not math.isfinite(grad_norm):
-        console.print(f"fp16: the gradients overflowed at step {step + 1}; skipped, scale lowered")
-    return loss, correct, entropy, grad_norm
+def share_of_step(run: Run, args: TrainingConfig, step: int) -> tuple[list[list[dict]], list[float], int]:
+    """This process's micro-batches of `step` (lists of units), their weights (DataParallel.mine) and their
+    trained tokens, counted from the label lists: each micro-batch is collated only just before its forward."""
+    indices = micro_batches_of_step(
+        step, len(run.train_units), args.per_device_train_batch_size, args.gradient_accumulation_steps,
+        run.steps_per_epoch, run.seed, run.parallel.processes.world_size,
+    )  # fmt: skip
+    shares = run.parallel.mine(indices)
+    micro_batches = [[run.train_units[index] for index in batch] for batch, _ in shares]
+    weights = [weight for _, weight in shares]
+    tokens = sum(count_trained_tokens_of(units) for units, weight in zip(micro_batches, weights) if weight)
+    return micro_batches, weights, tokens
 
 
 class NonFiniteStep(ArithmeticError):
@@ -293,69 +288,99 @@ class NonFiniteStep(ArithmeticError):
 
 
 def train_step(
-    model, micro_batches, step_tokens, collate_fn, optimizer, schedule, scaler, autocast, max_grad_norm: float,
-    parallel: DataParallel, passes=nullcontext,
+    model, micro_batches: list[list[dict]], step_tokens: float, collate: Callable[[list[dict]], dict], optimizer,
+    schedule, max_grad_norm: float, *, weights: list[float] | None = None, parallel: DataParallel | None = None,
+    scaler: torch.amp.GradScaler | None = None, autocast=nullcontext, passes=nullcontext,
 ) -> tuple[float, float, float, float]:  # fmt: skip
-    """One optimizer step:  loss = Σ token losses of the step's micro-batches / the step's trained tokens.
+    """One optimizer step over its micro-batches (each a list of units):
 
-    Each micro-batch (units, weight) is collated, run forward, and its share of that loss (its sum /
-    step_tokens, which counts every process's trained tokens) goes backward, so the gradients add up
-    to the whole step's. Then the gradient is clipped, the optimizer steps and the schedule moves on.
-    A weight is 1, or 0 for a padding micro-batch (DataParallel.mine); `passes` wraps the forward and
-    backward passes (a second Ctrl-C may cut them short). Returns the step's loss, correct predictions,
-    entropy sum and gradient norm, every process's together; the norm is inf when fp16's gradients
-    overflowed and the step was skipped.
+        for units in micro_batches:
+            batch = collate(units)                 just before its forward: memory stays flat with accumulation
+            loss  = Σ token losses of batch / step_tokens                               (minisft/loss.py)
+            loss.backward()                        the gradients add up to the whole step's
+        clip the gradient norm to max_grad_norm; optimizer.step(); schedule.step(); optimizer.zero_grad()
+
+    step_tokens counts the trained tokens of the whole step, so the step's loss is Σ token losses / trained
+    tokens however its examples are cut into micro-batches. Returns that loss, the correct predictions, the
+    entropy sum and the gradient norm. A loss or norm that is not finite raises NonFiniteStep, nothing applied.
+
+    The keywords default to one process, no fp16 scaler and no autocast; the loop passes its own:
+      weights, parallel  data parallelism (minisft/distributed.py): this process's share of the step, whose
+                         step_tokens and returned figures are every process's together
+      scaler             fp16's GradScaler: the loss scaled up for backward, the gradients unscaled before
+                         clipping; a step whose gradients overflowed is skipped (norm inf), not raised
+      autocast           the forward's mixed precision (mixed_precision below)
+      passes             wraps the forward and backward passes (the loop's: a second Ctrl-C may cut them short)
     """
-    scale = parallel.gradient_scale / max(step_tokens, 1)  # DDP and FSDP average over processes: × N is a sum
+    # Under torchrun a weight of 0 marks a padding micro-batch: at an epoch's end a process short of data repeats
+    # one, so that its passes keep in step with the other processes' (DataParallel.mine); it adds nothing.
+    weights = weights or [1] * len(micro_batches)
+    # DDP and FSDP average the N processes' gradients: × N turns the average into the sum the loss is.
+    scale = (parallel.gradient_scale if parallel else 1) / max(step_tokens, 1)
     model.train()
-    figures = torch.zeros(3, dtype=torch.float64)  # this process's loss sum, correct, entropy
+    figures = torch.zeros(3, dtype=torch.float64)  # this process's loss sum, correct predictions, entropy sum
     with passes():
-        for index, (units, weight) in enumerate(micro_batches):
-            batch = collate_fn(units)  # just before its forward: memory does not grow with accumulation
-            with parallel.sync(last=index == len(micro_batches) - 1), autocast():
+        for index, (units, weight) in enumerate(zip(micro_batches, weights, strict=True)):
+            batch = collate(units)
+            # Under torchrun the gradients are communicated once, after the step's last micro-batch.
+            sync = parallel.sync(last=index == len(micro_batches) - 1) if parallel else nullcontext()
+            with sync, autocast():
                 losses = model_losses(model, batch, parallel)
-            scaler.scale(losses.loss_sum * (scale * weight)).backward()
+            loss = losses.loss_sum * (scale * weight)
+            (scaler.scale(loss) if scaler else loss).backward()
             if weight:
                 figures += torch.tensor([float(losses.loss_sum.detach()), losses.correct, losses.entropy_sum])
-    loss_sum, correct, entropy = parallel.sum(figures.tolist())
+    loss_sum, correct, entropy = parallel.sum(figures.tolist()) if parallel else figures.tolist()
     step_loss = loss_sum / max(step_tokens, 1)
-    scaler.unscale_(optimizer)  # the true gradients, before they are clipped (fp16; otherwise nothing)
+    if scaler:
+        scaler.unscale_(optimizer)  # the true gradients, before they are clipped
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm if max_grad_norm > 0 else math.inf))
-    overflowed = scaler.is_enabled() and math.isfinite(step_loss) and not math.isfinite(grad_norm)
+    overflowed = bool(scaler and scaler.is_enabled()) and math.isfinite(step_loss) and not math.isfinite(grad_norm)
     if not overflowed and not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
         raise NonFiniteStep(f"loss {step_loss}, gradient norm {grad_norm}")
-    scaler.step(optimizer)  # optimizer.step(), unless fp16's gradients overflowed
-    scaler.update()
+    if scaler:
+        scaler.step(optimizer)  # optimizer.step(), unless fp16's gradients overflowed
+        scaler.update()
+    else:
+        optimizer.step()
     schedule.step()
     optimizer.zero_grad(set_to_none=True)
     return step_loss, correct, entropy, grad_norm
 
 
-def model_losses(model, batch: dict, parallel: DataParallel) -> TokenLosses:
-    """The forward pass to the last hidden states, then the loss: the head runs inside it (minisft/loss.py)."""
-    hidden = parallel.backbone(**batch["inputs"], use_cache=False).last_hidden_state
+def model_losses(model, batch: dict, parallel: DataParallel | None = None) -> TokenLosses:
+    """The forward pass to the last hidden states, then the loss: the head runs inside it (minisft/loss.py).
+
+    One process runs the model's own backbone; under torchrun, parallel's DDP- or FSDP-wrapped one."""
+    backbone = parallel.backbone if parallel else model.base_model
+    hidden = backbone(**batch["inputs"], use_cache=False).last_hidden_state
     softcap = getattr(model.config, "final_logit_softcapping", None)
     return token_losses(hidden, batch["labels"], head_matrix(model), softcap)
 
 
 @torch.no_grad()
-def evaluate(run: Run, args: TrainingConfig) -> dict:
-    """eval_loss = Σ token losses / trained tokens over the whole eval split (each process takes every
-    world_size-th batch), and TRL's other eval figures, token accuracy and entropy, per token of the split
-    (TRL averages them per batch).
+def evaluate(
+    model, eval_units: Sequence[dict], collate: Callable[[list[dict]], dict], batch_size: int, *,
+    parallel: DataParallel | None = None, autocast=nullcontext,
+) -> dict:  # fmt: skip
+    """eval_loss = Σ token losses / trained tokens over the whole eval split, and TRL's other eval figures,
+    token accuracy and entropy, per token of the split (TRL averages them per batch).
 
     No gradients: the loss is the plain formula (loss.plain_losses), not the fused one that computes them.
+    One process by default, as train_step; under torchrun (`parallel`) each process takes every world_size-th
+    batch, a weight-0 repeat evening out the last ones (DataParallel.mine), and the figures are summed over all.
     """
-    run.model.eval()
-    size, units = args.per_device_eval_batch_size, run.eval_units
-    batches = [list(range(start, min(start + size, len(units)))) for start in range(0, len(units), size)]
+    model.eval()
+    starts = range(0, len(eval_units), batch_size)
+    batches = [list(range(start, min(start + batch_size, len(eval_units)))) for start in starts]
+    shares = parallel.mine(batches) if parallel else [(indices, 1.0) for indices in batches]
     figures = torch.zeros(4, dtype=torch.float64)  # this process's loss sum, trained tokens, correct, entropy sum
-    for indices, weight in run.parallel.mine(batches):
-        with run.autocast():
-            losses = model_losses(run.model, run.collate([units[index] for index in indices]), run.parallel)
+    for indices, weight in shares:
+        with autocast():
+            losses = model_losses(model, collate([eval_units[index] for index in indices]), parallel)
         figures += weight * torch.tensor([float(losses.loss_sum), losses.tokens, losses.correct, losses.entropy_sum])
-    loss_sum, tokens, correct, entropy_sum = run.parallel.sum(figures.tolist())
+    loss_sum, tokens, correct, entropy_sum = parallel.sum(figures.tolist()) if parallel else figures.tolist()
     tokens = max(tokens, 1)
     return {
         "eval_loss": loss_sum / tokens,
@@ -410,28 +435,11 @@ def log(metrics_log: MetricsLog | None, record: dict, last_metrics: dict) -> Non
 # ----------------------------------------------------------------------------- setting up
 
 
-def check_flags(config: RunConfig, processes: Processes) -> None:
-    """Flag combinations that cannot work, refused before any work starts."""
+def check_flags(config: RunConfig) -> None:
+    """Refused before any work starts: flag combinations that cannot work (config.check_run, which ran as the
+    config was built: asked again for one changed since), and the optional packages the flags need."""
+    check_run(config)
     args = config.training
-    if args.output_dir is None and (args.resume_from_checkpoint or processes.distributed):
-        raise ConfigError("--resume_from_checkpoint and torchrun runs need an explicit --output_dir.")
-    if args.fsdp and args.optim not in ("adamw_torch_fused", "adamw_torch"):
-        raise ConfigError(
-            f"--optim {args.optim} does not run on FSDP's sharded weights (DTensors): bitsandbytes' kernels and "
-            "Adafactor's factored state take whole tensors. Use --optim adamw_torch_fused (the default) with --fsdp."
-        )
-    if config.lora.load_in_4bit and not config.lora.use_peft:
-        raise ConfigError("--load_in_4bit needs --use_peft: a 4-bit base is frozen, only LoRA can train over it.")
-    if args.fp16 and (args.fsdp or config.model.resolved_dtype() != "float32"):
-        raise ConfigError(
-            "--fp16 is mixed precision over float32 weights with one process's gradient scaler: it needs --dtype "
-            "float32 and no --fsdp (FSDP would need a sharded scaler, not written yet)."
-        )
-    if config.model.attn_implementation == "flex_attention" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"--attn_implementation flex_attention trains only on a GPU: PyTorch's FlexAttention has no backward pass "
-            f"on the CPU (torch {torch.__version__}); use sdpa (the default) or eager."
-        )
     check_run_packages(config.model.attn_implementation, args.report_to, args.optim, config.lora.load_in_4bit)
 
 
@@ -464,12 +472,7 @@ def open_output_dir(config: RunConfig, processes: Processes, console) -> tuple[P
 def prepare_data(config: RunConfig, tokenizer, processes: Processes, console) -> tuple[Sequence, Sequence | None]:
     """The train and eval units (packed rows, or examples), each split's counts said in one line. A split left
     with no example (every one dropped) is refused here, before the model loads, if it is to be used."""
-    args, data = config.training, config.data
-    max_length, multiple = data.max_length, config.packing.pad_to_multiple_of
-    # Padding past the longest an example can be only adds pad tokens; without --max_length, 65,536 is the bound.
-    if multiple is not None and multiple > (max_length or 2**16):
-        bound = f"--max_length ({max_length})" if max_length else "65,536 without --max_length"
-        raise ConfigError(f"--pad_to_multiple_of must be from 1 to {bound}, got {multiple}.")
+    args, data, max_length = config.training, config.data, config.data.max_length
     source = data.dataset_name or demo_dataset_path()
     files = folder_line(source, data.dataset_train_split, data.dataset_test_split, data.eval_split_size)
     if files:
@@ -671,9 +674,7 @@ def units_for(
 
 def attach_lora(model, lora: LoraConfig, console: Console):
     """Inject LoRA, or start from an existing adapter. None: full fine-tuning."""
-    if not lora.use_peft:
-        if lora.lora_adapter or lora.merge_lora:
-            raise ConfigError("--lora_adapter and --merge_lora need --use_peft.")
+    if not lora.use_peft:  # --lora_adapter and --merge_lora without it are refused with the flags (config.check_run)
         return None
     if lora.lora_adapter:
         settings = read_adapter_settings(lora.lora_adapter)
@@ -688,10 +689,10 @@ def attach_lora(model, lora: LoraConfig, console: Console):
     return settings
 
 
-def gradient_scaler(fp16: bool, device: torch.device) -> torch.amp.GradScaler:
+def gradient_scaler(fp16: bool, device: torch.device) -> torch.amp.GradScaler | None:
     """fp16: the loss is multiplied by a scale before backward and the gradients divided by it before clipping;
-    a step whose gradients overflowed is skipped and the scale halved. Disabled, the scaler does nothing."""
-    return torch.amp.GradScaler(device.type, enabled=fp16)
+    a step whose gradients overflowed is skipped and the scale halved. Otherwise None: train_step needs none."""
+    return torch.amp.GradScaler(device.type) if fp16 else None
 
 
 def mixed_precision(bf16: bool | None, fp16: bool, device: torch.device, torch_dtype: str):

@@ -217,8 +217,6 @@ def _plan_masks(kind: str, columns: set[str], tokenizer, config: DataConfig) -> 
         completion_only = is_prompt_completion and config.completion_only_loss is not False
     generation_tags = False
     response, instruction = parse_template(config.response_template), parse_template(config.instruction_template)
-    if instruction is not None and response is None:
-        raise MaskingError("--instruction_template needs a --response_template.")
     if config.assistant_only_loss:
         if not is_conversation:
             raise MaskingError(f"--assistant_only_loss needs conversational data; this dataset is {kind}.")

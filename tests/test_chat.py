@@ -6,9 +6,9 @@ import torch
 import minisft.chat
 from minisft.chat import main
 from minisft.cli import run
-from minisft.config import DataConfig, LoraConfig, ModelConfig, TrainingConfig
+from minisft.config import DataConfig, LoraConfig, ModelConfig, RunConfig, TrainingConfig
 from minisft.generate import generate, load_for_chat
-from minisft.loop import RunConfig, train
+from minisft.loop import train
 from minisft.lora import load_adapter
 from minisft.models import load_model
 

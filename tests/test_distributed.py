@@ -33,8 +33,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from minisft.checkpoint import CheckpointError, batch_for_processes, read_trainer_state
-from minisft.config import ConfigError, DataConfig, LoraConfig, ModelConfig, PackingConfig, TrainingConfig
-from minisft.loop import RunConfig, train
+from minisft.config import ConfigError, DataConfig, LoraConfig, ModelConfig, PackingConfig, RunConfig, TrainingConfig
+from minisft.loop import train
 from minisft.lora import ADAPTER_WEIGHTS
 from minisft.models import tiny_model
 

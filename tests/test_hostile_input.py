@@ -22,7 +22,7 @@ from minisft.loop import TrainResult, attach_lora
 from minisft.models import tiny_model
 from minisft.train import CONFIG_TYPES, main
 
-from .tiny_runs import data_file_of, write_conversations
+from .tiny_runs import data_file_of, refused_train, write_conversations
 
 
 class ModelLoaded(Exception):
@@ -40,15 +40,7 @@ def no_model(monkeypatch):
 
 
 def refused(argv: list[str], capsys) -> str:
-    """Run the train command in-process; it must exit with status 2 and one line of error. Returns that line."""
-    with pytest.raises(SystemExit) as exit_info:
-        run(main, argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err  # one line, and the last
-    return errors[0]
+    return refused_train(argv, capsys)[0]
 
 
 def train_flags(tiny_dir, tmp_path, data, *flags) -> list[str]:

@@ -373,6 +373,87 @@ def test_each_micro_batch_is_collated_just_before_its_forward(tiny_dir, tmp_path
     assert events == ["collate", "forward"] * 5  # ten conversations in micro-batches of 2: 3 in step 1, 2 in step 2
 
 
+def step_examples(tokenizer) -> list[dict]:
+    """Eight examples of different lengths, one with an untrained prompt: two steps of two micro-batches of two."""
+    texts = ["a first example", "the second one is a little longer", "three", "and a fourth one",
+             "five is here", "six, six, six and six", "seven", "the eighth and last of them"]  # fmt: skip
+    examples = [{"input_ids": ids, "labels": ids} for ids in (tokenizer(text)["input_ids"] for text in texts)]
+    examples[1]["labels"] = [-100] * 3 + examples[1]["labels"][3:]
+    return examples
+
+
+def step_parts(tokenizer) -> tuple:
+    """A fresh tiny model (always the same weights), its AdamW, a schedule that moves, and its collate function."""
+    import functools
+
+    from minisft.loop import collate
+    from minisft.optim import build_optimizer, build_schedule
+
+    model = tiny_model(tokenizer)
+    optimizer = build_optimizer(model, "adamw_torch", 1e-3, 0.01)
+    collate_units = functools.partial(
+        collate, model=model, pad_token_id=tokenizer.pad_token_id, padding_free=False, pad_to_multiple_of=None,
+        device=torch.device("cpu"),
+    )  # fmt: skip
+    return model, optimizer, build_schedule(optimizer, "linear", 0, 2), collate_units
+
+
+def test_one_process_step_equals_the_data_parallel_one_bit_for_bit(tokenizer):
+    from minisft.distributed import Processes, data_parallel
+    from minisft.loop import train_step
+    from minisft.loss import count_trained_tokens_of
+
+    examples = step_examples(tokenizer)
+    steps = [[examples[0:2], examples[2:4]], [examples[4:6], examples[6:8]]]  # 2 steps, accumulation 2
+    plain, wrapped = step_parts(tokenizer), step_parts(tokenizer)
+    start = [parameter.detach().clone() for parameter in plain[0].parameters()]
+    parallel = data_parallel(wrapped[0], Processes(), fsdp=False)  # the loop's call before train_step's defaults
+    disabled = torch.amp.GradScaler("cpu", enabled=False)
+    for micro_batches in steps:
+        tokens = count_trained_tokens_of([unit for units in micro_batches for unit in units])
+        model, optimizer, schedule, collate_units = plain
+        got = train_step(model, micro_batches, tokens, collate_units, optimizer, schedule, 1.0)
+        model, optimizer, schedule, collate_units = wrapped
+        expected = train_step(
+            model, micro_batches, tokens, collate_units, optimizer, schedule, 1.0, weights=[1.0, 1.0],
+            parallel=parallel, scaler=disabled,
+        )  # fmt: skip
+        assert got == expected
+    trained, reference = list(plain[0].parameters()), list(wrapped[0].parameters())
+    assert all(torch.equal(a, b) for a, b in zip(trained, reference, strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(trained, start))  # the steps did move every weight
+
+
+def step_and_gradients(tokenizer, micro_batches, step_tokens, step_weights) -> tuple:
+    """train_step's figures, and the gradients it hands the optimizer (clipped)."""
+    from minisft.loop import train_step
+
+    model, optimizer, schedule, collate_units = step_parts(tokenizer)
+    gradients = []
+    optimizer.register_step_pre_hook(
+        lambda *unused: gradients.extend(parameter.grad.clone() for parameter in model.parameters())
+    )
+    figures = train_step(
+        model, micro_batches, step_tokens, collate_units, optimizer, schedule, 1.0, weights=step_weights
+    )
+    return figures, gradients
+
+
+def test_a_weight_of_zero_leaves_the_micro_batch_out_of_the_step(tokenizer):
+    from minisft.loss import count_trained_tokens_of
+
+    examples = step_examples(tokenizer)
+    kept, padding = examples[0:2], examples[2:4]
+    tokens = count_trained_tokens_of(kept)
+    padded, padded_gradients = step_and_gradients(tokenizer, [kept, padding], tokens, [1, 0])
+    alone, alone_gradients = step_and_gradients(tokenizer, [kept], tokens, None)
+    assert padded == alone  # loss, correct predictions, entropy sum, gradient norm
+    assert len(padded_gradients) == len(alone_gradients) > 0
+    assert all(torch.equal(a, b) for a, b in zip(padded_gradients, alone_gradients))
+    counted, _ = step_and_gradients(tokenizer, [kept, padding], tokens, [1, 1])
+    assert counted[0] != alone[0]  # the padding micro-batch would change the step were it counted
+
+
 TRUNCATED = r"1 truncated to 64 tokens \(\d+ tokens cut\), 0 dropped"
 SPLIT = r"1 split over rows \(nothing cut\), 0 dropped"
 

@@ -58,8 +58,8 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 import minisft.loop  # noqa: E402
 import minisft.optim  # noqa: E402
-from minisft.config import DataConfig, LoraConfig, ModelConfig, PackingConfig, TrainingConfig  # noqa: E402
-from minisft.loop import RunConfig, train  # noqa: E402
+from minisft.config import DataConfig, LoraConfig, ModelConfig, PackingConfig, RunConfig, TrainingConfig  # noqa: E402
+from minisft.loop import train  # noqa: E402
 from minisft.models import load_tokenizer, tiny_model  # noqa: E402
 from minisft.prepare import prepare_dataset  # noqa: E402
 from tests.trl_reference import trl_train  # noqa: E402

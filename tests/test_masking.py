@@ -2,7 +2,7 @@
 
 import pytest
 
-from minisft.config import DataConfig
+from minisft.config import ConfigError, DataConfig
 from minisft.masking import IGNORE_INDEX, MaskingError, template_variants
 from minisft.prepare import prepare_dataset
 
@@ -198,9 +198,14 @@ def test_truncation_is_counted_and_untrained_leftovers_dropped(tokenizer):
     [
         ({"text": "hi"}, {"completion_only_loss": True}, "needs prompt/completion data"),
         ({"text": "hi"}, {"assistant_only_loss": True}, "needs conversational data"),
-        ({"text": "hi"}, {"instruction_template": "x"}, "needs a --response_template"),
     ],
 )
 def test_flags_that_cannot_apply_are_errors(tokenizer, example, flags, message):
     with pytest.raises(MaskingError, match=message):
         prepare_dataset([example], tokenizer, DataConfig(**flags))
+
+
+def test_an_instruction_template_alone_is_refused_with_the_flags():
+    """It needs no data to refuse: DataConfig does, before anything is prepared (config.py)."""
+    with pytest.raises(ConfigError, match="needs a --response_template"):
+        DataConfig(instruction_template="x")

@@ -15,8 +15,8 @@ import pytest
 from rich.console import Console
 from transformers import AutoTokenizer
 
-from minisft.config import DataConfig, ModelConfig, TrainingConfig
-from minisft.loop import RunConfig, train
+from minisft.config import DataConfig, ModelConfig, RunConfig, TrainingConfig
+from minisft.loop import train
 from minisft.models import tiny_model
 from minisft.packing import PackingError, setup_pad_token
 

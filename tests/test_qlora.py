@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from minisft.config import DataConfig, LoraConfig, ModelConfig, PackingConfig, TrainingConfig
-from minisft.loop import RunConfig, train
+from minisft.config import DataConfig, LoraConfig, ModelConfig, PackingConfig, RunConfig, TrainingConfig
+from minisft.loop import train
 from minisft.lora import LoraError, LoraSettings, four_bit_quantization, inject_lora
 from minisft.models import load_model, tiny_model
 

@@ -5,9 +5,10 @@ import dataclasses
 import re
 from pathlib import Path
 
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import TrainingArguments
 from trl import ModelConfig, ScriptArguments, SFTConfig
 
+from minisft.cli import FlagParser
 from minisft.train import CONFIG_TYPES
 
 README = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
@@ -30,7 +31,7 @@ def table_rows() -> list[tuple[list[str], str]]:
 
 
 def minisft_flags() -> set[str]:
-    parser = HfArgumentParser(CONFIG_TYPES)
+    parser = FlagParser(CONFIG_TYPES)
     return {option.lstrip("-") for action in parser._actions for option in action.option_strings}
 
 

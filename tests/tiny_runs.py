@@ -12,8 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from minisft.config import DataConfig, LoraConfig, ModelConfig, PackingConfig, TrainingConfig
-from minisft.loop import RunConfig
+from minisft.config import DataConfig, LoraConfig, ModelConfig, PackingConfig, RunConfig, TrainingConfig
 
 # Ten conversations of unequal lengths: the tests count on ten (batches of 10, reshuffles every 2.5 steps).
 CONVERSATIONS = [
@@ -127,3 +126,21 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|: rounding relative to the size of the values compared."""
     return max_diff(a, b) / b.float().abs().max().item()
+
+
+def refused_train(argv: list[str], capsys) -> tuple[str, str]:
+    """Run the train command in-process; it must exit with status 2, no traceback, and end with one line of error.
+    Returns that line and the whole of stderr."""
+    import pytest
+
+    from minisft.cli import run
+    from minisft.train import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        run(main, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err  # one line, and the last
+    return errors[0], err
