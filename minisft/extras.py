@@ -10,7 +10,7 @@ A few flags reach further:
     python -m minisft.plot                    matplotlib
 
 A missing one is a user's fix, not a bug: it is answered with one line that names the flag and the
-`pip install` that fixes it (exit status 2, no traceback). `check_run_packages` asks for all of a
+`pip install` that fixes it (exit status 2, no traceback). The loop's check_flags asks for all of a
 run's packages before any work starts, so a missing one costs a second, not a data preparation.
 """
 
@@ -66,16 +66,3 @@ def check_attention_implementation(name: str) -> None:
     if not torch.cuda.is_available():
         raise MissingPackageError(f"{flag} needs a CUDA GPU, and none is visible here: use --attn_implementation sdpa")
     raise MissingPackageError(f"{flag}: transformers cannot use the installed {module} (too old?): {install} --upgrade")
-
-
-def check_run_packages(attn_implementation: str, report_to: list[str], optim: str, load_in_4bit: bool) -> None:
-    """Every optional package the run's flags need, asked for before any work starts."""
-    from .reporting import chosen_trackers, import_tracker
-
-    check_attention_implementation(attn_implementation)
-    for tracker in chosen_trackers(report_to):
-        import_tracker(tracker)
-    if optim in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
-        import_bitsandbytes(f"--optim {optim}")
-    if load_in_4bit:
-        import_bitsandbytes("--load_in_4bit")

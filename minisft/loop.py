@@ -58,7 +58,7 @@ from .config import ConfigError, LoraConfig, ModelConfig, PackingConfig, RunConf
 from .data import folder_line
 from .distributed import DataParallel, Processes, barrier, data_parallel, device_of, start, total_norm, whole_weights
 from .errors import UserError
-from .extras import check_run_packages
+from .extras import check_attention_implementation, import_bitsandbytes
 from .lora import (
     LoraSettings,
     check_head,
@@ -86,7 +86,7 @@ from .outputs import (
 )
 from .packing import collate_padded, collate_rows, pack, padding_free_row, setup_pad_token
 from .prepare import PreparedDataset, cut_lengths, load_and_prepare
-from .reporting import MetricsLog
+from .reporting import MetricsLog, chosen_trackers, import_tracker
 from .stopping import stop_requests
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -158,10 +158,12 @@ def train_into(
     )  # fmt: skip
     in_output_dir = resume_from is not None and resume_from.resolve().parent == output_dir.resolve()
     run = Run(
-        model, optimizer, schedule, scaler, autocast, parallel, collate_fn, train_units, eval_units,
-        steps_per_epoch, total_steps, output_dir, lora_settings, config.model.model_name_or_path, args.seed,
-        order, completed=resumed["step"], saved=resume_from if in_output_dir else None,
-        interval=Interval(resumed.get("num_tokens", 0)), base_model=base_model,
+        model=model, optimizer=optimizer, schedule=schedule, scaler=scaler, autocast=autocast, parallel=parallel,
+        collate=collate_fn, train_units=train_units, eval_units=eval_units, steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps, output_dir=output_dir, lora_settings=lora_settings,
+        base_name=config.model.model_name_or_path, seed=args.seed, data_order=order, completed=resumed["step"],
+        saved=resume_from if in_output_dir else None, interval=Interval(resumed.get("num_tokens", 0)),
+        base_model=base_model,
     )  # fmt: skip
     # Every input is open and checked: only now may --overwrite_output_dir remove the previous run's files.
     prepare_output_dir(output_dir, args.overwrite_output_dir, resume_from is not None, processes, console)
@@ -184,7 +186,7 @@ def train_into(
 # ----------------------------------------------------------------------------- the steps
 
 
-@dataclass
+@dataclass(kw_only=True)  # built by name: 20 fields, no order to remember
 class Run:
     """A run once set up: what its steps use and change, and what a checkpoint of them holds."""
 
@@ -440,7 +442,13 @@ def check_flags(config: RunConfig) -> None:
     config was built: asked again for one changed since), and the optional packages the flags need."""
     check_run(config)
     args = config.training
-    check_run_packages(config.model.attn_implementation, args.report_to, args.optim, config.lora.load_in_4bit)
+    check_attention_implementation(config.model.attn_implementation)
+    for tracker in chosen_trackers(args.report_to):
+        import_tracker(tracker)
+    if args.optim in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
+        import_bitsandbytes(f"--optim {args.optim}")
+    if config.lora.load_in_4bit:
+        import_bitsandbytes("--load_in_4bit")
 
 
 def open_output_dir(config: RunConfig, processes: Processes, console) -> tuple[Path, Path | None, OutputLock]:
@@ -554,7 +562,7 @@ def prepare_model(config: RunConfig, tokenizer, device: torch.device, console: C
     lora_settings = attach_lora(model, lora, console)
     check_head(model)
     if config.training.gradient_checkpointing:
-        # Newer transformers (5.24 here) name it activation_checkpointing_enable; the old name warns, and goes in v6.
+        # Newer transformers name it activation_checkpointing_enable; the old name warns, and goes in v6.
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:

@@ -39,17 +39,14 @@ import torch.nn.functional as F
 
 from .masking import IGNORE_INDEX
 
-# Tokens per chunk of the head; a chunk's fp32 logits are chunk × 49,152 × 4 B for SmolLM2 (50 MB at 256). On a
-# CPU, 256: in whole training steps 1024-token chunks were 4–18% slower per token (measured here, 2026-11). The
-# fused loss alone, at SmolLM2's shape, is not what costs: 1024 is 7% faster than 256 there, 128 is 4% slower
-# and 64 22% slower (2026-12-06), so the whole-step difference lies elsewhere and was not pinned down. A GPU
-# prefers fewer, larger kernels.
+# Tokens per chunk of the head: a chunk's fp32 logits are chunk × vocabulary × 4 B (50 MB at 256 for SmolLM2).
+# Larger chunks mean fewer, larger matmuls, which a GPU prefers; on a CPU whole training steps ran fastest at 256
+# (benchmarks/RESULTS.md, "The loss's chunk size").
 CHUNK_TOKENS = {"cpu": 256, "cuda": 1024}
 # The plain loss (evaluation) does not touch the head's gradient, which the fused one reads and writes once per
 # chunk, so on a CPU it takes smaller chunks: 64 tokens' logits (12.6 MB for SmolLM2) stay under glibc's 32 MB
 # ceiling for heap allocations, so each chunk's temporaries reuse the last one's memory instead of being mapped
-# and faulted in afresh. Measured here: 0.63× the time per token of 256-token chunks at hidden size 256, 0.81× at
-# SmolLM2's 576; 32 tokens was slower again.
+# and faulted in afresh (faster per token; the figures are in benchmarks/RESULTS.md).
 PLAIN_CHUNK_TOKENS = {"cpu": 64, "cuda": 1024}
 
 
