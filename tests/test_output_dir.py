@@ -209,8 +209,11 @@ def test_a_read_only_output_dir_is_refused_naming_the_reason(tmp_path):
         flags = ["--model_name_or_path", str(base / "no-model"), "--dataset_name", str(base / "data.jsonl")]
         flags += ["--output_dir", str(folder), "--overwrite_output_dir"]
         become_nobody = "os.setgid(65534); os.setuid(65534)" if os.geteuid() == 0 else ""
-        code = f"import os, sys; from minisft.cli import run; from minisft.train import main; {become_nobody}; "
-        code += "run(main, sys.argv[1:])"
+        # rich imports its emoji and cell-width tables when it first prints: printed once to nowhere before the
+        # privileges go, since nobody cannot read a venv in a 0700 folder (as CI's is).
+        warm = "import io; from rich.console import Console; Console(file=io.StringIO()).print('[bold red]x:[/] x')"
+        code = f"import os, sys; from minisft.cli import run; from minisft.train import main; {warm}; "
+        code += f"{become_nobody}; run(main, sys.argv[1:])"
         child = subprocess.run([sys.executable, "-c", code, *flags], capture_output=True, text=True, timeout=120)
         err = child.stderr.strip().splitlines()
         assert child.returncode == 2, child.stderr
