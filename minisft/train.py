@@ -29,7 +29,7 @@ from .config import DataConfig, LoraConfig, ModelConfig, PackingConfig, RunConfi
 from .data import load_splits
 from .distributed import start, stop
 from .generate import generate, load_for_chat
-from .loop import train
+from .loop import check_flags, train
 from .stopping import STOPPED_EXIT_CODE
 from .summary import print_summary
 
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
             soft_wrap=True,
         )
     config = RunConfig(*flags)
+    check_flags(config)  # the optional packages too, before the demo loads the model for its prompts
 
     ask = demo and processes.is_main
     if ask:

@@ -2,6 +2,7 @@
 status 2, before any data line, tokenizer or model. And minisft/config.py is a leaf every stage may import."""
 
 import dataclasses
+import importlib.util
 import subprocess
 import sys
 
@@ -82,6 +83,11 @@ def test_flex_attention_on_the_cpu_is_refused_before_any_work(tmp_path, capsys, 
 def test_the_demo_refuses_before_it_asks_its_prompts(capsys, no_work):
     """The demo loads the model to answer its prompts before training: a refused flag must come first."""
     assert "--fsdp shards the model across processes" in refused(["--fsdp"], capsys)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is not None, reason="mlflow is installed here")
+def test_the_demo_asks_for_a_missing_tracker_before_its_prompts(capsys, no_work):
+    assert "--report_to mlflow" in refused(["--report_to", "mlflow"], capsys)
 
 
 @pytest.mark.parametrize("extra", [{"fsdp": True}, {}])
