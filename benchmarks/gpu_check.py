@@ -11,7 +11,7 @@ benchmarks/results/gpu_check[_dry_run]/): check.json with every figure, and each
     cuda tests    the tests marked cuda, which skip without a GPU (flash attention's boundaries, fp16's scaler)
     attention     for sdpa, eager, flex_attention and flash_attention_2 (when flash-attn is installed): the logits
                   of three examples packed in one row against each example run alone, under bf16 autocast, then
-                  a 5-step bf16 training run of SmolLM2-135M through minisft.loop.train with that implementation
+                  a 5-step bf16 training run of SmolLM2-135M through minisft.machinery.loop.train with that implementation
     4-bit         benchmarks/load_memory.py: the model's memory loaded in float32 and quantized while loading
     benchmark     benchmarks/packing_throughput.py --device cuda: minisft bfd and TRL packed, tokens/s and MFU
 
@@ -67,12 +67,12 @@ def attention(implementation: str, model_dir: str, device: str, work: Path) -> d
     """Packed rows against examples alone, then a short training run, with one attention implementation."""
     import torch
 
-    from minisft.attention import packed_inputs, use_sdpa_by_example
-    from minisft.cli import demo_dataset_path
-    from minisft.config import DataConfig, LoraConfig, ModelConfig, PackingConfig, RunConfig, TrainingConfig
-    from minisft.loop import train
-    from minisft.models import load_model, load_tokenizer
-    from minisft.packing import collate_rows, make_row
+    from minisft.machinery.cli import demo_dataset_path
+    from minisft.machinery.config import DataConfig, LoraConfig, ModelConfig, PackingConfig, RunConfig, TrainingConfig
+    from minisft.machinery.loop import train
+    from minisft.machinery.models import load_model, load_tokenizer
+    from minisft.sft.attention import packed_inputs, use_sdpa_by_example
+    from minisft.sft.packing import collate_rows, make_row
 
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, attn_implementation=implementation, device=device).eval()
@@ -185,14 +185,14 @@ def main() -> None:
     steps.append(pytest_step(out, args.dry_run))
 
     if args.dry_run:
-        from minisft.models import load_tokenizer, tiny_model
+        from minisft.machinery.models import load_tokenizer, tiny_model
 
         tokenizer = load_tokenizer("smollm2-135m-instruct")
         model_dir = str(work / "tiny")
         tiny_model(tokenizer).save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
     else:
-        from minisft.models import resolve_model_source
+        from minisft.machinery.models import resolve_model_source
 
         model_dir = resolve_model_source("smollm2-135m-instruct")  # converted from the GGUF once, before timing
     for implementation in IMPLEMENTATIONS:

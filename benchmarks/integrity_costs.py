@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minisft import cache
-from minisft.checkpoint import base_identity, verify_files
-from minisft.models import load_model, load_tokenizer, tiny_model
-from minisft.outputs import record_outputs, start_writing, take_lock
-from minisft.storage import file_checksums
+from minisft.machinery import cache
+from minisft.machinery.checkpoint import base_identity, verify_files
+from minisft.machinery.models import load_model, load_tokenizer, tiny_model
+from minisft.machinery.outputs import record_outputs, start_writing, take_lock
+from minisft.machinery.storage import file_checksums
 
 
 def timed(work, repeats: int) -> float:

@@ -43,8 +43,8 @@ def measure(model: str, mode: str, device: str) -> dict:
     """Load `model` in `mode` in this process and report its memory (run in a child process by main)."""
     import torch
 
-    from minisft.lora import four_bit_quantization
-    from minisft.models import load_model
+    from minisft.machinery.models import load_model
+    from minisft.sft.lora import four_bit_quantization
 
     peak_anonymous, sampling = [memory_status()["RssAnon"]], [True]
 
@@ -92,7 +92,7 @@ def main() -> None:
         print(json.dumps(measure(args.model, args.child, args.device)))
         return
 
-    from minisft.models import resolve_model_source
+    from minisft.machinery.models import resolve_model_source
 
     model = resolve_model_source(args.model)  # the embedded model is converted once, before any timing
     runs = {mode: [] for mode in MODES}

@@ -7,7 +7,7 @@ The job is the packing benchmark's packed mode (benchmarks/packing_throughput.py
 synthetic conversations, best-fit-decreasing rows of max_length, one row per micro-batch, AdamW (fused, lr 1e-3),
 clipping at 1.0, fp32. Each variant runs in its own process, so each peak is that process's alone.
 
-The step is minisft.loop.train_step itself; hooks on the model, its collate function and the optimizer mark
+The step is minisft.machinery.loop.train_step itself; hooks on the model, its collate function and the optimizer mark
 where each phase begins, so that a sampler thread can name the phase each resident-memory sample falls in.
 Two kinds of figures:
     resident (RSS)  /proc/self/statm sampled every millisecond: the peak of each phase, and the process's
@@ -112,14 +112,14 @@ def worker(variant: str, args) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from packing_throughput import TINY_SHAPE, synthetic_conversations
 
-    from minisft.attention import use_sdpa_by_example
-    from minisft.config import DataConfig
-    from minisft.loop import collate, peak_memory_mb, train_step
-    from minisft.loss import ChunkedLinearCrossEntropy, count_trained_tokens_of
-    from minisft.models import load_model, load_tokenizer, tiny_model
-    from minisft.optim import build_optimizer, build_schedule
-    from minisft.packing import pack
-    from minisft.prepare import prepare_dataset
+    from minisft.machinery.config import DataConfig
+    from minisft.machinery.loop import collate, peak_memory_mb, train_step
+    from minisft.machinery.models import load_model, load_tokenizer, tiny_model
+    from minisft.machinery.prepare import prepare_dataset
+    from minisft.sft.attention import use_sdpa_by_example
+    from minisft.sft.loss import ChunkedLinearCrossEntropy, count_trained_tokens_of
+    from minisft.sft.optim import build_optimizer, build_schedule
+    from minisft.sft.packing import pack
 
     sampler = PhaseSampler()
     sampler.start()

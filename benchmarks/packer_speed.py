@@ -5,7 +5,7 @@
 
 Lengths are drawn from the skewed distribution chat data has: lognormal, median ~180 tokens,
 tail to ~2000. Each packer runs --repeats times and the fastest run counts. minisft's packer
-(minisft.packing.best_fit_decreasing) is timed on the lengths alone. Where TRL is installed,
+(minisft.sft.packing.best_fit_decreasing) is timed on the lengths alone. Where TRL is installed,
 its public `trl.data_utils.pack_dataset(dataset, max_length, "bfd")` is timed on a
 datasets.Dataset holding one int8 token per position of the same lengths (built before the
 clock starts): that includes datasets' map and TRL's table work, so it is the cost a user of
@@ -24,7 +24,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from minisft.packing import best_fit_decreasing
+from minisft.sft.packing import best_fit_decreasing
 
 
 def skewed_lengths(count: int, seed: int = 0) -> list[int]:

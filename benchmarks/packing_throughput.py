@@ -171,22 +171,22 @@ def gpu_peak_flops(override_tflops: float | None) -> tuple[float, str]:
 
 def micro_batch_figures(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask=None) -> tuple[int, int, int]:
     """(trained tokens, non-pad tokens, slots) of one micro-batch, counted the same way for every mode."""
-    from minisft.loss import count_trained_tokens
+    from minisft.sft.loss import count_trained_tokens
 
     real = int(attention_mask.sum()) if attention_mask is not None and attention_mask.dim() == 2 else None
     return count_trained_tokens(labels), real if real is not None else input_ids.numel(), input_ids.numel()
 
 
 def run_minisft(mode: str, args, work: Path) -> dict:
-    """minisft's own training step (minisft.loop.train_step, the function the loop calls), over this mode's units."""
-    from minisft.attention import use_sdpa_by_example
-    from minisft.config import DataConfig
-    from minisft.loop import collate, mixed_precision, train_step
-    from minisft.loss import count_trained_tokens_of
-    from minisft.models import load_model, load_tokenizer
-    from minisft.optim import build_optimizer, build_schedule
-    from minisft.packing import pack
-    from minisft.prepare import prepare_dataset
+    """minisft's own training step (minisft.machinery.loop.train_step, the function the loop calls), over this mode's units."""
+    from minisft.machinery.config import DataConfig
+    from minisft.machinery.loop import collate, mixed_precision, train_step
+    from minisft.machinery.models import load_model, load_tokenizer
+    from minisft.machinery.prepare import prepare_dataset
+    from minisft.sft.attention import use_sdpa_by_example
+    from minisft.sft.loss import count_trained_tokens_of
+    from minisft.sft.optim import build_optimizer, build_schedule
+    from minisft.sft.packing import pack
 
     device = torch.device(args.device)
     tokenizer = load_tokenizer(args.model_source)
@@ -258,10 +258,10 @@ def step_totals(figures: list[tuple[int, int, int]]) -> dict:
 
 def held_out_loss(model, tokenizer, work: Path, args) -> float:
     """Σ token losses / trained tokens on the held-out conversations: the same code whichever mode trained."""
-    from minisft.config import DataConfig
-    from minisft.loop import model_losses
-    from minisft.packing import collate_padded
-    from minisft.prepare import prepare_dataset
+    from minisft.machinery.config import DataConfig
+    from minisft.machinery.loop import model_losses
+    from minisft.machinery.prepare import prepare_dataset
+    from minisft.sft.packing import collate_padded
 
     examples = prepare_dataset(read_jsonl(work / "held_out.jsonl"), tokenizer, DataConfig(max_length=args.max_length))
     model.eval()
@@ -319,7 +319,7 @@ def run_trl(mode: str, args, work: Path) -> dict:
     import transformers
     import trl
 
-    from minisft.models import load_model, load_tokenizer
+    from minisft.machinery.models import load_model, load_tokenizer
 
     datasets.disable_progress_bar()
     transformers.logging.set_verbosity_error()
@@ -434,7 +434,7 @@ def run_torchtune(mode: str, args, work: Path) -> dict:
     from torchtune.models.convert_weights import hf_to_tune, tune_to_hf
     from torchtune.modules.loss import CEWithChunkedOutputLoss
 
-    from minisft.models import load_model, load_tokenizer
+    from minisft.machinery.models import load_model, load_tokenizer
 
     device = torch.device(args.device)
     tokenizer = load_tokenizer(args.model_source)
@@ -537,7 +537,7 @@ def worker(mode: str, args) -> None:
     run = {"trl": run_trl, "torchtune": run_torchtune}.get(mode.split("_")[0], run_minisft)
     result = run(mode, args, work)
     # What the loop logs: the GPU allocator's peak, or this worker's own peak resident memory (not the driver's).
-    from minisft.loop import peak_memory_mb
+    from minisft.machinery.loop import peak_memory_mb
 
     result["peak_memory_mb"] = peak_memory_mb(torch.device(args.device))
     (work / f"result-{mode}.json").write_text(json.dumps(result), encoding="utf-8")
@@ -672,11 +672,11 @@ def torchtune_environment(path: str | None) -> tuple[dict, str | None, str]:
 
 def prepare_workspace(args, work: Path) -> tuple[object, list[int]]:
     """The data, the initial model (saved once, so every mode starts from the same weights), and the row count."""
-    from minisft.config import DataConfig
-    from minisft.data import load_splits
-    from minisft.models import load_tokenizer, model_config, tiny_model
-    from minisft.packing import pack
-    from minisft.prepare import prepare_dataset
+    from minisft.machinery.config import DataConfig
+    from minisft.machinery.data_files import load_splits
+    from minisft.machinery.models import load_tokenizer, model_config, tiny_model
+    from minisft.machinery.prepare import prepare_dataset
+    from minisft.sft.packing import pack
 
     count = args.steps * args.examples_per_step
     if args.data:

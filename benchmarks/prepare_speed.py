@@ -44,10 +44,10 @@ def write_conversations(path: Path, count: int, seed: int = 0) -> None:
 
 
 def run_minisft(data: Path, cache_dir: Path, processes: int) -> dict:
-    from minisft.config import DataConfig, PackingConfig
-    from minisft.models import load_tokenizer
-    from minisft.packing import pack
-    from minisft.prepare import load_and_prepare
+    from minisft.machinery.config import DataConfig, PackingConfig
+    from minisft.machinery.models import load_tokenizer
+    from minisft.machinery.prepare import load_and_prepare
+    from minisft.sft.packing import pack
 
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     start = time.perf_counter()
@@ -68,7 +68,7 @@ def run_trl(data: Path, cache_dir: Path) -> dict:
     import datasets
     import trl
 
-    from minisft.models import load_tokenizer, tiny_model
+    from minisft.machinery.models import load_tokenizer, tiny_model
 
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     start = time.perf_counter()

@@ -5,7 +5,7 @@
     python benchmarks/step_costs.py --minisft ../old     # part 2 with another checkout's minisft (same command line)
     python benchmarks/step_costs.py --memory             # part 3 alone: live tensor bytes of train_step, ~4 min
 
-1. Evaluation per token, against a training step per token. `minisft.loop.evaluate` runs under no_grad,
+1. Evaluation per token, against a training step per token. `minisft.machinery.loop.evaluate` runs under no_grad,
    and the loss then takes the plain formula (loss.plain_losses). The fused loss (what training runs)
    computes the head's gradients inside its forward, so evaluating with it would pay for them anyway:
    it is timed too, as "eval with the fused loss", to show what choosing the plain one saves.
@@ -17,7 +17,7 @@
    RSS is per process) on the same data, 3 steps, one row per micro-batch. RSS carries the allocator's
    slack and the machine's noise, larger here than the effect: part 3 is the measurement to read.
 3. (--memory) The same question, answered exactly: the peak of live tensor bytes during one
-   `minisft.loop.train_step`, from the profiler's allocation events (torch.profiler, profile_memory=True:
+   `minisft.machinery.loop.train_step`, from the profiler's allocation events (torch.profiler, profile_memory=True:
    the running sum of their sizes in time order, above what was live when the step began). Two variants
    of the same step over one packed row repeated `accumulation` times: "one at a time", train_step as the
    loop calls it, and "collated ahead", the loop before this change (commit 7b15111), simulated by
@@ -47,23 +47,23 @@ from packing_throughput import TINY_SHAPE, synthetic_conversations, write_jsonl 
 
 def step_parts(model) -> tuple:
     """What train_step takes beside the batches: fused AdamW (lr 1e-5, no decay) and a constant schedule."""
-    from minisft.optim import build_optimizer, build_schedule
+    from minisft.sft.optim import build_optimizer, build_schedule
 
     optimizer = build_optimizer(model, "adamw_torch_fused", 1e-5, 0.0)
     return optimizer, build_schedule(optimizer, "constant", 0, 1000)
 
 
 def eval_costs(repeats: int, model_name: str) -> dict:
-    """Seconds per trained token: a training step (minisft.loop.train_step over the rows, forward, fused loss,
+    """Seconds per trained token: a training step (minisft.machinery.loop.train_step over the rows, forward, fused loss,
     backward, clipping and AdamW), evaluation (plain loss), evaluation with the fused loss."""
-    from minisft import loss as loss_module
-    from minisft.attention import use_sdpa_by_example
-    from minisft.config import DataConfig
-    from minisft.loop import collate, model_losses, train_step
-    from minisft.loss import count_trained_tokens_of
-    from minisft.models import load_model, load_tokenizer, tiny_model
-    from minisft.packing import pack
-    from minisft.prepare import prepare_dataset
+    from minisft.machinery.config import DataConfig
+    from minisft.machinery.loop import collate, model_losses, train_step
+    from minisft.machinery.models import load_model, load_tokenizer, tiny_model
+    from minisft.machinery.prepare import prepare_dataset
+    from minisft.sft import loss as loss_module
+    from minisft.sft.attention import use_sdpa_by_example
+    from minisft.sft.loss import count_trained_tokens_of
+    from minisft.sft.packing import pack
 
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     model = tiny_model(tokenizer, **TINY_SHAPE) if model_name == "tiny" else load_model("smollm2-135m-instruct")
@@ -114,7 +114,7 @@ def eval_costs(repeats: int, model_name: str) -> dict:
 
 def accumulation_memory(counts: list[int], minisft_path: Path, work: Path) -> dict:
     """Peak RSS (MB) of a 3-step packed run under eager attention, for each --gradient_accumulation_steps."""
-    from minisft.models import load_tokenizer, tiny_model
+    from minisft.machinery.models import load_tokenizer, tiny_model
 
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     model_dir = work / "model"
@@ -161,13 +161,13 @@ def step_memory(counts: list[int], length: int) -> dict:
     (the loop) or all ahead (the loop at commit 7b15111), under eager attention and sdpa per example."""
     import functools
 
-    from minisft.attention import use_sdpa_by_example
-    from minisft.config import DataConfig
-    from minisft.loop import collate, train_step
-    from minisft.loss import count_trained_tokens_of
-    from minisft.models import load_tokenizer, tiny_model
-    from minisft.packing import pack
-    from minisft.prepare import prepare_dataset
+    from minisft.machinery.config import DataConfig
+    from minisft.machinery.loop import collate, train_step
+    from minisft.machinery.models import load_tokenizer, tiny_model
+    from minisft.machinery.prepare import prepare_dataset
+    from minisft.sft.attention import use_sdpa_by_example
+    from minisft.sft.loss import count_trained_tokens_of
+    from minisft.sft.packing import pack
 
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     examples = prepare_dataset(synthetic_conversations(64, seed=0), tokenizer, DataConfig(max_length=length)).examples

@@ -24,9 +24,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from minisft.config import DataConfig, LoraConfig, RunConfig, TrainingConfig
-from minisft.generate import generate, load_for_chat
-from minisft.loop import train
+from minisft.machinery.config import DataConfig, LoraConfig, RunConfig, TrainingConfig
+from minisft.machinery.generate import generate, load_for_chat
+from minisft.machinery.loop import train
 
 PROMPT, ANSWER = "微调测试", "我学会了"
 BASE_MODEL = "smollm2-135m-instruct"

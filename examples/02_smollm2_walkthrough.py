@@ -25,10 +25,10 @@ import sys
 
 from rich.console import Console
 
-from minisft.cli import demo_dataset_path, run
-from minisft.data import load_splits
 from minisft.errors import UserError
-from minisft.generate import generate, load_for_chat
+from minisft.machinery.cli import demo_dataset_path, run
+from minisft.machinery.data_files import load_splits
+from minisft.machinery.generate import generate, load_for_chat
 from minisft.plot import plot
 from minisft.train import main as train_main
 

@@ -14,18 +14,18 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from minisft.attention import packed_inputs, use_sdpa_by_example
-from minisft.cli import demo_dataset_path
-from minisft.config import DataConfig, LoraConfig, PackingConfig, RunConfig, TrainingConfig
-from minisft.data import load_splits
-from minisft.formatting import format_example, resolve_eos_token
 from minisft.inspect import render_tokens
-from minisft.loop import train
-from minisft.lora import LoraSettings, head_matrix, inject_lora
-from minisft.loss import token_losses
-from minisft.models import load_model, load_tokenizer
-from minisft.packing import collate_rows, pack
-from minisft.prepare import prepare_dataset
+from minisft.machinery.cli import demo_dataset_path
+from minisft.machinery.config import DataConfig, LoraConfig, PackingConfig, RunConfig, TrainingConfig
+from minisft.machinery.data_files import load_splits
+from minisft.machinery.loop import train
+from minisft.machinery.models import load_model, load_tokenizer
+from minisft.machinery.prepare import prepare_dataset
+from minisft.sft.attention import packed_inputs, use_sdpa_by_example
+from minisft.sft.chat_template import format_example, resolve_eos_token
+from minisft.sft.lora import LoraSettings, head_matrix, inject_lora
+from minisft.sft.loss import token_losses
+from minisft.sft.packing import collate_rows, pack
 
 MODEL = "smollm2-135m-instruct"
 console = Console()

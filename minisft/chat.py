@@ -18,9 +18,9 @@ import transformers
 from rich.console import Console
 from transformers import TextStreamer
 
-from .cli import run
-from .generate import check_sampling, generate, load_for_chat
-from .models import EMBEDDED_MODEL_NAME
+from .machinery.cli import run
+from .machinery.generate import check_sampling, generate, load_for_chat
+from .machinery.models import EMBEDDED_MODEL_NAME
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -25,13 +25,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .cli import demo_dataset_path, parse_flags, run, stderr_console
-from .config import DataConfig, ModelConfig, PackingConfig, TrainingConfig
-from .data import folder_line
-from .masking import IGNORE_INDEX
-from .models import load_tokenizer
-from .packing import PackedDataset, pack, positions_of, setup_pad_token
-from .prepare import PreparedDataset, PrepareStats, load_and_prepare
+from .machinery.cli import demo_dataset_path, parse_flags, run, stderr_console
+from .machinery.config import DataConfig, ModelConfig, PackingConfig, TrainingConfig
+from .machinery.data_files import folder_line
+from .machinery.models import load_tokenizer
+from .machinery.prepare import PreparedDataset, PrepareStats, load_and_prepare
+from .sft.labels import IGNORE_INDEX
+from .sft.packing import PackedDataset, pack, positions_of, setup_pad_token
 
 
 @dataclass

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .cli import run
-from .extras import import_optional
+from .machinery.cli import run
+from .machinery.extras import import_optional
 from .summary import curve, read_metrics
 
 PANELS = [

@@ -20,8 +20,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .cli import run
-from .reporting import MetricsError, read_records
+from .machinery.cli import run
+from .machinery.reporting import MetricsError, read_records
 
 # The thresholds of the warning signs. Loss values depend on the data, so these are rules of
 # thumb: a run below them is worth a look, not necessarily broken.

@@ -10,7 +10,7 @@ the small dataset in minisft/demo_data/ (a few facts the model cannot know, and 
 shows in the answers, not only in the loss. The demo's defaults are printed; any flag overrides them.
 
 The flags are TRL's names for the same things (`python -m minisft.train --help` lists them);
-the run itself is minisft/loop.py, callable from Python as `minisft.loop.train(RunConfig(...))`
+the run itself is minisft/loop.py, callable from Python as `minisft.machinery.loop.train(RunConfig(...))`
 (RunConfig: minisft/config.py).
 """
 
@@ -24,13 +24,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .cli import demo_dataset_path, parse_flags, run
-from .config import DataConfig, LoraConfig, ModelConfig, PackingConfig, RunConfig, TrainingConfig
-from .data import load_splits
-from .distributed import start, stop
-from .generate import generate, load_for_chat
-from .loop import check_flags, train
-from .stopping import STOPPED_EXIT_CODE
+from .machinery.cli import demo_dataset_path, parse_flags, run
+from .machinery.config import DataConfig, LoraConfig, ModelConfig, PackingConfig, RunConfig, TrainingConfig
+from .machinery.data_files import load_splits
+from .machinery.distributed import start, stop
+from .machinery.generate import generate, load_for_chat
+from .machinery.loop import check_flags, train
+from .machinery.stopping import STOPPED_EXIT_CODE
 from .summary import print_summary
 
 CONFIG_TYPES = (ModelConfig, DataConfig, PackingConfig, LoraConfig, TrainingConfig)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from minisft.models import load_tokenizer, tiny_model
+from minisft.machinery.models import load_tokenizer, tiny_model
 
 from .tiny_runs import data_file_of, write_conversations
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import minisft.attention
-from minisft.attention import FLASH_IMPLEMENTATIONS, flatten_rows, packed_inputs, use_sdpa_by_example
-from minisft.masking import IGNORE_INDEX
-from minisft.models import tiny_model
-from minisft.packing import collate_rows, make_row, padding_free_row
+import minisft.sft.attention
+from minisft.machinery.models import tiny_model
+from minisft.sft.attention import FLASH_IMPLEMENTATIONS, flatten_rows, packed_inputs, use_sdpa_by_example
+from minisft.sft.labels import IGNORE_INDEX
+from minisft.sft.packing import collate_rows, make_row, padding_free_row
 
 TEXTS = [
     "Hello world, this is the first example of the row.",
@@ -84,8 +84,8 @@ def test_sdpa_runs_one_causal_attention_per_example(tokenizer, examples, monkeyp
         calls.append((query.shape[2], attention_mask))
         return original(module, query, key, value, attention_mask, **kwargs)
 
-    original = minisft.attention.sdpa_attention_forward
-    monkeypatch.setattr(minisft.attention, "sdpa_attention_forward", counting)
+    original = minisft.sft.attention.sdpa_attention_forward
+    monkeypatch.setattr(minisft.sft.attention, "sdpa_attention_forward", counting)
     model = tiny_model(tokenizer).eval()
     use_sdpa_by_example(model)
     batch = packed_batch(examples, tokenizer.pad_token_id)
@@ -179,8 +179,8 @@ def test_flash_varlen_equals_examples_alone(tokenizer, examples, implementation)
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: FlexAttention trains on it")
 def test_training_with_flex_attention_on_the_cpu_is_one_clear_line(tiny_dir, tmp_path):
-    from minisft.config import ConfigError
-    from minisft.loop import train
+    from minisft.machinery.config import ConfigError
+    from minisft.machinery.loop import train
 
     from .tiny_runs import run_config
 

@@ -70,9 +70,9 @@ def test_torchtune_modes_train_the_tokens_minisft_trains():
     Needs no torchtune: the samples are made before it sees them. Conversations of 1 to 3 exchanges, one cut by
     max_length, so truncation is checked too.
     """
-    from minisft.config import DataConfig
-    from minisft.models import load_tokenizer
-    from minisft.prepare import prepare_dataset
+    from minisft.machinery.config import DataConfig
+    from minisft.machinery.models import load_tokenizer
+    from minisft.machinery.prepare import prepare_dataset
 
     benchmark = load_benchmark()
     tokenizer = load_tokenizer("smollm2-135m-instruct")

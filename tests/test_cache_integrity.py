@@ -25,10 +25,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minisft import cache, packing, prepare, storage
-from minisft.config import DataConfig, PackingConfig
-from minisft.data import DataError
-from minisft.prepare import load_and_prepare
+from minisft.machinery import cache, prepare, storage
+from minisft.machinery.config import DataConfig, PackingConfig
+from minisft.machinery.data_files import DataError
+from minisft.machinery.prepare import load_and_prepare
+from minisft.sft import packing
 
 # The chat template of tests: ChatML, spinning ~0.1 s on a row whose message says SLOW (the signal tests) and
 # for days on one that says LOOP (Jinja's sandbox caps a range at 100,000: nested, they multiply).
@@ -300,16 +301,16 @@ def test_progress_is_shown_from_the_main_process(tmp_path, fresh_tokenizer, monk
 
 STOPPED = """
 import sys
-from minisft import prepare
-from minisft.config import DataConfig
-from minisft.models import load_tokenizer
+from minisft.machinery import prepare
+from minisft.machinery.config import DataConfig
+from minisft.machinery.models import load_tokenizer
 
 prepare.BATCH_ROWS = 2
 tokenizer = load_tokenizer("smollm2-135m-instruct")
 tokenizer.chat_template = {template!r}
 try:
     prepare.load_and_prepare(sys.argv[1], tokenizer, DataConfig(cache_dir=sys.argv[2], dataset_num_proc=2))
-except KeyboardInterrupt:  # as minisft.cli.run answers it: one quiet line
+except KeyboardInterrupt:  # as minisft.machinery.cli.run answers it: one quiet line
     print("interrupted", file=sys.stderr)
     sys.exit(130)
 print("finished", file=sys.stderr)

@@ -5,12 +5,12 @@ import torch
 
 import minisft.chat
 from minisft.chat import main
-from minisft.cli import run
-from minisft.config import DataConfig, LoraConfig, ModelConfig, RunConfig, TrainingConfig
-from minisft.generate import generate, load_for_chat
-from minisft.loop import train
-from minisft.lora import load_adapter
-from minisft.models import load_model
+from minisft.machinery.cli import run
+from minisft.machinery.config import DataConfig, LoraConfig, ModelConfig, RunConfig, TrainingConfig
+from minisft.machinery.generate import generate, load_for_chat
+from minisft.machinery.loop import train
+from minisft.machinery.models import load_model
+from minisft.sft.lora import load_adapter
 
 HELLO = [[{"role": "user", "content": "hello"}]]
 

@@ -20,13 +20,13 @@ from rich.console import Console
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-import minisft.checkpoint
-import minisft.loop
-from minisft.checkpoint import CheckpointError, prune
-from minisft.cli import run
-from minisft.config import LoraConfig, PackingConfig
-from minisft.loop import train
-from minisft.stopping import STOPPED_EXIT_CODE
+import minisft.machinery.checkpoint
+import minisft.machinery.loop
+from minisft.machinery.checkpoint import CheckpointError, prune
+from minisft.machinery.cli import run
+from minisft.machinery.config import LoraConfig, PackingConfig
+from minisft.machinery.loop import train
+from minisft.machinery.stopping import STOPPED_EXIT_CODE
 from minisft.train import main
 
 from .tiny_runs import data_file_of, metrics, run_config
@@ -109,7 +109,7 @@ def test_lora_with_modules_to_save_resumes_exactly(tiny_dir, tmp_path, lora_r):
 
 def signal_during_step(monkeypatch, step: int, signals: list[signal.Signals]):
     """Send these signals to this very process from inside the forward pass of `step` (1-based)."""
-    original = minisft.loop.model_losses
+    original = minisft.machinery.loop.model_losses
     calls = {"count": 0}
 
     def forward(*args, **kwargs):
@@ -121,7 +121,7 @@ def signal_during_step(monkeypatch, step: int, signals: list[signal.Signals]):
                 os.kill(os.getpid(), number)  # Python runs the handler before the next bytecode
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(minisft.loop, "model_losses", forward)
+    monkeypatch.setattr(minisft.machinery.loop, "model_losses", forward)
 
 
 @pytest.mark.parametrize(
@@ -299,7 +299,7 @@ def test_a_full_disk_stops_the_run_and_keeps_the_checkpoint_before(
 
     flags = dict(FLAGS, save_steps=1, save_total_limit=1)
     with monkeypatch.context() as patch:
-        patch.setattr(minisft.checkpoint.torch, "save", save_on_a_full_disk)
+        patch.setattr(minisft.machinery.checkpoint.torch, "save", save_on_a_full_disk)
         with pytest.raises(CheckpointError) as error:
             train(run_config(tiny_dir, tmp_path, **flags))
     message = str(error.value)
@@ -331,7 +331,7 @@ def test_a_full_disk_stops_the_run_and_keeps_the_checkpoint_before(
 def test_a_write_that_fails_for_another_reason_than_space_says_that_reason(tmp_path, error, reason, advice):
     """The old line said "Free some space" whatever failed, with 59 GB free."""
     (tmp_path / "checkpoint-2").mkdir()
-    message = minisft.checkpoint.write_failure("checkpoint-3 (x/optimizer.pt)", error, tmp_path)
+    message = minisft.machinery.checkpoint.write_failure("checkpoint-3 (x/optimizer.pt)", error, tmp_path)
     assert message.startswith("Could not write checkpoint-3 (x/optimizer.pt): ") and reason in message
     assert f"the last checkpoint, {tmp_path / 'checkpoint-2'}, is intact" in message and advice in message
     assert "space" not in message and "MiB free" not in message
@@ -347,7 +347,7 @@ def test_a_write_that_fails_for_another_reason_than_space_says_that_reason(tmp_p
     ids=["enospc", "quota", "safetensors"],
 )
 def test_a_full_disk_is_told_apart_and_only_it_asks_for_space(tmp_path, error):
-    message = minisft.checkpoint.write_failure("checkpoint-3", error, tmp_path)
+    message = minisft.machinery.checkpoint.write_failure("checkpoint-3", error, tmp_path)
     assert "MiB free on that disk" in message and "Free some space, then continue" in message
 
 
@@ -355,7 +355,7 @@ def test_a_full_disk_is_told_apart_and_only_it_asks_for_space(tmp_path, error):
 def test_torch_save_on_a_full_disk_raises_its_errno():
     """torch's own writer says only "unexpected pos" on a full disk; written through a Python file, ENOSPC shows."""
     with pytest.raises(OSError) as error:
-        minisft.checkpoint.torch_save({"weights": torch.zeros(10**6)}, Path("/dev/full"))
+        minisft.machinery.checkpoint.torch_save({"weights": torch.zeros(10**6)}, Path("/dev/full"))
     assert error.value.errno == errno.ENOSPC
 
 

@@ -10,12 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from minisft.checkpoint import STATE_FILE, CheckpointError, base_identity, check_base_model, read_trainer_state
-from minisft.cli import run
-from minisft.config import LoraConfig
-from minisft.loop import train
-from minisft.models import load_model, tiny_model
-from minisft.reporting import MetricsError
+from minisft.machinery.checkpoint import (
+    STATE_FILE,
+    CheckpointError,
+    base_identity,
+    check_base_model,
+    read_trainer_state,
+)
+from minisft.machinery.cli import run
+from minisft.machinery.config import LoraConfig
+from minisft.machinery.loop import train
+from minisft.machinery.models import load_model, tiny_model
+from minisft.machinery.reporting import MetricsError
 from minisft.train import main
 
 from .tiny_runs import data_file_of, metrics, run_config, write_conversations
@@ -233,7 +239,7 @@ def test_a_resume_over_another_base_is_refused_naming_both(
 def test_the_base_identity_tells_a_dtype_and_a_4bit_load_apart(tiny_dir):
     """Computed on the base as loaded: the same model loaded the same way is the same base, bit for bit,
     in 4 bits too; the same model loaded otherwise is told apart by its dtypes."""
-    from minisft.lora import four_bit_quantization
+    from minisft.sft.lora import four_bit_quantization
 
     def four_bit():
         quantization = four_bit_quantization(torch.float32, "nf4", False, "uint8", torch.device("cpu"))

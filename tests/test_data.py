@@ -9,7 +9,7 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 
-from minisft.data import DataError, dataset_format, load_splits, normalize_example, normalize_rows
+from minisft.machinery.data_files import DataError, dataset_format, load_splits, normalize_example, normalize_rows
 
 CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
 

@@ -12,13 +12,13 @@ import re
 
 import pytest
 
-from minisft.cli import run
-from minisft.config import DataConfig
-from minisft.data import DataError, load_splits
-from minisft.formatting import FormattingError
 from minisft.inspect import main as inspect_main
-from minisft.masking import IGNORE_INDEX, MaskingError
-from minisft.prepare import prepare_dataset
+from minisft.machinery.cli import run
+from minisft.machinery.config import DataConfig
+from minisft.machinery.data_files import DataError, load_splits
+from minisft.machinery.prepare import prepare_dataset
+from minisft.sft.chat_template import FormattingError
+from minisft.sft.labels import IGNORE_INDEX, MaskingError
 
 CALL = {"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}
 TOOL = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}

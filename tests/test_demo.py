@@ -5,8 +5,8 @@ import json
 import pytest
 
 import minisft.train
-from minisft.cli import demo_dataset_path
-from minisft.data import load_splits
+from minisft.machinery.cli import demo_dataset_path
+from minisft.machinery.data_files import load_splits
 from minisft.train import DEMO_DEFAULTS, GENERAL_PROMPT, main
 
 

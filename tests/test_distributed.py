@@ -1,7 +1,7 @@
 """Training with torchrun: 2 gloo processes on the CPU take the steps that 1 process takes with the same global batch.
 
 Each test starts `torchrun --standalone --nproc_per_node 2 -m minisft.train` on the tiny model, and compares with
-one process running minisft.loop.train in this test process. 13 examples and 8 per step: the second step of each
+one process running minisft.machinery.loop.train in this test process. 13 examples and 8 per step: the second step of each
 epoch has 5 examples, fewer micro-batches than 2 processes × 2 accumulation steps, so one process pads its share
 with a weight-0 micro-batch (DataParallel.mine).
 
@@ -32,11 +32,19 @@ from rich.console import Console
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from minisft.checkpoint import CheckpointError, batch_for_processes, read_trainer_state
-from minisft.config import ConfigError, DataConfig, LoraConfig, ModelConfig, PackingConfig, RunConfig, TrainingConfig
-from minisft.loop import train
-from minisft.lora import ADAPTER_WEIGHTS
-from minisft.models import tiny_model
+from minisft.machinery.checkpoint import CheckpointError, batch_for_processes, read_trainer_state
+from minisft.machinery.config import (
+    ConfigError,
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    PackingConfig,
+    RunConfig,
+    TrainingConfig,
+)
+from minisft.machinery.loop import train
+from minisft.machinery.models import tiny_model
+from minisft.sft.lora import ADAPTER_WEIGHTS
 
 WEIGHT_ATOL = 2e-5
 LOSS_RTOL = 2e-6

@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from minisft.config import LoraConfig
-from minisft.loop import train
-from minisft.lora import (
+from minisft.machinery.config import LoraConfig
+from minisft.machinery.loop import train
+from minisft.machinery.models import load_model, tiny_model
+from minisft.sft.lora import (
     LoraLinear,
     LoraSettings,
     four_bit_quantization,
@@ -30,7 +31,6 @@ from minisft.lora import (
     save_adapter,
     unmerge_lora,
 )
-from minisft.models import load_model, tiny_model
 
 from .tiny_runs import input_ids, logits_of, quiet, relative_diff, run_config
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainingArguments, get_scheduler
 
-import minisft.config
-import minisft.loop
-from minisft.cli import parse_flags, run
-from minisft.config import ConfigError, ModelConfig, notice
-from minisft.models import tiny_model
+import minisft.machinery.config
+import minisft.machinery.loop
+from minisft.machinery.cli import parse_flags, run
+from minisft.machinery.config import ConfigError, ModelConfig, notice
+from minisft.machinery.models import tiny_model
 from minisft.train import CONFIG_TYPES, main
 
 from .tiny_runs import data_file_of, metrics
@@ -70,7 +70,7 @@ def parse(argv):
 )
 def test_a_bad_value_is_one_line_before_the_model_is_looked_for(flags, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # float16 is refused without CUDA, so here too
-    monkeypatch.setattr(minisft.loop, "load_model", load_model_refused)
+    monkeypatch.setattr(minisft.machinery.loop, "load_model", load_model_refused)
     missing = ["--model_name_or_path", str(tmp_path / "no-such-model"), "--dataset_name", str(tmp_path / "no.jsonl")]
     with pytest.raises(SystemExit) as exit_info:
         run(main, missing + ["--output_dir", str(tmp_path / "out")] + flags)
@@ -89,7 +89,7 @@ def test_float16_is_accepted_where_cuda_is(monkeypatch):
 
 
 def test_eval_strategy_without_an_eval_split_is_refused_before_the_model_loads(tiny_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(minisft.loop, "load_model", load_model_refused)
+    monkeypatch.setattr(minisft.machinery.loop, "load_model", load_model_refused)
     flags = ["--model_name_or_path", tiny_dir, "--dataset_name", str(data_file_of(tiny_dir)), "--max_length", "64"]
     flags += ["--output_dir", str(tmp_path / "out"), "--eval_strategy", "steps"]
     with pytest.raises(SystemExit) as exit_info:

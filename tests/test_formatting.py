@@ -4,16 +4,16 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from minisft.config import DataConfig
-from minisft.formatting import (
+from minisft.machinery.config import DataConfig
+from minisft.machinery.models import fit_embeddings_to_tokenizer, tiny_model
+from minisft.machinery.prepare import prepare_dataset
+from minisft.sft.chat_template import (
     CHATML_TEMPLATE,
     FormattingError,
     format_example,
     resolve_eos_token,
     setup_chat_template,
 )
-from minisft.models import fit_embeddings_to_tokenizer, tiny_model
-from minisft.prepare import prepare_dataset
 
 from .tiny_runs import GEMMA_TEMPLATE, SEED
 

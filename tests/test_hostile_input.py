@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-import minisft.loop
+import minisft.machinery.loop
 import minisft.train
-from minisft.cli import parse_flags, run
-from minisft.config import ConfigError, LoraConfig, TrainingConfig
-from minisft.loop import TrainResult, attach_lora
-from minisft.models import tiny_model
+from minisft.machinery.cli import parse_flags, run
+from minisft.machinery.config import ConfigError, LoraConfig, TrainingConfig
+from minisft.machinery.loop import TrainResult, attach_lora
+from minisft.machinery.models import tiny_model
 from minisft.train import CONFIG_TYPES, main
 
 from .tiny_runs import data_file_of, refused_train, write_conversations
@@ -36,7 +36,7 @@ def load_model_refused(*args, **kwargs):
 @pytest.fixture
 def no_model(monkeypatch):
     """Every refusal here must come before the model loads (the model file tests replace load_model themselves)."""
-    monkeypatch.setattr(minisft.loop, "load_model", load_model_refused)
+    monkeypatch.setattr(minisft.machinery.loop, "load_model", load_model_refused)
 
 
 def refused(argv: list[str], capsys) -> str:
@@ -249,7 +249,7 @@ def test_a_folder_run_reads_gzipped_files_and_says_which_files_it_read(tiny_dir,
     write_conversations(folder / "a.jsonl")
     (folder / "b.jsonl.gz").write_bytes(gzip.compress((folder / "a.jsonl").read_bytes()))
     (folder / "README.md").write_text("About this data.\n")
-    monkeypatch.setattr(minisft.loop, "load_model", load_model_refused)
+    monkeypatch.setattr(minisft.machinery.loop, "load_model", load_model_refused)
     with pytest.raises(ModelLoaded):  # past the data: its lines are printed
         main(train_flags(tiny_dir, tmp_path, folder))
     err = capsys.readouterr().err
@@ -303,7 +303,7 @@ def test_ctrl_c_before_the_steps_is_one_word_and_status_130(during, tiny_dir, tm
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(minisft.loop, during, interrupted)
+    monkeypatch.setattr(minisft.machinery.loop, during, interrupted)
     with pytest.raises(SystemExit) as exit_info:
         run(main, train_flags(tiny_dir, tmp_path, data_file_of(tiny_dir)))
     assert exit_info.value.code == 130

@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-from minisft.cli import demo_dataset_path, run
-from minisft.config import DataConfig
-from minisft.data import load_splits
 from minisft.inspect import main
-from minisft.prepare import prepare_dataset
+from minisft.machinery.cli import demo_dataset_path, run
+from minisft.machinery.config import DataConfig
+from minisft.machinery.data_files import load_splits
+from minisft.machinery.prepare import prepare_dataset
 
 
 def test_json_is_exactly_the_prepared_examples(capsys, tokenizer):

@@ -1,6 +1,6 @@
 """Parity of minisft's training loop with TRL 1.16's SFTTrainer: same data, same settings, same weights after.
 
-The setting: the tiny 2-layer Llama of `minisft.models.tiny_model` in fp32 with dropout 0, eight text examples
+The setting: the tiny 2-layer Llama of `minisft.machinery.models.tiny_model` in fp32 with dropout 0, eight text examples
 of unequal lengths, every optimizer step covering the whole dataset (so the order in which either side draws
 the examples cannot matter), 10 steps, 2 warmup steps then a linear decay, peak learning rate 1e-3, gradient
 clipping at 1.0, bf16 off. Every TRL setting that differs from minisft's default or changes the numbers is
@@ -56,12 +56,12 @@ pytest.importorskip("peft", reason="the LoRA parity test builds the reference ad
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-import minisft.loop  # noqa: E402
-import minisft.optim  # noqa: E402
-from minisft.config import DataConfig, LoraConfig, ModelConfig, PackingConfig, RunConfig, TrainingConfig  # noqa: E402
-from minisft.loop import train  # noqa: E402
-from minisft.models import load_tokenizer, tiny_model  # noqa: E402
-from minisft.prepare import prepare_dataset  # noqa: E402
+import minisft.machinery.loop  # noqa: E402
+import minisft.sft.optim  # noqa: E402
+from minisft.machinery.config import DataConfig, LoraConfig, ModelConfig, PackingConfig, RunConfig, TrainingConfig  # noqa: E402
+from minisft.machinery.loop import train  # noqa: E402
+from minisft.machinery.models import load_tokenizer, tiny_model  # noqa: E402
+from minisft.machinery.prepare import prepare_dataset  # noqa: E402
 from tests.trl_reference import trl_train  # noqa: E402
 
 FROBENIUS_RTOL = 4e-5
@@ -344,7 +344,7 @@ def test_weight_decay_is_visible_at_these_tolerances(workspace, monkeypatch):
     def one_group(model, weight_decay):  # every trainable parameter decayed, the norm weights included
         return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
 
-    monkeypatch.setattr(minisft.optim, "parameter_groups", one_group)
+    monkeypatch.setattr(minisft.sft.optim, "parameter_groups", one_group)
     wrong = differences(workspace.minisft(weight_decay=0.1, label="norm weights decayed").weights, reference.weights)
     right = differences(with_decay.weights, reference.weights)
     norms = [name for name in found if not_decayed(name)]
@@ -374,7 +374,7 @@ MAX_ABS_RTOL_8BIT = 1e-2
 def test_full_finetuning_adamw_8bit(workspace):
     """adamw_8bit on both sides: bitsandbytes' 8-bit AdamW (TRL: AdamW with optim_bits=8; minisft: AdamW8bit, the
     same class and kernels), with the embedding's state in 32 bits on both sides (transformers' Trainer and
-    minisft.optim register it with bitsandbytes' manager)."""
+    minisft.sft.optim register it with bitsandbytes' manager)."""
     ours, theirs = workspace.minisft(optim="adamw_8bit"), workspace.trl(optim="adamw_8bit")
     assert_moved(theirs.weights, workspace.initial, "TRL")
     assert_weights_close(ours.weights, theirs.weights, "adamw_8bit", FROBENIUS_RTOL_8BIT, MAX_ABS_RTOL_8BIT)
@@ -393,7 +393,7 @@ def test_8bit_states_are_visible_at_these_tolerances(workspace, monkeypatch):
     def no_exception(model):  # forget earlier overrides, register none
         GlobalOptimManager.get_instance().initialize()
 
-    monkeypatch.setattr(minisft.optim, "keep_embedding_state_in_32_bits", no_exception)
+    monkeypatch.setattr(minisft.sft.optim, "keep_embedding_state_in_32_bits", no_exception)
     all_8_bit = workspace.minisft(optim="adamw_8bit", label="embedding state in 8 bits")
     found = differences(all_8_bit.weights, workspace.trl(optim="adamw_8bit").weights)
     assert found["model.embed_tokens.weight"][0] > 10 * FROBENIUS_RTOL_8BIT, found["model.embed_tokens.weight"]
@@ -433,7 +433,7 @@ def test_packing_bfd_agrees_with_unpacked_and_with_trl(workspace):
 def test_packing_without_boundaries_is_visible_at_these_tolerances(workspace, monkeypatch):
     """The negative control: the same packed row under a plain causal mask (positions still restart, but the
     examples see each other) ends far from the unpacked run."""
-    from minisft.attention import block_causal_mask
+    from minisft.sft.attention import block_causal_mask
 
     def plain_causal(batch, model):
         one_document = torch.zeros_like(batch["document_ids"])
@@ -444,7 +444,7 @@ def test_packing_without_boundaries_is_visible_at_these_tolerances(workspace, mo
         }
         return inputs, batch["labels"]
 
-    monkeypatch.setattr(minisft.loop, "packed_inputs", plain_causal)
+    monkeypatch.setattr(minisft.machinery.loop, "packed_inputs", plain_causal)
     leaky = workspace.minisft(packing=True, label="no boundaries")
     found = differences(leaky.weights, workspace.minisft().weights)
     assert max(frobenius for frobenius, _ in found.values()) > 10 * FROBENIUS_RTOL

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from minisft.lora import (
+from minisft.machinery.models import tiny_model
+from minisft.sft.lora import (
     LoraError,
     LoraLinear,
     LoraSettings,
@@ -30,7 +31,6 @@ from minisft.lora import (
     save_adapter,
     unmerge_lora,
 )
-from minisft.models import tiny_model
 
 from .tiny_runs import input_ids, logits_of, max_diff, quiet, relative_diff
 
@@ -543,7 +543,7 @@ def test_adapter_for_another_base_is_an_error_naming_the_module(tokenizer, tmp_p
 )
 def test_lora_on_the_head_is_checked_when_the_run_is_set_up(tokenizer, settings, refused):
     from minisft.errors import UserError
-    from minisft.lora import check_head
+    from minisft.sft.lora import check_head
 
     model = tiny_model(tokenizer)
     model.config.tie_word_embeddings = False

@@ -17,7 +17,7 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from minisft.lora import PEFT_DEFAULT_TARGETS, LoraError, LoraSettings, inject_lora
+from minisft.sft.lora import PEFT_DEFAULT_TARGETS, LoraError, LoraSettings, inject_lora
 
 # Small enough to build in well under a second with SmolLM2's 49,152-token vocabulary.
 TINY = dict(

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minisft.loss import ChunkedLinearCrossEntropy, plain_losses, token_losses
+from minisft.sft.loss import ChunkedLinearCrossEntropy, plain_losses, token_losses
 
 
 def reference(hidden, weight, targets, softcap):

@@ -2,9 +2,9 @@
 
 import pytest
 
-from minisft.config import ConfigError, DataConfig
-from minisft.masking import IGNORE_INDEX, MaskingError, template_variants
-from minisft.prepare import prepare_dataset
+from minisft.machinery.config import ConfigError, DataConfig
+from minisft.machinery.prepare import prepare_dataset
+from minisft.sft.labels import IGNORE_INDEX, MaskingError, template_variants
 
 from .tiny_runs import GEMMA_TEMPLATE, SEED
 

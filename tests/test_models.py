@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from minisft.models import (
+from minisft.machinery.models import (
     ModelSourceError,
     embedded_gguf_path,
     embedded_model_dir,

@@ -9,9 +9,9 @@ import torch
 from rich.console import Console
 from transformers.integrations.neftune import neftune_post_forward_hook
 
-from minisft.loop import train
-from minisft.models import tiny_model
-from minisft.neftune import add_neftune_noise
+from minisft.machinery.loop import train
+from minisft.machinery.models import tiny_model
+from minisft.sft.neftune import add_neftune_noise
 
 from .tiny_runs import metrics, run_config
 

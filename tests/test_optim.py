@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments, get_scheduler
 
-from minisft.models import tiny_model
-from minisft.optim import (
+from minisft.machinery.models import tiny_model
+from minisft.sft.optim import (
     OptimizerError,
     build_optimizer,
     build_schedule,

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-import minisft.loop
-import minisft.outputs
-from minisft.cli import run
-from minisft.config import ConfigError
-from minisft.data import DataError
-from minisft.loop import train
-from minisft.outputs import LOCK_FILE, MANIFEST, clear_previous_run, read_manifest, take_lock
+import minisft.machinery.loop
+import minisft.machinery.outputs
+from minisft.machinery.cli import run
+from minisft.machinery.config import ConfigError
+from minisft.machinery.data_files import DataError
+from minisft.machinery.loop import train
+from minisft.machinery.outputs import LOCK_FILE, MANIFEST, clear_previous_run, read_manifest, take_lock
 from minisft.train import main
 
 from .tiny_runs import data_file_of, run_config
@@ -118,7 +118,7 @@ def test_a_typo_in_the_dataset_or_a_model_that_fails_to_load_leaves_the_old_run_
         raise ConfigError("the model could not be loaded")
 
     with monkeypatch.context() as patch:
-        patch.setattr(minisft.loop, "load_model", load_model_fails)
+        patch.setattr(minisft.machinery.loop, "load_model", load_model_fails)
         with pytest.raises(ConfigError, match="could not be loaded"):
             quick_run(tiny_dir, tmp_path)
     assert snapshot(tmp_path) == before
@@ -212,7 +212,7 @@ def test_a_read_only_output_dir_is_refused_naming_the_reason(tmp_path):
         # rich imports its emoji and cell-width tables when it first prints: printed once to nowhere before the
         # privileges go, since nobody cannot read a venv in a 0700 folder (as CI's is).
         warm = "import io; from rich.console import Console; Console(file=io.StringIO()).print('[bold red]x:[/] x')"
-        code = f"import os, sys; from minisft.cli import run; from minisft.train import main; {warm}; "
+        code = f"import os, sys; from minisft.machinery.cli import run; from minisft.train import main; {warm}; "
         code += f"{become_nobody}; run(main, sys.argv[1:])"
         child = subprocess.run([sys.executable, "-c", code, *flags], capture_output=True, text=True, timeout=120)
         err = child.stderr.strip().splitlines()
@@ -226,7 +226,7 @@ def test_a_read_only_output_dir_is_refused_naming_the_reason(tmp_path):
 # ----------------------------------------------------------------------------- one run per folder
 
 
-HOLD = "import sys, time; from pathlib import Path; from minisft.outputs import take_lock\n"
+HOLD = "import sys, time; from pathlib import Path; from minisft.machinery.outputs import take_lock\n"
 HOLD += "lock = take_lock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)"
 
 
@@ -262,7 +262,7 @@ def test_a_file_system_without_locks_is_said_and_the_run_goes_on(tmp_path, monke
     def no_locks(*args):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
-    monkeypatch.setattr(minisft.outputs.fcntl, "flock", no_locks)
+    monkeypatch.setattr(minisft.machinery.outputs.fcntl, "flock", no_locks)
     with take_lock(tmp_path) as lock:
         assert lock.note.startswith(f"note: {tmp_path} is on a file system without file locks")
         assert lock.note.endswith("a second run into it would not be refused")

@@ -21,7 +21,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minisft.packing import (
+from minisft.sft.packing import (
     STRATEGIES,
     PackingError,
     PackStats,

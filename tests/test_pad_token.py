@@ -15,10 +15,10 @@ import pytest
 from rich.console import Console
 from transformers import AutoTokenizer
 
-from minisft.config import DataConfig, ModelConfig, RunConfig, TrainingConfig
-from minisft.loop import train
-from minisft.models import tiny_model
-from minisft.packing import PackingError, setup_pad_token
+from minisft.machinery.config import DataConfig, ModelConfig, RunConfig, TrainingConfig
+from minisft.machinery.loop import train
+from minisft.machinery.models import tiny_model
+from minisft.sft.packing import PackingError, setup_pad_token
 
 EOS = "<|im_end|>"
 OTHER = "<|endoftext|>"  # a pad token whose id (0) is not EOS's (2): the padded batches differ
@@ -137,8 +137,8 @@ def test_the_pad_token_flag_on_the_training_path(model_dirs, tmp_path):
 
 
 def test_inspect_says_how_training_will_pad(model_dirs, capsys):
-    from minisft.cli import run
     from minisft.inspect import main as inspect_main
+    from minisft.machinery.cli import run
 
     inspect_main(["--model_name_or_path", model_dirs["no-pad"], "--dataset_name", model_dirs["data"]])
     assert f"batches are padded with its EOS {EOS!r}" in " ".join(capsys.readouterr().err.split())  # rich wraps it

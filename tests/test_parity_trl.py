@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("trl", reason="the parity tests compare against TRL: pip install 'minisft[test]'")
 
-from minisft.config import DataConfig  # noqa: E402
-from minisft.prepare import prepare_dataset  # noqa: E402
+from minisft.machinery.config import DataConfig  # noqa: E402
+from minisft.machinery.prepare import prepare_dataset  # noqa: E402
 from tests.trl_reference import assert_same_examples, trl_prepared  # noqa: E402
 
 EOS = "<|im_end|>"

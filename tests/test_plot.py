@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from minisft.cli import run
+from minisft.machinery.cli import run
 from minisft.plot import main
 
 from .tiny_runs import records

@@ -12,11 +12,12 @@ import os
 import numpy as np
 import pytest
 
-from minisft import cache, packing, prepare
-from minisft.config import DataConfig, PackingConfig
-from minisft.data import DataError
-from minisft.prepare import load_and_prepare, prepare_dataset
-from minisft.storage import from_examples, id_dtype
+from minisft.machinery import cache, prepare
+from minisft.machinery.config import DataConfig, PackingConfig
+from minisft.machinery.data_files import DataError
+from minisft.machinery.prepare import load_and_prepare, prepare_dataset
+from minisft.machinery.storage import from_examples, id_dtype
+from minisft.sft import packing
 
 
 def write_conversations(path, count: int, bad_line: int | None = None) -> None:

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from minisft.config import DataConfig, LoraConfig, ModelConfig, PackingConfig, RunConfig, TrainingConfig
-from minisft.loop import train
-from minisft.lora import LoraError, LoraSettings, four_bit_quantization, inject_lora
-from minisft.models import load_model, tiny_model
+from minisft.machinery.config import DataConfig, LoraConfig, ModelConfig, PackingConfig, RunConfig, TrainingConfig
+from minisft.machinery.loop import train
+from minisft.machinery.models import load_model, tiny_model
+from minisft.sft.lora import LoraError, LoraSettings, four_bit_quantization, inject_lora
 
 
 def logits(model, ids):

@@ -8,7 +8,7 @@ from pathlib import Path
 from transformers import TrainingArguments
 from trl import ModelConfig, ScriptArguments, SFTConfig
 
-from minisft.cli import FlagParser
+from minisft.machinery.cli import FlagParser
 from minisft.train import CONFIG_TYPES
 
 README = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")

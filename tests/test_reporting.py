@@ -12,10 +12,10 @@ import types
 
 import pytest
 
-from minisft.cli import run
-from minisft.config import ConfigError, TrainingConfig
-from minisft.loop import train
-from minisft.reporting import MetricsError, MetricsLog, chosen_trackers, tracker_name
+from minisft.machinery.cli import run
+from minisft.machinery.config import ConfigError, TrainingConfig
+from minisft.machinery.loop import train
+from minisft.machinery.reporting import MetricsError, MetricsLog, chosen_trackers, tracker_name
 from minisft.train import main
 
 from .tiny_runs import metrics, run_config

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-import minisft.loop
+import minisft.machinery.loop
 import minisft.train
-from minisft.config import ConfigError, DataConfig, LoraConfig, ModelConfig, RunConfig, TrainingConfig
+from minisft.machinery.config import ConfigError, DataConfig, LoraConfig, ModelConfig, RunConfig, TrainingConfig
 
 from .tiny_runs import refused_train
 
@@ -27,7 +27,7 @@ def refuse_work(*args, **kwargs):
 @pytest.fixture
 def no_work(monkeypatch):
     for name in ("load_and_prepare", "load_tokenizer", "load_model"):
-        monkeypatch.setattr(minisft.loop, name, refuse_work)
+        monkeypatch.setattr(minisft.machinery.loop, name, refuse_work)
     monkeypatch.setattr(minisft.train, "load_for_chat", refuse_work)  # the demo asks its prompts before training
     monkeypatch.delenv("WORLD_SIZE", raising=False)  # one plain process, not torchrun
 
@@ -104,7 +104,7 @@ def test_a_config_changed_after_it_was_built_is_checked_again(tmp_path, no_work)
     config = RunConfig(training=TrainingConfig(output_dir=str(tmp_path / "out")))
     config.lora.merge_lora = True
     with pytest.raises(ConfigError, match="need --use_peft"):
-        minisft.loop.train(config)
+        minisft.machinery.loop.train(config)
 
 
 def test_a_valid_combination_is_not_refused(monkeypatch):
@@ -116,9 +116,9 @@ def test_a_valid_combination_is_not_refused(monkeypatch):
 
 def test_config_imports_nothing_of_minisft_but_errors():
     """config.py is a leaf: every stage imports it, so an import of a stage from it would be a cycle in waiting."""
-    code = "import sys, minisft.config; print(' '.join(sorted(m for m in sys.modules if m.startswith('minisft'))))"
+    code = "import sys, minisft.machinery.config; print(' '.join(sorted(m for m in sys.modules if m.startswith('minisft'))))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.split() == ["minisft", "minisft.config", "minisft.errors"]
+    assert result.stdout.split() == ["minisft", "minisft.machinery.config", "minisft.errors"]
 
 
 def test_every_data_flag_says_whether_it_changes_the_prepared_tokens():

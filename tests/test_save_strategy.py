@@ -9,8 +9,8 @@ from rich.console import Console
 from transformers import TrainingArguments
 from transformers.trainer_callback import DefaultFlowCallback, TrainerControl, TrainerState
 
-from minisft.config import TrainingConfig
-from minisft.loop import logging_due, save_due, steps_of, train
+from minisft.machinery.config import TrainingConfig
+from minisft.machinery.loop import logging_due, save_due, steps_of, train
 
 from .tiny_runs import metrics, run_config
 

@@ -6,7 +6,7 @@ import shlex
 import pytest
 from rich.console import Console
 
-from minisft.cli import run
+from minisft.machinery.cli import run
 from minisft.summary import chart, main, print_summary, warning_signs
 
 from .tiny_runs import records

@@ -20,11 +20,11 @@ import pytest
 
 pytest.importorskip("trl", reason="the parity tests compare against TRL: pip install 'minisft[test]'")
 
-from minisft.config import DataConfig  # noqa: E402
-from minisft.data import load_splits  # noqa: E402
-from minisft.formatting import FormattingError  # noqa: E402
-from minisft.masking import IGNORE_INDEX  # noqa: E402
-from minisft.prepare import prepare_dataset  # noqa: E402
+from minisft.machinery.config import DataConfig  # noqa: E402
+from minisft.machinery.data_files import load_splits  # noqa: E402
+from minisft.machinery.prepare import prepare_dataset  # noqa: E402
+from minisft.sft.chat_template import FormattingError  # noqa: E402
+from minisft.sft.labels import IGNORE_INDEX  # noqa: E402
 from tests.trl_reference import assert_same_examples, trl_prepared_rows  # noqa: E402
 
 TOOLS_TEMPLATE = (Path(__file__).parent / "chatml_tools.jinja").read_text(encoding="utf-8")

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from minisft.cli import demo_dataset_path, run
+from minisft.machinery.cli import demo_dataset_path, run
 from minisft.train import main
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from minisft.config import DataConfig, LoraConfig, ModelConfig, PackingConfig, RunConfig, TrainingConfig
+from minisft.machinery.config import DataConfig, LoraConfig, ModelConfig, PackingConfig, RunConfig, TrainingConfig
 
 # Ten conversations of unequal lengths: the tests count on ten (batches of 10, reshuffles every 2.5 steps).
 CONVERSATIONS = [
@@ -133,7 +133,7 @@ def refused_train(argv: list[str], capsys) -> tuple[str, str]:
     Returns that line and the whole of stderr."""
     import pytest
 
-    from minisft.cli import run
+    from minisft.machinery.cli import run
     from minisft.train import main
 
     with pytest.raises(SystemExit) as exit_info:

@@ -70,7 +70,7 @@ def trl_trainer_for_rows(rows: list[dict], tokenizer, **sft_config_kwargs):
     import datasets
     import trl
 
-    from minisft.models import tiny_model
+    from minisft.machinery.models import tiny_model
 
     tokenizer = copy.deepcopy(tokenizer)
     with _quiet(), tempfile.TemporaryDirectory(prefix="trl-reference-") as output_dir:

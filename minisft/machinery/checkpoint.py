@@ -72,9 +72,10 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from minisft.errors import UserError
+from minisft.sft.lora import ADAPTER_WEIGHTS, PEFT_PREFIX, LoraSettings, save_adapter
+
 from .distributed import DataParallel
-from .errors import UserError
-from .lora import ADAPTER_WEIGHTS, PEFT_PREFIX, LoraSettings, save_adapter
 from .storage import file_checksums, from_examples, sha256_of
 
 PREFIX = "checkpoint-"

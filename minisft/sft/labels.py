@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 
-from .errors import UserError
+from minisft.errors import UserError
 
 IGNORE_INDEX = -100
 

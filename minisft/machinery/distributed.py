@@ -53,8 +53,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from .errors import UserError
-from .lora import LoraSettings, adapter_state_dict
+from minisft.errors import UserError
+from minisft.sft.lora import LoraSettings, adapter_state_dict
 
 
 class DistributedError(UserError, RuntimeError):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-from .errors import UserError
+from minisft.errors import UserError
 
 FLASH_ATTENTION = {
     # implementation: (module, the fix)

@@ -39,9 +39,10 @@ from dataclasses import dataclass
 
 from jinja2 import TemplateError
 
-from .data import dataset_format
-from .errors import UserError
-from .masking import IGNORE_INDEX
+from minisft.errors import UserError
+from minisft.machinery.data_files import dataset_format
+
+from .labels import IGNORE_INDEX
 
 # The layout of SmolLM2, Qwen and many others; used for a tokenizer that has no template.
 CHATML_TEMPLATE = (

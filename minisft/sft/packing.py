@@ -55,9 +55,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
-from .masking import IGNORE_INDEX
-from .storage import LazySequence, TokenStorage, from_examples
+from minisft.errors import UserError
+from minisft.machinery.storage import LazySequence, TokenStorage, from_examples
+
+from .labels import IGNORE_INDEX
 
 STRATEGIES = ("bfd", "bfd_split", "wrapped")
 

@@ -46,8 +46,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import UserError
-from .extras import import_bitsandbytes
+from minisft.errors import UserError
+from minisft.machinery.extras import import_bitsandbytes
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .lora import ADAPTER_CONFIG, load_adapter, merge_lora
+from minisft.errors import UserError
+from minisft.sft.lora import ADAPTER_CONFIG, load_adapter, merge_lora
+
 from .models import fit_embeddings_to_tokenizer, load_model, load_tokenizer
 
 

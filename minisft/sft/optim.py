@@ -41,8 +41,8 @@ import re
 import torch
 from torch import nn
 
-from .config import OPTIMIZERS, SCHEDULES, OptimizerError, schedule_options
-from .extras import import_bitsandbytes
+from minisft.machinery.config import OPTIMIZERS, SCHEDULES, OptimizerError, schedule_options
+from minisft.machinery.extras import import_bitsandbytes
 
 BITSANDBYTES_OPTIMIZERS = {
     "adamw_8bit": "AdamW8bit",

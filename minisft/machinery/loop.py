@@ -36,7 +36,25 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .attention import packed_inputs, use_sdpa_by_example
+from minisft.errors import UserError
+from minisft.sft.attention import packed_inputs, use_sdpa_by_example
+from minisft.sft.lora import (
+    LoraSettings,
+    check_head,
+    four_bit_quantization,
+    head_matrix,
+    inject_lora,
+    load_adapter,
+    merged_model,
+    rank_note,
+    read_adapter_settings,
+    save_adapter,
+)
+from minisft.sft.loss import TokenLosses, count_trained_tokens_of, token_losses
+from minisft.sft.neftune import add_neftune_noise
+from minisft.sft.optim import build_optimizer, build_schedule, warmup_steps
+from minisft.sft.packing import collate_padded, collate_rows, pack, padding_free_row, setup_pad_token
+
 from .checkpoint import (
     WRITE_ERRORS,
     CheckpointError,
@@ -55,26 +73,10 @@ from .checkpoint import (
 )
 from .cli import demo_dataset_path
 from .config import ConfigError, LoraConfig, ModelConfig, PackingConfig, RunConfig, TrainingConfig, check_run
-from .data import folder_line
+from .data_files import folder_line
 from .distributed import DataParallel, Processes, barrier, data_parallel, device_of, start, total_norm, whole_weights
-from .errors import UserError
 from .extras import check_attention_implementation, import_bitsandbytes
-from .lora import (
-    LoraSettings,
-    check_head,
-    four_bit_quantization,
-    head_matrix,
-    inject_lora,
-    load_adapter,
-    merged_model,
-    rank_note,
-    read_adapter_settings,
-    save_adapter,
-)
-from .loss import TokenLosses, count_trained_tokens_of, token_losses
 from .models import EMBEDDED_MODEL_NAME, cache_root, fit_embeddings_to_tokenizer, load_model, load_tokenizer
-from .neftune import add_neftune_noise
-from .optim import build_optimizer, build_schedule, warmup_steps
 from .outputs import (
     OutputLock,
     contents,
@@ -84,7 +86,6 @@ from .outputs import (
     start_writing,
     take_lock,
 )
-from .packing import collate_padded, collate_rows, pack, padding_free_row, setup_pad_token
 from .prepare import PreparedDataset, cut_lengths, load_and_prepare
 from .reporting import MetricsLog, chosen_trackers, import_tracker
 from .stopping import stop_requests

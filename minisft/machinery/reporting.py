@@ -30,7 +30,8 @@ import json
 import os
 from pathlib import Path
 
-from .errors import UserError
+from minisft.errors import UserError
+
 from .extras import import_optional
 
 TRACKERS = {  # name: (module, pip package)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from .errors import UserError
+from minisft.errors import UserError
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # Field metadata that minisft reads itself, not argparse: whether a DataConfig field changes the prepared tokens.
@@ -517,7 +517,7 @@ class LoraConfig:
     )
 
     def settings(self):
-        from .lora import LoraSettings, parse_target_modules
+        from minisft.sft.lora import LoraSettings, parse_target_modules
 
         return LoraSettings(
             r=self.lora_r,
@@ -766,9 +766,9 @@ class RunConfig:
 
 def check_run(config: RunConfig) -> None:
     """Flag combinations that cannot work, refused from the flags alone (and the process count torchrun sets):
-    before any data, tokenizer or model is read. minisft.loop.train asks again, for a config changed since."""
+    before any data, tokenizer or model is read. minisft.machinery.loop.train asks again, for a config changed since."""
     model, data, packing, lora, args = config.model, config.data, config.packing, config.lora, config.training
-    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1  # as minisft.distributed.start reads it
+    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1  # as minisft.machinery.distributed.start reads it
     if args.output_dir is None and (args.resume_from_checkpoint or under_torchrun):
         raise ConfigError("--resume_from_checkpoint and torchrun runs need an explicit --output_dir.")
     if args.fsdp and args.optim not in ("adamw_torch_fused", "adamw_torch"):

@@ -57,7 +57,7 @@ from typing import Iterable, Iterator
 
 # datasets and pyarrow are imported inside the readers that need them (the hub, parquet): imported here they
 # would add ~80 MB of memory and ~1 s to every run that reads JSONL, JSON or CSV.
-from .errors import UserError
+from minisft.errors import UserError
 
 ROLES = ("system", "user", "assistant", "tool")
 # The seed's `conversation` and ShareGPT's `conversations` name two of the roles differently.

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .masking import IGNORE_INDEX
+from .labels import IGNORE_INDEX
 
 # Tokens per chunk of the head: a chunk's fp32 logits are chunk × vocabulary × 4 B (50 MB at 256 for SmolLM2).
 # Larger chunks mean fewer, larger matmuls, which a GPU prefers; on a CPU whole training steps ran fastest at 256

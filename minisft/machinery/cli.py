@@ -16,8 +16,9 @@ from rich.console import Console
 from rich.markup import escape
 from transformers import HfArgumentParser
 
+from minisft.errors import UserError
+
 from .config import OWN_METADATA
-from .errors import UserError
 
 stderr_console = Console(stderr=True)
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a command that Ctrl-C ended

@@ -41,8 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .masking import IGNORE_INDEX
+from minisft.errors import UserError
+from minisft.sft.labels import IGNORE_INDEX
 
 HASH_CHUNK = 1 << 24  # tokens per step when hashing: bounded memory for any split size
 

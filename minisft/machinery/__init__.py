@@ -1,0 +1,1 @@
+"""What makes the lesson in minisft/sft run for real: flags, files, caches, checkpoints, processes, trackers."""
