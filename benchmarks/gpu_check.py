@@ -11,7 +11,8 @@ benchmarks/results/gpu_check[_dry_run]/): check.json with every figure, and each
     cuda tests    the tests marked cuda, which skip without a GPU (flash attention's boundaries, fp16's scaler)
     attention     for sdpa, eager, flex_attention and flash_attention_2 (when flash-attn is installed): the logits
                   of three examples packed in one row against each example run alone, under bf16 autocast, then
-                  a 5-step bf16 training run of SmolLM2-135M through minisft.machinery.loop.train with that implementation
+                  a 5-step bf16 training run of SmolLM2-135M through minisft.machinery.loop.train with that
+                  implementation
     4-bit         benchmarks/load_memory.py: the model's memory loaded in float32 and quantized while loading
     benchmark     benchmarks/packing_throughput.py --device cuda: minisft bfd and TRL packed, tokens/s and MFU
 
@@ -71,8 +72,9 @@ def attention(implementation: str, model_dir: str, device: str, work: Path) -> d
     from minisft.machinery.config import DataConfig, LoraConfig, ModelConfig, PackingConfig, RunConfig, TrainingConfig
     from minisft.machinery.loop import train
     from minisft.machinery.models import load_model, load_tokenizer
-    from minisft.sft.attention import packed_inputs, use_sdpa_by_example
-    from minisft.sft.packing import collate_rows, make_row
+    from minisft.sft.attention import use_sdpa_by_example
+    from minisft.sft.batches import collate_rows, packed_inputs
+    from minisft.sft.packing import make_row
 
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, attn_implementation=implementation, device=device).eval()

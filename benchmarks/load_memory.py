@@ -43,8 +43,7 @@ def measure(model: str, mode: str, device: str) -> dict:
     """Load `model` in `mode` in this process and report its memory (run in a child process by main)."""
     import torch
 
-    from minisft.machinery.models import load_model
-    from minisft.sft.lora import four_bit_quantization
+    from minisft.machinery.models import four_bit_quantization, load_model
 
     peak_anonymous, sampling = [memory_status()["RssAnon"]], [True]
 

@@ -7,7 +7,7 @@ The job is the packing benchmark's packed mode (benchmarks/packing_throughput.py
 synthetic conversations, best-fit-decreasing rows of max_length, one row per micro-batch, AdamW (fused, lr 1e-3),
 clipping at 1.0, fp32. Each variant runs in its own process, so each peak is that process's alone.
 
-The step is minisft.machinery.loop.train_step itself; hooks on the model, its collate function and the optimizer mark
+The step is minisft.sft.step.train_step itself; hooks on the model, its collate function and the optimizer mark
 where each phase begins, so that a sampler thread can name the phase each resident-memory sample falls in.
 Two kinds of figures:
     resident (RSS)  /proc/self/statm sampled every millisecond: the peak of each phase, and the process's
@@ -15,14 +15,14 @@ Two kinds of figures:
     accounted       what the step holds, by tensor: weights, gradients and AdamW's two moments (their sizes),
                     and the activations autograd saves for backward, counted by a saved_tensors_hooks pack
                     function once per storage (parameters left out), by where they were saved: the decoder
-                    layers, or the loss (minisft/loss.py's fused head saves ∂loss/∂h and ∂loss/∂W)
+                    layers, or the loss (minisft/sft/loss.py's fused head saves ∂loss/∂h and ∂loss/∂W)
 Variants (the remedies; each changes one thing):
     baseline        minisft as it is
     checkpointing   per-layer activation checkpointing: model.gradient_checkpointing_enable (HF, non-reentrant);
                     each layer keeps its input and recomputes the rest in backward
     loss_in_place   the fused loss's backward scales its saved ∂loss/∂h and ∂loss/∂W in place and hands them
                     on, instead of allocating scaled copies (a monkeypatch of ChunkedLinearCrossEntropy.backward:
-                    the change proposed for minisft/loss.py)
+                    the change proposed for minisft/sft/loss.py)
     malloc_fixed    glibc's mmap threshold fixed at 128 KiB (MALLOC_MMAP_THRESHOLD_): every large tensor is its
                     own mapping, returned to the system when freed. By default glibc raises the threshold after
                     each large free, so later tensors come from the heap, whose freed middle cannot be returned
@@ -113,13 +113,16 @@ def worker(variant: str, args) -> dict:
     from packing_throughput import TINY_SHAPE, synthetic_conversations
 
     from minisft.machinery.config import DataConfig
-    from minisft.machinery.loop import collate, peak_memory_mb, train_step
+    from minisft.machinery.loop import peak_memory_mb
     from minisft.machinery.models import load_model, load_tokenizer, tiny_model
+    from minisft.machinery.pack_plans import pack_prepared
     from minisft.machinery.prepare import prepare_dataset
     from minisft.sft.attention import use_sdpa_by_example
-    from minisft.sft.loss import ChunkedLinearCrossEntropy, count_trained_tokens_of
+    from minisft.sft.batches import collate
+    from minisft.sft.labels import count_trained_tokens_of
+    from minisft.sft.loss import ChunkedLinearCrossEntropy
     from minisft.sft.optim import build_optimizer, build_schedule
-    from minisft.sft.packing import pack
+    from minisft.sft.step import train_step
 
     sampler = PhaseSampler()
     sampler.start()
@@ -140,7 +143,7 @@ def worker(variant: str, args) -> dict:
 
     conversations = synthetic_conversations(args.examples, args.seed)
     examples = prepare_dataset(conversations, tokenizer, DataConfig(max_length=args.max_length)).examples
-    rows = pack(examples, args.max_length, "bfd").rows
+    rows = pack_prepared(examples, args.max_length, "bfd").rows
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
     saved = SavedActivations(model)
     timings, activations = [], []

@@ -171,22 +171,24 @@ def gpu_peak_flops(override_tflops: float | None) -> tuple[float, str]:
 
 def micro_batch_figures(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask=None) -> tuple[int, int, int]:
     """(trained tokens, non-pad tokens, slots) of one micro-batch, counted the same way for every mode."""
-    from minisft.sft.loss import count_trained_tokens
+    from minisft.sft.labels import count_trained_tokens
 
     real = int(attention_mask.sum()) if attention_mask is not None and attention_mask.dim() == 2 else None
     return count_trained_tokens(labels), real if real is not None else input_ids.numel(), input_ids.numel()
 
 
 def run_minisft(mode: str, args, work: Path) -> dict:
-    """minisft's own training step (minisft.machinery.loop.train_step, the function the loop calls), over this mode's units."""
+    """minisft's own training step (minisft.sft.step.train_step, the one the loop calls), over this mode's units."""
     from minisft.machinery.config import DataConfig
-    from minisft.machinery.loop import collate, mixed_precision, train_step
+    from minisft.machinery.loop import mixed_precision
     from minisft.machinery.models import load_model, load_tokenizer
+    from minisft.machinery.pack_plans import pack_prepared
     from minisft.machinery.prepare import prepare_dataset
     from minisft.sft.attention import use_sdpa_by_example
-    from minisft.sft.loss import count_trained_tokens_of
+    from minisft.sft.batches import collate
+    from minisft.sft.labels import count_trained_tokens_of
     from minisft.sft.optim import build_optimizer, build_schedule
-    from minisft.sft.packing import pack
+    from minisft.sft.step import train_step
 
     device = torch.device(args.device)
     tokenizer = load_tokenizer(args.model_source)
@@ -197,7 +199,7 @@ def run_minisft(mode: str, args, work: Path) -> dict:
     start = time.perf_counter()
     examples = prepare_dataset(conversations, tokenizer, DataConfig(max_length=args.max_length)).examples
     strategy = {"minisft_bfd": "bfd", "minisft_wrapped": "wrapped"}.get(mode)
-    units = pack(examples, args.max_length, strategy).rows if strategy else examples
+    units = pack_prepared(examples, args.max_length, strategy).rows if strategy else examples
     preparation_seconds = time.perf_counter() - start
 
     autocast = mixed_precision(args.device == "cuda", False, device, "float32")
@@ -259,9 +261,9 @@ def step_totals(figures: list[tuple[int, int, int]]) -> dict:
 def held_out_loss(model, tokenizer, work: Path, args) -> float:
     """Σ token losses / trained tokens on the held-out conversations: the same code whichever mode trained."""
     from minisft.machinery.config import DataConfig
-    from minisft.machinery.loop import model_losses
     from minisft.machinery.prepare import prepare_dataset
-    from minisft.sft.packing import collate_padded
+    from minisft.sft.batches import collate_padded
+    from minisft.sft.step import model_losses
 
     examples = prepare_dataset(read_jsonl(work / "held_out.jsonl"), tokenizer, DataConfig(max_length=args.max_length))
     model.eval()
@@ -675,8 +677,8 @@ def prepare_workspace(args, work: Path) -> tuple[object, list[int]]:
     from minisft.machinery.config import DataConfig
     from minisft.machinery.data_files import load_splits
     from minisft.machinery.models import load_tokenizer, model_config, tiny_model
+    from minisft.machinery.pack_plans import pack_prepared
     from minisft.machinery.prepare import prepare_dataset
-    from minisft.sft.packing import pack
 
     count = args.steps * args.examples_per_step
     if args.data:
@@ -701,7 +703,7 @@ def prepare_workspace(args, work: Path) -> tuple[object, list[int]]:
         args.model_source = "smollm2-135m-instruct"
         config = model_config(args.model_source)
     examples = prepare_dataset(train, tokenizer, DataConfig(max_length=args.max_length)).examples
-    rows = pack(examples, args.max_length, "bfd").stats.rows
+    rows = pack_prepared(examples, args.max_length, "bfd").stats.rows
     (work / "rows.json").write_text(json.dumps({"rows_per_step": rows_per_step(rows, args.steps)}), encoding="utf-8")
     return config, [len(example["input_ids"]) for example in examples]
 

@@ -46,14 +46,14 @@ def write_conversations(path: Path, count: int, seed: int = 0) -> None:
 def run_minisft(data: Path, cache_dir: Path, processes: int) -> dict:
     from minisft.machinery.config import DataConfig, PackingConfig
     from minisft.machinery.models import load_tokenizer
+    from minisft.machinery.pack_plans import pack_prepared
     from minisft.machinery.prepare import load_and_prepare
-    from minisft.sft.packing import pack
 
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     start = time.perf_counter()
     config = DataConfig(dataset_name=str(data), max_length=1024, cache_dir=str(cache_dir), dataset_num_proc=processes)
     splits = load_and_prepare(str(data), tokenizer, config, PackingConfig(packing=True))
-    packed = pack(splits.train.examples, 1024, "bfd")
+    packed = pack_prepared(splits.train.examples, 1024, "bfd")
     first_row = packed.rows[0]  # the first step's data, read from the storage
     return {
         "seconds": time.perf_counter() - start,

@@ -5,7 +5,7 @@
     python benchmarks/step_costs.py --minisft ../old     # part 2 with another checkout's minisft (same command line)
     python benchmarks/step_costs.py --memory             # part 3 alone: live tensor bytes of train_step, ~4 min
 
-1. Evaluation per token, against a training step per token. `minisft.machinery.loop.evaluate` runs under no_grad,
+1. Evaluation per token, against a training step per token. `minisft.sft.step.evaluate` runs under no_grad,
    and the loss then takes the plain formula (loss.plain_losses). The fused loss (what training runs)
    computes the head's gradients inside its forward, so evaluating with it would pay for them anyway:
    it is timed too, as "eval with the fused loss", to show what choosing the plain one saves.
@@ -17,7 +17,7 @@
    RSS is per process) on the same data, 3 steps, one row per micro-batch. RSS carries the allocator's
    slack and the machine's noise, larger here than the effect: part 3 is the measurement to read.
 3. (--memory) The same question, answered exactly: the peak of live tensor bytes during one
-   `minisft.machinery.loop.train_step`, from the profiler's allocation events (torch.profiler, profile_memory=True:
+   `minisft.sft.step.train_step`, from the profiler's allocation events (torch.profiler, profile_memory=True:
    the running sum of their sizes in time order, above what was live when the step began). Two variants
    of the same step over one packed row repeated `accumulation` times: "one at a time", train_step as the
    loop calls it, and "collated ahead", the loop before this change (commit 7b15111), simulated by
@@ -54,22 +54,23 @@ def step_parts(model) -> tuple:
 
 
 def eval_costs(repeats: int, model_name: str) -> dict:
-    """Seconds per trained token: a training step (minisft.machinery.loop.train_step over the rows, forward, fused loss,
+    """Seconds per trained token: a training step (minisft.sft.step.train_step over the rows, forward, fused loss,
     backward, clipping and AdamW), evaluation (plain loss), evaluation with the fused loss."""
     from minisft.machinery.config import DataConfig
-    from minisft.machinery.loop import collate, model_losses, train_step
     from minisft.machinery.models import load_model, load_tokenizer, tiny_model
+    from minisft.machinery.pack_plans import pack_prepared
     from minisft.machinery.prepare import prepare_dataset
     from minisft.sft import loss as loss_module
     from minisft.sft.attention import use_sdpa_by_example
-    from minisft.sft.loss import count_trained_tokens_of
-    from minisft.sft.packing import pack
+    from minisft.sft.batches import collate
+    from minisft.sft.labels import count_trained_tokens_of
+    from minisft.sft.step import model_losses, train_step
 
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     model = tiny_model(tokenizer, **TINY_SHAPE) if model_name == "tiny" else load_model("smollm2-135m-instruct")
     use_sdpa_by_example(model)
     examples = prepare_dataset(synthetic_conversations(64, seed=0), tokenizer, DataConfig(max_length=1024)).examples
-    rows = list(pack(examples, 1024, "bfd").rows)[:8]
+    rows = list(pack_prepared(examples, 1024, "bfd").rows)[:8]
     batches = [collate([row], model, tokenizer.pad_token_id, False, None, torch.device("cpu")) for row in rows]
     tokens = count_trained_tokens_of(rows)
     optimizer, schedule = step_parts(model)
@@ -162,16 +163,17 @@ def step_memory(counts: list[int], length: int) -> dict:
     import functools
 
     from minisft.machinery.config import DataConfig
-    from minisft.machinery.loop import collate, train_step
     from minisft.machinery.models import load_tokenizer, tiny_model
+    from minisft.machinery.pack_plans import pack_prepared
     from minisft.machinery.prepare import prepare_dataset
     from minisft.sft.attention import use_sdpa_by_example
-    from minisft.sft.loss import count_trained_tokens_of
-    from minisft.sft.packing import pack
+    from minisft.sft.batches import collate
+    from minisft.sft.labels import count_trained_tokens_of
+    from minisft.sft.step import train_step
 
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     examples = prepare_dataset(synthetic_conversations(64, seed=0), tokenizer, DataConfig(max_length=length)).examples
-    row = max(pack(examples, length, "bfd").rows, key=lambda row: len(row["input_ids"]))
+    row = max(pack_prepared(examples, length, "bfd").rows, key=lambda row: len(row["input_ids"]))
     width, documents = len(row["input_ids"]), len(row["seq_lengths"])
     trained = count_trained_tokens_of([row])
     figures = {"row": {"length": width, "examples": documents, "trained_tokens": trained}}

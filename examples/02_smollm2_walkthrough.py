@@ -52,7 +52,7 @@ def main(argv: list[str]) -> None:
     flags = FLAGS + argv  # argparse keeps the last value of a flag given twice: argv wins
     output_dir = flag_value(flags, "--output_dir")
 
-    console.rule("[bold]training (minisft/loop.py), then the summary (minisft/summary.py)")
+    console.rule("[bold]training (minisft/machinery/loop.py), then the summary (minisft/summary.py)")
     train_main(flags)
 
     console.rule("[bold]the curves as a PNG (minisft/plot.py)")

@@ -6,7 +6,7 @@
 --model_name_or_path takes a full model folder, a LoRA adapter folder (its base model is loaded
 and the adapter merged in), or the embedded model's name. Answers are greedy unless --temperature
 is above 0, and stream as they are generated. In a session the whole conversation is the prompt
-of each answer, laid out by the model's chat template (minisft/generate.py).
+of each answer, laid out by the model's chat template (minisft/machinery/generate.py).
 """
 
 from __future__ import annotations

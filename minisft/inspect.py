@@ -29,9 +29,11 @@ from .machinery.cli import demo_dataset_path, parse_flags, run, stderr_console
 from .machinery.config import DataConfig, ModelConfig, PackingConfig, TrainingConfig
 from .machinery.data_files import folder_line
 from .machinery.models import load_tokenizer
+from .machinery.pack_plans import pack_prepared
 from .machinery.prepare import PreparedDataset, PrepareStats, load_and_prepare
+from .sft.batches import positions_of, setup_pad_token
 from .sft.labels import IGNORE_INDEX
-from .sft.packing import PackedDataset, pack, positions_of, setup_pad_token
+from .sft.packing import PackedDataset
 
 
 @dataclass
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         stderr_console.print("This dataset has no eval split; ask for one with --eval_split_size 0.1.")
         return
     if packing_config.packs(inspect_config.split):
-        packed = pack(prepared.examples, data_config.max_length, packing_config.packing_strategy)
+        packed = pack_prepared(prepared.examples, data_config.max_length, packing_config.packing_strategy)
         show_packed_rows(packed, prepared.stats, inspect_config)
         return
     if inspect_config.json:

@@ -8,7 +8,7 @@ run went well. Three shapes are worth a warning (the second seed's list, detecte
     train loss extremely low                    memorisation: check the model on new, similar prompts
 
 `python -m minisft.summary OUTPUT_DIR` prints it again for any run, finished or not; the last line of an
-interrupted run's metrics.jsonl, cut short, is left out with a note (minisft/reporting.py).
+interrupted run's metrics.jsonl, cut short, is left out with a note (minisft/machinery/reporting.py).
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ the small dataset in minisft/demo_data/ (a few facts the model cannot know, and 
 shows in the answers, not only in the loss. The demo's defaults are printed; any flag overrides them.
 
 The flags are TRL's names for the same things (`python -m minisft.train --help` lists them);
-the run itself is minisft/loop.py, callable from Python as `minisft.machinery.loop.train(RunConfig(...))`
-(RunConfig: minisft/config.py).
+the run itself is minisft/machinery/loop.py, callable from Python as `minisft.machinery.loop.train(RunConfig(...))`
+(RunConfig: minisft/machinery/config.py).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ DEMO_MAX_NEW_TOKENS = 32
 
 def main(argv: list[str] | None = None) -> None:
     transformers.logging.disable_progress_bar()  # a bar for a one-second weight load is noise
-    processes = start()  # under torchrun, only rank 0 speaks (minisft/distributed.py)
+    processes = start()  # under torchrun, only rank 0 speaks (minisft/machinery/distributed.py)
     console = Console(stderr=True, quiet=not processes.is_main)
     description = __doc__.splitlines()[0]
     flags = parse_flags(CONFIG_TYPES, argv, "minisft.train", description)
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         Console().print(before_after_table(prompts, before, after))
         command = f"python -m minisft.chat --model_name_or_path {shlex.quote(str(result.output_dir))}"
         console.print(f"Chat with it: {command}", markup=False, highlight=False, soft_wrap=True)  # pasted as it is
-    if result.interrupted:  # stopped by a signal, after its checkpoint: "try again later" (minisft/stopping.py)
+    if result.interrupted:  # stopped by a signal, after its checkpoint: "try again later" (machinery/stopping.py)
         sys.exit(STOPPED_EXIT_CODE)
 
 

@@ -8,9 +8,10 @@ import torch.nn.functional as F
 
 import minisft.sft.attention
 from minisft.machinery.models import tiny_model
-from minisft.sft.attention import FLASH_IMPLEMENTATIONS, flatten_rows, packed_inputs, use_sdpa_by_example
+from minisft.sft.attention import FLASH_IMPLEMENTATIONS, use_sdpa_by_example
+from minisft.sft.batches import collate_rows, flatten_rows, packed_inputs, padding_free_row
 from minisft.sft.labels import IGNORE_INDEX
-from minisft.sft.packing import collate_rows, make_row, padding_free_row
+from minisft.sft.packing import make_row
 
 TEXTS = [
     "Hello world, this is the first example of the row.",

@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minisft.machinery import cache, prepare, storage
+from minisft.machinery import cache, pack_plans, prepare, storage
 from minisft.machinery.config import DataConfig, PackingConfig
-from minisft.machinery.data_files import DataError
 from minisft.machinery.prepare import load_and_prepare
 from minisft.sft import packing
+from minisft.sft.examples import DataError
 
 # The chat template of tests: ChatML, spinning ~0.1 s on a row whose message says SLOW (the signal tests) and
 # for days on one that says LOOP (Jinja's sandbox caps a range at 100,000: nested, they multiply).
@@ -146,7 +146,7 @@ def test_a_damaged_pack_plan_is_planned_again(data, fresh_tokenizer, tmp_path, c
     examples = prepared(data, fresh_tokenizer, tmp_path / "cache").train.examples
     fresh = packing.pack(list(examples), 32, "bfd")
     kept = examples.folder / "pack-bfd-32.npz"
-    assert list(packing.pack(examples, 32, "bfd").rows) == list(fresh.rows) and kept.exists()
+    assert list(pack_plans.pack_prepared(examples, 32, "bfd").rows) == list(fresh.rows) and kept.exists()
     with np.load(kept) as saved:
         plan = {key: saved[key] for key in saved.files}
     # an edit that leaves a valid plan: the last row's examples dropped, as a hand or a bad copy might
@@ -157,13 +157,13 @@ def test_a_damaged_pack_plan_is_planned_again(data, fresh_tokenizer, tmp_path, c
     with open(kept, "wb") as file:
         np.savez(file, **plan)
     capsys.readouterr()
-    again = packing.pack(examples, 32, "bfd")
+    again = pack_plans.pack_prepared(examples, 32, "bfd")
     assert f"packing: the kept plan {kept} is damaged (checksum mismatch); planned again" in capsys.readouterr().err
     assert list(again.rows) == list(fresh.rows) and again.stats == fresh.stats
     cut_in_half(kept)
-    assert list(packing.pack(examples, 32, "bfd").rows) == list(fresh.rows)
+    assert list(pack_plans.pack_prepared(examples, 32, "bfd").rows) == list(fresh.rows)
     assert "is damaged (unreadable" in capsys.readouterr().err
-    assert list(packing.pack(examples, 32, "bfd").rows) == list(fresh.rows)  # the plan kept again is intact
+    assert list(pack_plans.pack_prepared(examples, 32, "bfd").rows) == list(fresh.rows)  # the plan kept again is intact
     assert "damaged" not in capsys.readouterr().err
 
 
@@ -217,8 +217,8 @@ def test_an_unwritable_cache_falls_back_to_an_uncached_preparation(data, fresh_t
 
 def test_a_pack_plan_that_cannot_be_kept_is_said(data, fresh_tokenizer, tmp_path, monkeypatch, capsys):
     examples = prepared(data, fresh_tokenizer, tmp_path / "cache").train.examples
-    monkeypatch.setattr(packing, "open", lambda path, mode: FullDisk(path, mode), raising=False)
-    packed = packing.pack(examples, 32, "bfd")
+    monkeypatch.setattr(pack_plans, "open", lambda path, mode: FullDisk(path, mode), raising=False)
+    packed = pack_plans.pack_prepared(examples, 32, "bfd")
     assert list(packed.rows) == list(packing.pack(list(examples), 32, "bfd").rows)
     assert f"packing: the plan is not kept in {examples.folder} (No space left on device)" in capsys.readouterr().err
     assert not [path for path in examples.folder.iterdir() if path.name.startswith("pack-")]

@@ -1,4 +1,4 @@
-"""`python -m minisft.chat` and minisft/generate.py, on a tiny random model: one prompt, a session, adapters."""
+"""`python -m minisft.chat` and machinery/generate.py, on a tiny random model: one prompt, a session, adapters."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from minisft.machinery.config import DataConfig, LoraConfig, ModelConfig, RunCon
 from minisft.machinery.generate import generate, load_for_chat
 from minisft.machinery.loop import train
 from minisft.machinery.models import load_model
-from minisft.sft.lora import load_adapter
+from minisft.machinery.peft_files import load_adapter
 
 HELLO = [[{"role": "user", "content": "hello"}]]
 

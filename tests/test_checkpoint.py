@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import minisft.machinery.checkpoint
-import minisft.machinery.loop
+import minisft.sft.step
 from minisft.machinery.checkpoint import CheckpointError, prune
 from minisft.machinery.cli import run
 from minisft.machinery.config import LoraConfig, PackingConfig
@@ -109,7 +109,7 @@ def test_lora_with_modules_to_save_resumes_exactly(tiny_dir, tmp_path, lora_r):
 
 def signal_during_step(monkeypatch, step: int, signals: list[signal.Signals]):
     """Send these signals to this very process from inside the forward pass of `step` (1-based)."""
-    original = minisft.machinery.loop.model_losses
+    original = minisft.sft.step.model_losses
     calls = {"count": 0}
 
     def forward(*args, **kwargs):
@@ -121,7 +121,7 @@ def signal_during_step(monkeypatch, step: int, signals: list[signal.Signals]):
                 os.kill(os.getpid(), number)  # Python runs the handler before the next bytecode
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(minisft.machinery.loop, "model_losses", forward)
+    monkeypatch.setattr(minisft.sft.step, "model_losses", forward)
 
 
 @pytest.mark.parametrize(

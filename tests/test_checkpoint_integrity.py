@@ -239,7 +239,7 @@ def test_a_resume_over_another_base_is_refused_naming_both(
 def test_the_base_identity_tells_a_dtype_and_a_4bit_load_apart(tiny_dir):
     """Computed on the base as loaded: the same model loaded the same way is the same base, bit for bit,
     in 4 bits too; the same model loaded otherwise is told apart by its dtypes."""
-    from minisft.sft.lora import four_bit_quantization
+    from minisft.machinery.models import four_bit_quantization
 
     def four_bit():
         quantization = four_bit_quantization(torch.float32, "nf4", False, "uint8", torch.device("cpu"))

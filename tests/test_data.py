@@ -9,7 +9,8 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 
-from minisft.machinery.data_files import DataError, dataset_format, load_splits, normalize_example, normalize_rows
+from minisft.machinery.data_files import load_splits
+from minisft.sft.examples import DataError, dataset_format, normalize_example, normalize_rows
 
 CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
 

@@ -15,9 +15,10 @@ import pytest
 from minisft.inspect import main as inspect_main
 from minisft.machinery.cli import run
 from minisft.machinery.config import DataConfig
-from minisft.machinery.data_files import DataError, load_splits
+from minisft.machinery.data_files import load_splits
 from minisft.machinery.prepare import prepare_dataset
 from minisft.sft.chat_template import FormattingError
+from minisft.sft.examples import DataError
 from minisft.sft.labels import IGNORE_INDEX, MaskingError
 
 CALL = {"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}

@@ -1,9 +1,9 @@
 """Training with torchrun: 2 gloo processes on the CPU take the steps that 1 process takes with the same global batch.
 
 Each test starts `torchrun --standalone --nproc_per_node 2 -m minisft.train` on the tiny model, and compares with
-one process running minisft.machinery.loop.train in this test process. 13 examples and 8 per step: the second step of each
-epoch has 5 examples, fewer micro-batches than 2 processes × 2 accumulation steps, so one process pads its share
-with a weight-0 micro-batch (DataParallel.mine).
+one process running minisft.machinery.loop.train in this test process. 13 examples and 8 per step: the second
+step of each epoch has 5 examples, fewer micro-batches than 2 processes × 2 accumulation steps, so one process pads
+its share with a weight-0 micro-batch (DataParallel.mine).
 
 Tolerances: the processes sum the same token losses in another order (each its own micro-batches, then the
 gradient all-reduce), so the weights differ by float32 rounding, amplified a little by AdamW for gradients near
@@ -44,7 +44,7 @@ from minisft.machinery.config import (
 )
 from minisft.machinery.loop import train
 from minisft.machinery.models import tiny_model
-from minisft.sft.lora import ADAPTER_WEIGHTS
+from minisft.machinery.peft_files import ADAPTER_WEIGHTS
 
 WEIGHT_ATOL = 2e-5
 LOSS_RTOL = 2e-6
@@ -290,7 +290,7 @@ def test_a_sharded_checkpoint_naming_code_is_refused_unrun(workspace, tmp_path):
     shutil.copytree(whole / "checkpoint-3", checkpoint)
     marker = tmp_path / "ran"
     (checkpoint / "sharded" / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
-    # Whoever can write .metadata can rewrite the checksums' listing too (minisft/checkpoint.py): here, drop its line.
+    # Whoever can write .metadata can rewrite the checksums' listing too (machinery/checkpoint.py): here, drop its line.
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     del state["files"]["sharded/.metadata"]
     (checkpoint / "trainer_state.json").write_text(json.dumps(state))

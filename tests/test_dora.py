@@ -18,17 +18,15 @@ from transformers import AutoModelForCausalLM
 
 from minisft.machinery.config import LoraConfig
 from minisft.machinery.loop import train
-from minisft.machinery.models import load_model, tiny_model
+from minisft.machinery.models import four_bit_quantization, load_model, tiny_model
+from minisft.machinery.peft_files import load_adapter, save_adapter
 from minisft.sft.lora import (
     LoraLinear,
     LoraSettings,
-    four_bit_quantization,
     inject_lora,
-    load_adapter,
     lora_layers,
     merge_lora,
     merged_model,
-    save_adapter,
     unmerge_lora,
 )
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import minisft.machinery.loop
+import minisft.sft.step
 from minisft.machinery.config import ConfigError, LoraConfig, PackingConfig, TrainingConfig
 from minisft.machinery.loop import TrainingError, train
 from minisft.machinery.models import load_tokenizer, tiny_model
@@ -213,7 +214,7 @@ def test_accumulation_does_not_change_the_step(tiny_dir, tmp_path, split):
 
 def interrupt_during_step(monkeypatch, step):
     """Make the loop raise KeyboardInterrupt (as Ctrl-C does) in the forward pass of `step` (1-based)."""
-    original = minisft.machinery.loop.model_losses
+    original = minisft.sft.step.model_losses
     calls = {"count": 0}
 
     def forward(*args, **kwargs):
@@ -222,7 +223,7 @@ def interrupt_during_step(monkeypatch, step):
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(minisft.machinery.loop, "model_losses", forward)
+    monkeypatch.setattr(minisft.sft.step, "model_losses", forward)
 
 
 @pytest.mark.parametrize("use_peft", [False, True])
@@ -251,7 +252,7 @@ def test_stopped_and_resumed_equals_uninterrupted(tiny_dir, tmp_path, monkeypatc
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_dir, tmp_path, monkeypatch):
-    original = minisft.machinery.loop.model_losses
+    original = minisft.sft.step.model_losses
     calls = {"count": 0}
 
     def poisoned(*args, **kwargs):
@@ -261,7 +262,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_dir, tmp_path,
             losses.loss_sum = losses.loss_sum * float("nan")
         return losses
 
-    monkeypatch.setattr(minisft.machinery.loop, "model_losses", poisoned)
+    monkeypatch.setattr(minisft.sft.step, "model_losses", poisoned)
     with pytest.raises(TrainingError, match="not finite at step 3"):
         train(run_config(tiny_dir, tmp_path, max_steps=6, per_device_train_batch_size=10, save_steps=2))
     assert (tmp_path / "checkpoint-2").is_dir() and not (tmp_path / "checkpoint-3").exists()
@@ -341,9 +342,9 @@ def test_fp16_scales_the_loss_and_stays_near_fp32(tiny_dir, tmp_path, monkeypatc
 
 @pytest.mark.parametrize("mode", ["padded", "packed", "padding_free"])
 def test_trained_tokens_are_counted_before_collating(tokenizer, mode):
-    from minisft.machinery.loop import collate
     from minisft.sft.attention import use_sdpa_by_example
-    from minisft.sft.loss import count_trained_tokens, count_trained_tokens_of
+    from minisft.sft.batches import collate
+    from minisft.sft.labels import count_trained_tokens, count_trained_tokens_of
     from minisft.sft.packing import pack
 
     texts = ["a first example", "the second one is a little longer", "three", "and a fourth to pack beside them"]
@@ -359,12 +360,12 @@ def test_trained_tokens_are_counted_before_collating(tokenizer, mode):
 
 def test_each_micro_batch_is_collated_just_before_its_forward(tiny_dir, tmp_path, monkeypatch):
     events = []
-    original_collate, original_losses = minisft.machinery.loop.collate, minisft.machinery.loop.model_losses
+    original_collate, original_losses = minisft.machinery.loop.collate, minisft.sft.step.model_losses
     monkeypatch.setattr(
         minisft.machinery.loop, "collate", lambda *a, **k: events.append("collate") or original_collate(*a, **k)
     )
     monkeypatch.setattr(
-        minisft.machinery.loop, "model_losses", lambda *a, **k: events.append("forward") or original_losses(*a, **k)
+        minisft.sft.step, "model_losses", lambda *a, **k: events.append("forward") or original_losses(*a, **k)
     )
     train(
         run_config(
@@ -388,7 +389,7 @@ def step_parts(tokenizer) -> tuple:
     """A fresh tiny model (always the same weights), its AdamW, a schedule that moves, and its collate function."""
     import functools
 
-    from minisft.machinery.loop import collate
+    from minisft.sft.batches import collate
     from minisft.sft.optim import build_optimizer, build_schedule
 
     model = tiny_model(tokenizer)
@@ -402,8 +403,8 @@ def step_parts(tokenizer) -> tuple:
 
 def test_one_process_step_equals_the_data_parallel_one_bit_for_bit(tokenizer):
     from minisft.machinery.distributed import Processes, data_parallel
-    from minisft.machinery.loop import train_step
-    from minisft.sft.loss import count_trained_tokens_of
+    from minisft.sft.labels import count_trained_tokens_of
+    from minisft.sft.step import train_step
 
     examples = step_examples(tokenizer)
     steps = [[examples[0:2], examples[2:4]], [examples[4:6], examples[6:8]]]  # 2 steps, accumulation 2
@@ -428,7 +429,7 @@ def test_one_process_step_equals_the_data_parallel_one_bit_for_bit(tokenizer):
 
 def step_and_gradients(tokenizer, micro_batches, step_tokens, step_weights) -> tuple:
     """train_step's figures, and the gradients it hands the optimizer (clipped)."""
-    from minisft.machinery.loop import train_step
+    from minisft.sft.step import train_step
 
     model, optimizer, schedule, collate_units = step_parts(tokenizer)
     gradients = []
@@ -442,7 +443,7 @@ def step_and_gradients(tokenizer, micro_batches, step_tokens, step_weights) -> t
 
 
 def test_a_weight_of_zero_leaves_the_micro_batch_out_of_the_step(tokenizer):
-    from minisft.sft.loss import count_trained_tokens_of
+    from minisft.sft.labels import count_trained_tokens_of
 
     examples = step_examples(tokenizer)
     kept, padding = examples[0:2], examples[2:4]

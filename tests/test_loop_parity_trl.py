@@ -57,6 +57,7 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import minisft.machinery.loop  # noqa: E402
+import minisft.sft.batches  # noqa: E402
 import minisft.sft.optim  # noqa: E402
 from minisft.machinery.config import DataConfig, LoraConfig, ModelConfig, PackingConfig, RunConfig, TrainingConfig  # noqa: E402
 from minisft.machinery.loop import train  # noqa: E402
@@ -444,7 +445,7 @@ def test_packing_without_boundaries_is_visible_at_these_tolerances(workspace, mo
         }
         return inputs, batch["labels"]
 
-    monkeypatch.setattr(minisft.machinery.loop, "packed_inputs", plain_causal)
+    monkeypatch.setattr(minisft.sft.batches, "packed_inputs", plain_causal)
     leaky = workspace.minisft(packing=True, label="no boundaries")
     found = differences(leaky.weights, workspace.minisft().weights)
     assert max(frobenius for frobenius, _ in found.values()) > 10 * FROBENIUS_RTOL

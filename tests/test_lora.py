@@ -20,17 +20,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from minisft.machinery.models import tiny_model
-from minisft.sft.lora import (
-    LoraError,
-    LoraLinear,
-    LoraSettings,
-    inject_lora,
-    load_adapter,
-    merge_lora,
-    merged_model,
-    save_adapter,
-    unmerge_lora,
-)
+from minisft.machinery.peft_files import load_adapter, save_adapter
+from minisft.sft.lora import LoraError, LoraLinear, LoraSettings, inject_lora, merge_lora, merged_model, unmerge_lora
 
 from .tiny_runs import input_ids, logits_of, max_diff, quiet, relative_diff
 
@@ -543,7 +534,7 @@ def test_adapter_for_another_base_is_an_error_naming_the_module(tokenizer, tmp_p
 )
 def test_lora_on_the_head_is_checked_when_the_run_is_set_up(tokenizer, settings, refused):
     from minisft.errors import UserError
-    from minisft.sft.lora import check_head
+    from minisft.sft.loss import check_head
 
     model = tiny_model(tokenizer)
     model.config.tie_word_embeddings = False

@@ -1,4 +1,4 @@
-"""The fused chunked head + cross-entropy (minisft/loss.py) against plain autograd over the full logits.
+"""The fused chunked head + cross-entropy (minisft/sft/loss.py) against plain autograd over the full logits.
 
 The fused function computes the loss, its gradients, the accuracy and the entropy without keeping the logits;
 the reference builds every logit and lets autograd differentiate F.cross_entropy. They must agree to float32

@@ -1,4 +1,4 @@
-"""The output folder (minisft/outputs.py): --overwrite_output_dir removes only what the previous run wrote, never
+"""The output folder (machinery/outputs.py): --overwrite_output_dir removes only what the previous run wrote, never
 before every input is open; folders holding the run's inputs are refused; one run holds a folder at a time."""
 
 import errno
@@ -20,9 +20,9 @@ import minisft.machinery.loop
 import minisft.machinery.outputs
 from minisft.machinery.cli import run
 from minisft.machinery.config import ConfigError
-from minisft.machinery.data_files import DataError
 from minisft.machinery.loop import train
 from minisft.machinery.outputs import LOCK_FILE, MANIFEST, clear_previous_run, read_manifest, take_lock
+from minisft.sft.examples import DataError
 from minisft.train import main
 
 from .tiny_runs import data_file_of, run_config

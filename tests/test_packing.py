@@ -21,17 +21,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from minisft.sft.batches import collate_padded, collate_rows, padding_free_row
 from minisft.sft.packing import (
     STRATEGIES,
     PackingError,
     PackStats,
     best_fit_decreasing,
     check_max_length,
-    collate_padded,
-    collate_rows,
     make_row,
     pack,
-    padding_free_row,
 )
 
 IGNORE = -100

@@ -18,7 +18,8 @@ from transformers import AutoTokenizer
 from minisft.machinery.config import DataConfig, ModelConfig, RunConfig, TrainingConfig
 from minisft.machinery.loop import train
 from minisft.machinery.models import tiny_model
-from minisft.sft.packing import PackingError, setup_pad_token
+from minisft.sft.batches import setup_pad_token
+from minisft.sft.packing import PackingError
 
 EOS = "<|im_end|>"
 OTHER = "<|endoftext|>"  # a pad token whose id (0) is not EOS's (2): the padded batches differ

@@ -1,4 +1,4 @@
-"""The preparation cache, the token storage, and worker processes (minisft/cache.py, storage.py, prepare.py).
+"""The preparation cache, the token storage, and worker processes (minisft/machinery/cache.py, storage.py, prepare.py).
 
 Each test would fail with its feature off: a hit is shown by preparation never running, an
 invalidation by preparation running again, workers by comparing with one process exactly.
@@ -12,12 +12,12 @@ import os
 import numpy as np
 import pytest
 
-from minisft.machinery import cache, prepare
+from minisft.machinery import cache, pack_plans, prepare
 from minisft.machinery.config import DataConfig, PackingConfig
-from minisft.machinery.data_files import DataError
 from minisft.machinery.prepare import load_and_prepare, prepare_dataset
 from minisft.machinery.storage import from_examples, id_dtype
 from minisft.sft import packing
+from minisft.sft.examples import DataError
 
 
 def write_conversations(path, count: int, bad_line: int | None = None) -> None:
@@ -201,9 +201,10 @@ def test_fingerprint_is_the_content(tokenizer):
 def test_a_packing_plan_is_kept_beside_cached_examples(data, fresh_tokenizer, tmp_path, monkeypatch):
     cache_dir = tmp_path / "cache"
     examples = prepared(data, fresh_tokenizer, cache_dir, PackingConfig(packing=True)).train.examples
-    first = packing.pack(examples, 64, "bfd_split")
+    first = pack_plans.pack_prepared(examples, 64, "bfd_split")
     assert list(packing.pack(list(examples), 64, "bfd_split").rows) == list(first.rows)  # as from plain lists
     monkeypatch.setattr(packing, "best_fit_decreasing", lambda *args: pytest.fail("the plan was made again"))
-    again = packing.pack(prepared(data, fresh_tokenizer, cache_dir, PackingConfig(packing=True)).train.examples, 64,
-                         "bfd_split")  # fmt: skip
+    again = pack_plans.pack_prepared(
+        prepared(data, fresh_tokenizer, cache_dir, PackingConfig(packing=True)).train.examples, 64, "bfd_split"
+    )
     assert list(again.rows) == list(first.rows) and again.stats == first.stats

@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from minisft.machinery.config import DataConfig, LoraConfig, ModelConfig, PackingConfig, RunConfig, TrainingConfig
 from minisft.machinery.loop import train
-from minisft.machinery.models import load_model, tiny_model
-from minisft.sft.lora import LoraError, LoraSettings, four_bit_quantization, inject_lora
+from minisft.machinery.models import four_bit_quantization, load_model, tiny_model
+from minisft.sft.lora import LoraError, LoraSettings, inject_lora
 
 
 def logits(model, ids):

@@ -1,5 +1,6 @@
 """Flag combinations that cannot work are refused as the flags are parsed (config.check_run): one line, exit
-status 2, before any data line, tokenizer or model. And minisft/config.py is a leaf every stage may import."""
+status 2, before any data line, tokenizer or model. And minisft/machinery/config.py imports no stage of the
+machinery, so every stage may import it."""
 
 import dataclasses
 import importlib.util
@@ -114,15 +115,17 @@ def test_a_valid_combination_is_not_refused(monkeypatch):
     RunConfig(training=TrainingConfig(output_dir="out", fsdp=True))
 
 
-def test_config_imports_nothing_of_minisft_but_errors():
-    """config.py is a leaf: every stage imports it, so an import of a stage from it would be a cycle in waiting."""
-    code = "import sys, minisft.machinery.config; print(' '.join(sorted(m for m in sys.modules if m.startswith('minisft'))))"
+def test_config_imports_only_errors_and_the_lesson_module_it_names():
+    """Every stage of the machinery imports config.py, so an import of a stage from it would be a cycle in waiting:
+    it takes only minisft.errors and the lesson's optim.py (the names --optim and --lr_scheduler_type offer)."""
+    code = "import sys, minisft.machinery.config; print(' '.join(m for m in sys.modules if m.startswith('minisft')))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.split() == ["minisft", "minisft.machinery.config", "minisft.errors"]
+    packages = {"minisft", "minisft.machinery", "minisft.sft"}  # imported on the way to their modules
+    assert set(result.stdout.split()) == packages | {"minisft.errors", "minisft.machinery.config", "minisft.sft.optim"}
 
 
 def test_every_data_flag_says_whether_it_changes_the_prepared_tokens():
-    """The preparation cache keys prepared data by these flags (minisft/cache.py): a flag that forgot to say would
+    """The preparation cache keys prepared data by these flags (machinery/cache.py): a flag that forgot to say would
     reuse a stale preparation when it changes."""
     undecided = [flag.name for flag in dataclasses.fields(DataConfig) if "prepared" not in flag.metadata]
     assert undecided == []

@@ -1,1 +1,20 @@
-"""What makes the lesson in minisft/sft run for real: flags, files, caches, checkpoints, processes, trackers."""
+"""The machinery around the lesson in minisft/sft: what a real run needs and a learner can skip.
+
+config.py       every flag, in TRL's and transformers' names, and every check on them (run as they are read)
+cli.py          the command line: flags, one-line errors, exit codes
+loop.py         the run, top to bottom: output folder → data → model → steps (sft/step.py) → outputs
+outputs.py      the output folder: its lock, and what a run may remove from it
+data_files.py   file readers: JSONL, JSON, parquet, CSV, folders, hub datasets; splits
+prepare.py      a whole split through the lesson's first three files, in worker processes
+storage.py      prepared examples as flat memory-mapped arrays
+cache.py        prepared splits kept by a hash of everything they depend on, checked before reuse
+pack_plans.py   packing plans kept beside the prepared split
+checkpoint.py   checkpoints: atomic, checksummed, verified on resume
+distributed.py  torchrun: DDP and FSDP2 behind one small object the step takes
+stopping.py     Ctrl-C and SIGTERM: stop at a step's end, save, exit
+reporting.py    metrics.jsonl and the trackers
+models.py       models and tokenizers, the embedded model, 4-bit loading
+peft_files.py   peft's adapter files, read and written
+generate.py     asking a model, as chat and the demo do
+extras.py       optional packages, each with the command that installs it
+"""

@@ -2,7 +2,7 @@
 
 Preparing a large dataset (tokenizing every conversation) takes minutes; a run, a resume and
 an `inspect` of the same data with the same flags would each redo it. Instead the storage
-(minisft/storage.py) is kept in `--cache_dir` (default $MINISFT_CACHE/prepared), in a folder
+(minisft/machinery/storage.py) is kept in `--cache_dir` (default $MINISFT_CACHE/prepared), in a folder
 named by a sha256 of:
 
 - each data file: its resolved path, size and modification time, and for a file up to 64 MiB
@@ -18,7 +18,7 @@ named by a sha256 of:
 
 A second run with the same inputs finds the folder and maps it; any change gives another
 fingerprint, hence another folder, prepared afresh. Packing plans are kept inside the folder,
-one per strategy and max_length (packing.py).
+one per strategy and max_length (pack_plans.py).
 
 A folder is written under a temporary name and renamed when complete. A rename is atomic, so
 the fingerprint's folder is either absent or whole; a preparation interrupted half-way leaves

@@ -19,7 +19,7 @@ the run with one line; the checkpoints before it stay as they were. Under FSDP e
 its shards in parallel, and nothing is gathered to one process: the save costs what one shard does.
 
 Resuming. The examples a step sees are a function of the seed, the step, and the settings that cut the
-data into steps (minisft/loop.py). The checkpoint stores those settings and a fingerprint of the
+data into steps (minisft/machinery/loop.py). The checkpoint stores those settings and a fingerprint of the
 tokenized training data, and a resume that would change them is refused by name: it would no longer
 continue the same run. --ignore_data_order_mismatch lets a user who means it go on anyway.
 
@@ -73,9 +73,10 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from minisft.errors import UserError
-from minisft.sft.lora import ADAPTER_WEIGHTS, PEFT_PREFIX, LoraSettings, save_adapter
+from minisft.sft.lora import LoraSettings
 
 from .distributed import DataParallel
+from .peft_files import ADAPTER_WEIGHTS, PEFT_PREFIX, save_adapter
 from .storage import file_checksums, from_examples, sha256_of
 
 PREFIX = "checkpoint-"
@@ -331,7 +332,7 @@ def resolve_resume(output_dir: Path, resume_from_checkpoint: str | None) -> Path
 def data_fingerprint(units: Sequence[dict]) -> str:
     """The tokenized training data in a few characters: its size and a hash of every unit's ids and labels.
 
-    Prepared examples and packed rows hash their arrays (storage.py, packing.py): a second or so for
+    Prepared examples and packed rows hash their arrays (storage.py, pack_plans.py): a second or so for
     200M tokens, with no unit built as a list. Units given as lists are first laid out the same way.
     """
     hashed = units if hasattr(units, "fingerprint") else from_examples(units)
@@ -658,7 +659,7 @@ def load_whole(directory: Path, model, optimizer, lora: LoraSettings | None) -> 
     with reading(directory / (ADAPTER_WEIGHTS if lora is not None else "model.safetensors")) as path:
         saved = load_file(path)
     if lora is not None:
-        # peft's key for a trained tensor is its parameter name behind base_model.model. (minisft/lora.py).
+        # peft's key for a trained tensor is its parameter name behind base_model.model. (peft_files.py).
         saved = {key.removeprefix(PEFT_PREFIX): tensor for key, tensor in saved.items()}
     _copy_into(model, saved, path)
     with reading(directory / "optimizer.pt") as path:

@@ -117,6 +117,6 @@ def run(main, argv: list[str] | None = None) -> None:
         sys.exit(2)
     except BrokenPipeError:  # e.g. `python -m minisft.inspect --json | head`
         sys.stderr.close()
-    except KeyboardInterrupt:  # Ctrl-C outside the training steps (which stop cleanly, minisft/stopping.py)
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps (which stop cleanly, minisft/machinery/stopping.py)
         stderr_console.print("interrupted", highlight=False)
         sys.exit(INTERRUPTED_EXIT_CODE)

@@ -16,12 +16,12 @@ without --use_peft, --fsdp outside torchrun and the like are refused as the comm
 before any data, tokenizer or model is read. Only what needs the data (a masking flag the dataset's
 format cannot honour) or the model (LoRA on its output head) is checked where that is read.
 
-This module is a leaf: it imports nothing of minisft but minisft.errors, so every stage may import
-it. The names --optim and --lr_scheduler_type offer, and the check of --lr_scheduler_kwargs, live
-here for that reason; minisft/optim.py imports them.
+This module imports nothing of minisft but minisft.errors and the lesson's minisft/sft/optim.py (the
+names --optim and --lr_scheduler_type offer, and the check of --lr_scheduler_kwargs), so every stage
+of the machinery may import it.
 
 Each DataConfig field says in its metadata whether it changes the prepared tokens ("prepared"):
-the preparation cache (minisft/cache.py) keys prepared data by those fields, so a new field must
+the preparation cache (minisft/machinery/cache.py) keys prepared data by those fields, so a new field must
 decide, and tests/test_flags.py fails for one that does not. HfArgumentParser would hand that key
 to argparse, which knows no such option: cli.FlagParser drops it (OWN_METADATA).
 """
@@ -32,6 +32,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 import types
 import typing
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from minisft.errors import UserError
+from minisft.sft.optim import OPTIMIZERS, SCHEDULES, schedule_options
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # Field metadata that minisft reads itself, not argparse: whether a DataConfig field changes the prepared tokens.
@@ -48,10 +50,6 @@ OWN_METADATA = ("prepared",)
 
 class ConfigError(UserError, ValueError):
     """A flag value that cannot work; the message names the flag."""
-
-
-class OptimizerError(UserError, ValueError):
-    """An optimizer or schedule setting that cannot work here."""
 
 
 # --logging_steps and --eval_steps: a count of steps, or below 1 a fraction of the run (as transformers 5 reads them).
@@ -96,82 +94,6 @@ FLAG_RANGES = {
     "save_total_limit": (lambda n: n >= 0, "0 (keep all) or more"),
     "seed": (lambda n: -(2**63) <= n < 2**64, "a whole number that fits in 64 bits, as torch.manual_seed takes it"),
 }
-
-
-# --optim's and --lr_scheduler_type's choices. minisft/optim.py builds them; they are named here, where the flags
-# are, so that this module imports nothing of minisft's (optim imports config, not the other way).
-OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor")
-# Each schedule's --lr_scheduler_kwargs and their defaults, those of transformers' get_*_schedule functions.
-SCHEDULE_KWARGS = {
-    "linear": {},
-    "cosine": {"num_cycles": 0.5},  # half a wave: from the peak down to 0
-    "constant": {},
-    "constant_with_warmup": {},
-    "cosine_with_min_lr": {"num_cycles": 0.5, "min_lr": None, "min_lr_rate": None},  # exactly one of the two
-    "cosine_with_restarts": {"num_cycles": 1},
-    "polynomial": {"lr_end": 1e-7, "power": 1.0},
-    "warmup_stable_decay": {
-        "num_decay_steps": None,  # required: transformers has no default either
-        "num_stable_steps": None,  # default: the steps that warmup and decay leave of the run
-        "warmup_type": "linear",
-        "decay_type": "cosine",
-        "min_lr_ratio": 0.0,
-        "num_cycles": 0.5,
-    },
-}
-SCHEDULES = tuple(SCHEDULE_KWARGS)
-WSD_SHAPES = ("linear", "cosine", "1-sqrt")
-
-
-def schedule_options(schedule: str, kwargs: dict | None, learning_rate: float) -> dict:
-    """The settings the schedule's formula reads: --lr_scheduler_kwargs over transformers' defaults, checked.
-
-    As in transformers, min_lr becomes min_lr_rate (a fraction of the peak), and polynomial keeps the peak
-    (lr_init) to divide by.
-    """
-    if schedule not in SCHEDULE_KWARGS:
-        raise OptimizerError(f"Unknown --lr_scheduler_type {schedule!r}; choose one of {', '.join(SCHEDULES)}.")
-    defaults, given = SCHEDULE_KWARGS[schedule], dict(kwargs or {})
-    flags = f"--lr_scheduler_type {schedule} " + (
-        f"--lr_scheduler_kwargs '{json.dumps(given)}'" if given else "(no --lr_scheduler_kwargs)"
-    )
-    unknown = ", ".join(sorted(set(given) - set(defaults)))
-    if unknown:
-        takes = f"only {', '.join(defaults)}" if defaults else "no settings"
-        raise OptimizerError(f"{flags}: the schedule takes {takes}, not {unknown}.")
-    options = {**defaults, **given}
-    problem = schedule_problem(schedule, options, learning_rate)
-    if problem:
-        raise OptimizerError(f"{flags}: {problem}.")
-    if schedule == "cosine_with_min_lr" and options["min_lr"] is not None:
-        options["min_lr_rate"] = options["min_lr"] / learning_rate
-    if schedule == "polynomial":
-        options["lr_init"] = learning_rate
-    return options
-
-
-def schedule_problem(schedule: str, options: dict, learning_rate: float) -> str | None:
-    """What is wrong with a schedule's settings, in words; None if nothing."""
-    for key, value in options.items():
-        is_shape = key in ("warmup_type", "decay_type")
-        if is_shape and value not in WSD_SHAPES:
-            return f"{key} must be one of {', '.join(WSD_SHAPES)}, got {value!r}"
-        if not is_shape and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            return f"{key} must be a number, got {value!r}"
-    if schedule == "cosine_with_min_lr" and (options["min_lr"] is None) == (options["min_lr_rate"] is None):
-        return "give exactly one of min_lr (a learning rate) and min_lr_rate (a fraction of --learning_rate)"
-    if schedule == "polynomial":
-        if not options["lr_end"] < learning_rate:
-            return f"lr_end {options['lr_end']} must be below --learning_rate {learning_rate}"
-        if not options["power"] > 0:
-            return f"power must be positive, got {options['power']}"
-    if schedule == "warmup_stable_decay":
-        if options["num_decay_steps"] is None:
-            return "num_decay_steps, the steps of the final decay, is required"
-        for key in ("num_decay_steps", "num_stable_steps"):
-            if options[key] is not None and not (options[key] >= 0 and options[key] == int(options[key])):
-                return f"{key} must be a whole number of steps, got {options[key]}"
-    return None
 
 
 # How a flag's type is named to the user, and which Python values it takes (a bool is an int to Python, not here).
@@ -314,7 +236,7 @@ class ModelConfig:
 
 
 # "prepared" in a DataConfig field's metadata: whether it changes the prepared tokens, and so keys the preparation
-# cache (minisft/cache.py). Not the dataset's name (its files are fingerprinted instead), --max_length (counted
+# cache (machinery/cache.py). Not the dataset's name (its files are fingerprinted instead), --max_length (counted
 # through the length each split is cut to), --chat_template_path (through the tokenizer's template), the pad token
 # (padding happens in batches), the workers (any number gives the same output) nor the cache itself.
 @dataclass
@@ -467,6 +389,16 @@ class PackingConfig:
         return self.packing
 
 
+def parse_target_modules(values: list[str] | str | None) -> list[str] | str | None:
+    """--lora_target_modules as LoRA takes it: names space- or comma-separated, one regex, or all-linear."""
+    if values is None or isinstance(values, str):
+        return values
+    names = [name for value in values for name in value.split(",") if name]
+    if len(names) == 1 and (names[0] == "all-linear" or re.search(r"[\\^$.*+?()\[\]|{}]", names[0])):
+        return names[0]
+    return names
+
+
 @dataclass
 class LoraConfig:
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all the weights."})
@@ -517,7 +449,7 @@ class LoraConfig:
     )
 
     def settings(self):
-        from minisft.sft.lora import LoraSettings, parse_target_modules
+        from minisft.sft.lora import LoraSettings
 
         return LoraSettings(
             r=self.lora_r,

@@ -38,7 +38,7 @@ each layer's quantization state on the module, so the gathered codes dequantize 
 end only the adapter is gathered to rank 0 and written in peft's format (whole_weights below).
 
 Only rank 0 prints, logs and writes files; in checkpoints every rank saves its own random state,
-and under FSDP its own shards (minisft/checkpoint.py).
+and under FSDP its own shards (minisft/machinery/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from minisft.errors import UserError
-from minisft.sft.lora import LoraSettings, adapter_state_dict
+from minisft.sft.lora import LoraSettings
+
+from .peft_files import adapter_state_dict
 
 
 class DistributedError(UserError, RuntimeError):
@@ -109,7 +111,7 @@ class Backbone(nn.Module):
     """The model without its output head: what DDP and FSDP wrap.
 
     minisft's loss applies the head itself, chunk by chunk, to the trained positions only
-    (minisft/loss.py), so the wrapped forward must stop at the last hidden states. The head's
+    (minisft/sft/loss.py), so the wrapped forward must stop at the last hidden states. The head's
     weight is still a parameter of this module, so its gradient is synchronised like the others.
     """
 
@@ -198,11 +200,6 @@ def data_parallel(model: nn.Module, processes: Processes, fsdp: bool) -> DataPar
     for layer in layers:
         fully_shard(layer)
     return DataParallel(processes, fully_shard(backbone), device)
-
-
-def total_norm(norm: torch.Tensor) -> float:
-    """The gradient norm as a number; under FSDP clip_grad_norm_ returns it as a distributed tensor."""
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def whole_weights(model: nn.Module, lora: LoraSettings | None) -> dict[str, torch.Tensor]:

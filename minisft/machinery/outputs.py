@@ -48,13 +48,13 @@ BOOKKEEPING = {LOCK_FILE, MANIFEST, MANIFEST + ".tmp"}  # never counted as the f
 
 # Every top-level name a run writes (checked by a full run and a --use_peft --merge_lora run).
 OWN_NAMES = re.compile(
-    r"""checkpoint-\d+ | \.checkpoint-\d+\.(partial|trash)             # minisft/checkpoint.py
-    | metrics\.jsonl(\.tmp)? | runs | wandb                              # minisft/reporting.py and its trackers
+    r"""checkpoint-\d+ | \.checkpoint-\d+\.(partial|trash)             # checkpoint.py
+    | metrics\.jsonl(\.tmp)? | runs | wandb                              # reporting.py and its trackers
     | merged                                                             # --merge_lora
     | config\.json | generation_config\.json                             # model.save_pretrained
     | model(-\d+-of-\d+)?\.safetensors | model\.safetensors\.index\.json
     | (configuration|modeling)_\w+\.py                                   # a trust_remote_code model's own code
-    | adapter_model\.safetensors | adapter_config\.json                 # minisft.sft.lora.save_adapter
+    | adapter_model\.safetensors | adapter_config\.json                 # minisft.machinery.peft_files.save_adapter
     | tokenizer\.json | tokenizer_config\.json | special_tokens_map\.json | added_tokens\.json
     | chat_template\.(jinja|json) | additional_chat_templates | tokenizer\.model | spiece\.model
     | vocab\.(json|txt) | merges\.txt | tokenization_\w+\.py             # tokenizer.save_pretrained""",

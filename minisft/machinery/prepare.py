@@ -1,7 +1,9 @@
 """Preparation: canonical examples become what training consumes, `input_ids` and `labels`.
 
-    canonical example ──formatting──▶ token ids ──masking──▶ labels ──truncate──▶ drop untrained
-                                                                       (keep the start)
+    raw row ──examples──▶ canonical example ──chat_template──▶ token ids ──labels──▶ labels ──▶ cut, drop
+
+Each step is decided by the lesson's file of that name in minisft/sft (examples.py, chat_template.py,
+labels.py); this module runs them over a whole dataset.
 
 This is the one stage that cuts examples to --max_length, in every mode (cut_lengths): padded
 and padding-free batches and bfd packing take the truncated examples; bfd_split and wrapped,
@@ -14,7 +16,7 @@ response template was never found. `python -m minisft.inspect` prints exactly th
 At scale: the raw rows are read as a stream and prepared in batches of BATCH_ROWS (one
 tokenizer call per batch), by --dataset_num_proc worker processes that return their batches
 in order, so the output and every count are those of one process. The kept examples go
-straight into flat arrays on disk (minisft/storage.py), which the cache (minisft/cache.py)
+straight into flat arrays on disk (minisft/machinery/storage.py), which the cache (minisft/machinery/cache.py)
 keeps for the next run with the same files, tokenizer and flags.
 
 Preparation is guarded where it meets the world. A chat template that renders one row for more
@@ -25,14 +27,11 @@ ignore SIGINT) are stopped without a traceback each. A data file whose size or m
 between the start and the end is refused, and nothing is cached from it. A cache that cannot
 be written (a full disk, a read-only folder) gives a preparation that is not kept, with one line
 saying why. After PROGRESS_AFTER seconds, a line every PROGRESS_EVERY seconds shows the pace.
-
-Pre-tokenized rows are trained as TRL 1.16 trains them: their own `labels` as they are, when
-they have them; otherwise their `assistant_masks` always, and their `completion_mask` only with
---completion_only_loss (TRL's documented default leaves it unused: counted, so it is seen).
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import shutil
@@ -49,35 +48,21 @@ from pathlib import Path
 import numpy as np
 
 from minisft.machinery import cache
-from minisft.sft.chat_template import (
-    Formatted,
-    format_batch,
-    format_example,
-    has_generation_tags,
-    resolve_eos_token,
-    setup_chat_template,
-)
+from minisft.sft.chat_template import Formatted, format_batch, format_example, resolve_eos_token, setup_chat_template
+from minisft.sft.examples import DataError, check_same_format, dataset_format, normalize_example
 from minisft.sft.labels import (
     IGNORE_INDEX,
     MaskingError,
-    completion_mask,
-    family_templates,
-    labels_from_masks,
-    parse_template,
-    response_template_mask,
-    template_variants,
+    MaskPlan,
+    check_own_labels,
+    cut,
+    drop_reason,
+    example_labels,
+    plan_masks,
 )
 
 from .config import DataConfig, PackingConfig, TrainingConfig
-from .data_files import (
-    DataError,
-    check_same_format,
-    dataset_format,
-    local_files,
-    normalize_example,
-    rows_of,
-    stream_splits,
-)
+from .data_files import local_files, rows_of, stream_splits
 from .storage import (
     DamagedFile,
     StorageWriter,
@@ -130,22 +115,12 @@ class PreparedDataset:
 
 
 @dataclass
-class _MaskPlan:
-    """Which masks apply to this dataset, decided once from its format and the flags."""
-
-    completion_only: bool
-    generation_tags: bool
-    response_variants: list[list[int]] | None
-    instruction_variants: list[list[int]] | None
-    response_template: str | list[int] | None
-
-
-@dataclass
 class _Job:
     """What preparing any batch needs, decided once in the main process and handed to every worker."""
 
     tokenizer: object
-    plan: _MaskPlan
+    vocab_size: int  # len(tokenizer), which pre-tokenized rows' own labels are checked against
+    plan: MaskPlan
     eos_token: str | None
     cut_to: dict[str, int | None]  # split -> the length its examples are truncated to (cut_lengths)
     text_field: str
@@ -186,106 +161,7 @@ def prepare_dataset(
     return PreparedDataset(storage, _stats_from(meta["stats"]), origins)
 
 
-def _masks(formatted: Formatted, plan: _MaskPlan, stats: PrepareStats) -> list[list[bool]]:
-    """The masks that apply to one formatted example (True = trained); what no rule finds is counted."""
-    input_ids = formatted.input_ids
-    masks = []
-    if plan.completion_only:
-        if formatted.completion_mask is not None:
-            masks.append([bool(bit) for bit in formatted.completion_mask])
-        else:
-            masks.append(completion_mask(len(input_ids), formatted.completion_start))
-    elif formatted.completion_mask is not None:
-        stats.completion_mask_unused += 1
-    if formatted.assistant_mask is not None:  # {% generation %} tags, or a pre-tokenized row's assistant_masks
-        masks.append([bool(bit) for bit in formatted.assistant_mask])
-    if plan.response_variants:
-        mask = response_template_mask(input_ids, plan.response_variants, plan.instruction_variants)
-        if mask is None:
-            stats.response_template_missing += 1
-            mask = [False] * len(input_ids)
-        masks.append(mask)
-    return masks
-
-
-def _plan_masks(kind: str, columns: set[str], tokenizer, config: DataConfig) -> _MaskPlan:
-    """The masks for a dataset of this format; `columns` are its first example's keys (all share them)."""
-    is_prompt_completion = kind in ("prompt_completion", "conversational_prompt_completion")
-    is_conversation = kind in ("conversational", "conversational_prompt_completion")
-    if kind == "tokenized":
-        _check_tokenized_flags(columns, config)
-        # As TRL decides it: "on for prompt/completion data" means rows with a prompt and a completion, which
-        # pre-tokenized rows are not, so their completion_mask needs the flag.
-        completion_only = bool(config.completion_only_loss)
-    else:
-        if config.completion_only_loss and not is_prompt_completion:
-            raise MaskingError(
-                f"--completion_only_loss needs prompt/completion data; this dataset is {kind}. "
-                "For conversations use --assistant_only_loss; for text, --response_template."
-            )
-        completion_only = is_prompt_completion and config.completion_only_loss is not False
-    generation_tags = False
-    response, instruction = parse_template(config.response_template), parse_template(config.instruction_template)
-    if config.assistant_only_loss:
-        if not is_conversation:
-            raise MaskingError(f"--assistant_only_loss needs conversational data; this dataset is {kind}.")
-        if has_generation_tags(tokenizer.chat_template):
-            generation_tags = True
-        elif response is None:
-            known = family_templates(tokenizer.chat_template)
-            if known is None:
-                raise MaskingError(
-                    "--assistant_only_loss: the chat template has no {% generation %} tags and is not a family "
-                    "minisft knows (ChatML, Llama 3, Gemma). Pass --response_template (the text that opens an "
-                    "assistant turn) and --instruction_template (the text that opens any other turn)."
-                )
-            response, instruction = known
-    return _MaskPlan(
-        completion_only=completion_only,
-        generation_tags=generation_tags,
-        response_variants=template_variants(tokenizer, response) if response is not None else None,
-        instruction_variants=template_variants(tokenizer, instruction) if instruction is not None else None,
-        response_template=response,
-    )
-
-
-def _check_tokenized_flags(columns: set[str], config: DataConfig) -> None:
-    """Masking flags that pre-tokenized rows cannot honour are errors, not silently ignored flags."""
-    if config.assistant_only_loss:
-        raise MaskingError(
-            "--assistant_only_loss needs conversations; these rows are pre-tokenized. Their 'assistant_masks' "
-            "column, if they have one, is applied without the flag."
-        )
-    if "labels" in columns:
-        given = [
-            flag
-            for flag, value in (
-                ("--completion_only_loss", config.completion_only_loss),
-                ("--response_template", config.response_template),
-            )
-            if value
-        ]
-        if given:
-            raise MaskingError(
-                "These pre-tokenized rows carry their own labels, which are trained as they are; "
-                f"drop {' and '.join(given)}."
-            )
-    elif config.completion_only_loss and "completion_mask" not in columns:
-        raise MaskingError(
-            "--completion_only_loss on pre-tokenized rows needs their 'completion_mask' column (1 on completion "
-            "tokens); these rows have none."
-        )
-
-
-def _drop_reason(plan: _MaskPlan, trained_before_truncation: bool) -> str:
-    if trained_before_truncation:
-        return "every trained token was past max_length"
-    if plan.response_variants:
-        return "response template not found"
-    return "no token to train on"
-
-
-def _template_not_found_message(plan: _MaskPlan, first: dict, tokenizer, eos_token, stats: PrepareStats) -> str:
+def _template_not_found_message(plan: MaskPlan, first: dict, tokenizer, eos_token, stats: PrepareStats) -> str:
     sample = format_example(first, tokenizer, eos_token).input_ids[:60]
     shown = " ".join(f"{token}:{tokenizer.decode([token])!r}" for token in sample)
     variants = " or ".join(str(variant) for variant in plan.response_variants)
@@ -312,13 +188,35 @@ def _job(first: dict, tokenizer, config: DataConfig, cut_to: dict[str, int | Non
     """The job for a dataset whose first canonical example is `first`."""
     return _Job(
         tokenizer=tokenizer,
-        plan=_plan_masks(dataset_format(first), set(first), tokenizer, config),
+        vocab_size=len(tokenizer),
+        plan=plan_masks(
+            dataset_format(first),
+            set(first),
+            tokenizer,
+            completion_only_loss=config.completion_only_loss,
+            assistant_only_loss=config.assistant_only_loss,
+            response_template=_parse_template(config.response_template),
+            instruction_template=_parse_template(config.instruction_template),
+        ),
         eos_token=resolve_eos_token(tokenizer, config.eos_token),
         cut_to=cut_to,
         text_field=config.dataset_text_field,
         first=first_row,
         own_labels=dataset_format(first) == "tokenized" and "labels" in first,
     )
+
+
+def _parse_template(template: str | list[int] | None) -> str | list[int] | None:
+    """--response_template / --instruction_template as labels.plan_masks takes them: a JSON list of token ids, or
+    else the string itself."""
+    if isinstance(template, str) and template.lstrip().startswith("["):
+        try:
+            ids = json.loads(template)
+        except json.JSONDecodeError:
+            return template
+        if isinstance(ids, list) and ids and all(isinstance(token, int) for token in ids):
+            return ids
+    return template
 
 
 def _prepare_batch(job: _Job, batch: list[tuple[str, dict, str]]) -> dict[str, _Encoded]:
@@ -334,7 +232,7 @@ def _prepare_batch(job: _Job, batch: list[tuple[str, dict, str]]) -> dict[str, _
     stats: dict[str, PrepareStats] = {}
     for (origin, _, split), one in zip(batch, formatted):
         split_stats = stats.setdefault(split, PrepareStats())
-        example = _finish_example(job, one, split, split_stats)
+        example = _finish_example(job, one, origin, split, split_stats)
         if example is not None:
             ids, labels, origins = kept.setdefault(split, ([], [], []))
             ids.append(example[0])
@@ -394,23 +292,23 @@ def _formatted(job: _Job, examples: list[dict], origins: list[str]) -> list[Form
     return formatted
 
 
-def _finish_example(job: _Job, formatted: Formatted, split: str, stats: PrepareStats):
-    """Labels, truncation, and the drop decision for one example: (input_ids, labels), or None when dropped."""
-    input_ids = formatted.input_ids
-    if formatted.labels is not None:  # a pre-tokenized row's own labels win over any mask it holds, as in TRL
-        labels = list(formatted.labels)
-    else:
-        labels = labels_from_masks(input_ids, _masks(formatted, job.plan, stats))
-    trained_before_truncation = any(label != IGNORE_INDEX for label in labels)
-    cut_to = job.cut_to[split]
-    if cut_to is not None and len(input_ids) > cut_to:
+def _finish_example(job: _Job, formatted: Formatted, origin: str, split: str, stats: PrepareStats):
+    """Labels, truncation, and the drop decision for one example (labels.py makes them; they are counted here):
+    (input_ids, labels), or None when dropped."""
+    if formatted.labels is not None:
+        check_own_labels(formatted.labels, job.vocab_size, origin)
+    uncut_labels, template_missing, completion_mask_unused = example_labels(formatted, job.plan)
+    stats.response_template_missing += template_missing
+    stats.completion_mask_unused += completion_mask_unused
+    input_ids, labels = cut(formatted.input_ids, uncut_labels, job.cut_to[split])
+    if len(input_ids) < len(formatted.input_ids):
         stats.truncated += 1
-        stats.truncated_tokens += len(input_ids) - cut_to
-        input_ids, labels = input_ids[:cut_to], labels[:cut_to]
+        stats.truncated_tokens += len(formatted.input_ids) - len(input_ids)
     trained = sum(label != IGNORE_INDEX for label in labels)
-    if not trained:
+    reason = drop_reason(trained, uncut_labels, job.plan)
+    if reason is not None:
         stats.dropped += 1
-        stats.drop_reasons[_drop_reason(job.plan, trained_before_truncation)] += 1
+        stats.drop_reasons[reason] += 1
         return None
     stats.examples += 1
     stats.tokens += len(input_ids)
@@ -544,7 +442,7 @@ def load_and_prepare(
     """From a dataset source to prepared train and eval splits: the whole data side of a run.
 
     Each split is truncated as cut_lengths decides for `packing`; `seed` (training's --seed) picks the rows
-    --eval_split_size holds out. A preparation of local files is kept in the cache (minisft/cache.py) and
+    --eval_split_size holds out. A preparation of local files is kept in the cache (minisft/machinery/cache.py) and
     reused while its inputs stay the same and its files intact.
     """
     cut_to = cut_lengths(config.max_length, packing or PackingConfig())

@@ -24,7 +24,7 @@ so the loop, the packer, the collators and `inspect` read it as they read a list
 
 Opening a split checks what costs nothing to check: every file has the size its dtype and the
 offsets imply, and the offsets start at 0, never decrease and end at the arrays' lengths. A
-split that fails is DamagedFile (the cache prepares it again; minisft/cache.py also checks every
+split that fails is DamagedFile (the cache prepares it again; minisft/machinery/cache.py also checks every
 file's sha256). A file that cannot be written (a full disk, a read-only folder) is WriteFailed,
 one line naming the folder, so that the cache can fall back to a preparation it does not keep.
 """

@@ -15,7 +15,7 @@ example (here a row holding examples of 3, 2 and 2 tokens):
 
     allowed(q, k) = document(q) == document(k) and k <= q
 
-Each attention implementation takes the boundaries in its own form:
+Each attention implementation takes the boundaries in its own form (batches.py hands each its own):
 - sdpa               one causal sdpa call per example (sdpa_by_example below), given where the
                      examples start in one flattened row: cu_seq_lens = [0, 3, 5, 7] above.
 - eager              the dense mask above, one per row: (batch, 1, length, length), additive
@@ -44,7 +44,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
 SUPPORTED = ("sdpa", "eager", "flex_attention", *FLASH_IMPLEMENTATIONS)
 SDPA_BY_EXAMPLE = "sdpa_by_example"
-# Implementations whose packed rows are laid end to end as one row (labels too: see flatten_rows).
+# Implementations whose packed rows are laid end to end as one row (labels too: batches.flatten_rows).
 FLATTENED = (SDPA_BY_EXAMPLE, *FLASH_IMPLEMENTATIONS)
 
 
@@ -95,58 +95,3 @@ def flex_block_mask(document_ids: torch.Tensor):
 
     batch, length = document_ids.shape
     return create_block_mask(allowed, batch, None, length, length, device=document_ids.device)
-
-
-def packed_inputs(batch: dict, model) -> tuple[dict, torch.Tensor]:
-    """The keyword arguments of model(...) for a batch of packed rows (packing.collate_rows), and its labels.
-
-    The boundaries take the form the model's attention implementation reads. Flattened implementations
-    take the batch's rows laid end to end as one row, so the labels are laid out the same way.
-    """
-    implementation = model.config._attn_implementation
-    if implementation == "sdpa":  # transformers' own sdpa would ignore cu_seq_lens
-        raise ValueError("packed rows under sdpa: call use_sdpa_by_example(model) once before the first batch")
-    if implementation in FLATTENED:
-        flat = flatten_rows(batch)
-        return varlen_inputs(flat, batch["seq_lengths"]), flat["labels"]
-    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-    document_ids = batch["document_ids"]
-    if implementation == "eager":
-        allowed = block_causal_mask(document_ids)
-        inputs["attention_mask"] = torch.zeros(allowed.shape, dtype=model.dtype).masked_fill(
-            ~allowed, torch.finfo(model.dtype).min
-        )
-    elif implementation == "flex_attention":
-        inputs["attention_mask"] = flex_block_mask(document_ids)
-    else:
-        raise ValueError(
-            f"minisft does not know how to keep packed examples apart with attn_implementation="
-            f"{implementation!r}; use one of {', '.join(SUPPORTED)}."
-        )
-    return inputs, batch["labels"]
-
-
-def varlen_inputs(flat: dict, seq_lengths: list[list[int]]) -> dict:
-    """One flattened row (flatten_rows) and where its examples start (cu_seq_lens), for sdpa_by_example and
-    flash varlen, which both take a single row."""
-    lengths = [length for row in seq_lengths for length in row]
-    counts = torch.tensor(lengths, dtype=torch.int32, device=flat["input_ids"].device)
-    cumulative = torch.nn.functional.pad(torch.cumsum(counts, 0, dtype=torch.int32), (1, 0))
-    longest = max(lengths)  # from the list: reading it off the device tensor would wait for the GPU
-    return {
-        "input_ids": flat["input_ids"],
-        "position_ids": flat["position_ids"],
-        "cu_seq_lens_q": cumulative,
-        "cu_seq_lens_k": cumulative,
-        "max_length_q": longest,
-        "max_length_k": longest,
-    }
-
-
-def flatten_rows(batch: dict) -> dict:
-    """The rows of a packed batch, padding removed, laid end to end as one row."""
-    real = [sum(lengths) for lengths in batch["seq_lengths"]]
-    return {
-        key: torch.cat([batch[key][index, :length] for index, length in enumerate(real)])[None]
-        for key in ("input_ids", "labels", "position_ids")
-    }

@@ -19,7 +19,8 @@ Per format, as TRL does it:
 - text                 plain text; EOS is appended when missing, so the model learns to stop.
 - tokenized            the row's own input_ids, as they are. All this stage does for them is
                        check that every id is a token of this tokenizer: rows tokenized with
-                       another tokenizer would train on meaningless (or out-of-range) ids.
+                       another tokenizer would train on meaningless (or out-of-range) ids
+                       (their own labels are checked the same way, in labels.py).
 
 A conversation's `tools` and `chat_template_kwargs` go to the template with its messages, as
 TRL passes them. A template renders only what it mentions, so tool calls given to a template
@@ -40,9 +41,8 @@ from dataclasses import dataclass
 from jinja2 import TemplateError
 
 from minisft.errors import UserError
-from minisft.machinery.data_files import dataset_format
 
-from .labels import IGNORE_INDEX
+from .examples import dataset_format
 
 # The layout of SmolLM2, Qwen and many others; used for a tokenizer that has no template.
 CHATML_TEMPLATE = (
@@ -212,7 +212,7 @@ def _encode(tokenizer, texts: list[str], add_special_tokens: bool = True) -> lis
 
 
 def _tokenized(example: dict, vocab_size: int) -> Formatted:
-    check_token_ids(example, vocab_size)
+    check_token_ids(example["input_ids"], vocab_size, f"{_origin(example)}: input_ids")
     return Formatted(
         input_ids=list(example["input_ids"]),
         assistant_mask=example.get("assistant_masks"),
@@ -231,25 +231,18 @@ def _format_with_generation_mask(example: dict, tokenizer, kind: str) -> Formatt
     return Formatted(input_ids=ids, completion_start=common_prefix_length(prompt_ids[0], ids), assistant_mask=mask)
 
 
-def check_token_ids(example: dict, vocab_size: int) -> None:
-    """A pre-tokenized row's ids must be tokens of this tokenizer: 0 <= id < vocab_size (a label may be -100)."""
-    for key in ("input_ids", "labels"):
-        ids = example.get(key)
-        if ids is None:
-            continue
-        in_range = [token for token in ids if token != IGNORE_INDEX] if key == "labels" else ids
-        if not in_range or (min(in_range) >= 0 and max(in_range) < vocab_size):
-            continue
-        position = next(
-            index
-            for index, token in enumerate(ids)
-            if not (0 <= token < vocab_size or (key == "labels" and token == IGNORE_INDEX))
-        )
-        raise FormattingError(
-            f"{_origin(example)}: {key}[{position}] is {ids[position]}, not a token of this tokenizer (its ids "
-            f"run from 0 to {vocab_size - 1}{'; a label may also be -100' if key == 'labels' else ''}). Were these "
-            "rows tokenized with another tokenizer?"
-        )
+def check_token_ids(ids: list[int], vocab_size: int, where: str, allowed: int | None = None) -> None:
+    """A pre-tokenized row's ids must be tokens of this tokenizer: 0 <= id < vocab_size. `allowed`: the one other
+    value a label may be (labels.IGNORE_INDEX, which labels.check_own_labels passes)."""
+    in_range = [token for token in ids if token != allowed] if allowed is not None else ids
+    if not in_range or (min(in_range) >= 0 and max(in_range) < vocab_size):
+        return
+    position = next(index for index, token in enumerate(ids) if not (0 <= token < vocab_size or token == allowed))
+    raise FormattingError(
+        f"{where}[{position}] is {ids[position]}, not a token of this tokenizer (its ids run from 0 to "
+        f"{vocab_size - 1}{'' if allowed is None else f'; a label may also be {allowed}'}). Were these rows "
+        "tokenized with another tokenizer?"
+    )
 
 
 def _render(tokenizer, example: dict, messages: list[dict], add_generation_prompt: bool = False) -> str:

@@ -1,4 +1,4 @@
-"""Label masking: which tokens the model is trained to predict.
+"""Labels: which tokens the model is trained to predict. Every such decision is made here.
 
 The loss is cross-entropy on `labels`. A label of -100 (PyTorch's ignore_index) takes a
 token out of the loss, so it still feeds the context but is never a target:
@@ -7,7 +7,7 @@ token out of the loss, so it still feeds the context but is never a target:
     labels    -100        -100  ...                     -100 ...                   我 学会 了 <|im_end|> \\n
 
 Each rule below yields a boolean mask over the tokens (True = trained); labels keep the
-token id where every active mask is True:
+token id where every active mask is True (plan_masks picks the rules once per dataset):
 
 - completion only    prompt/completion data: tokens from the completion start onwards.
 - generation tags    the template marks assistant text with {% generation %}; transformers
@@ -18,18 +18,30 @@ token id where every active mask is True:
                      instruction template, only after the last response template.
 - everything         no mask: every token is trained (TRL's default for text and messages).
 
+Pre-tokenized rows are trained as TRL 1.16 trains them: their own `labels` as they are, when
+they have them; otherwise their `assistant_masks` always, and their `completion_mask` only with
+--completion_only_loss (TRL's documented default leaves it unused: counted, so it is seen).
+
 Templates are matched on token ids, not text. A string can tokenize differently in context
 than alone ("\\n### Assistant:" vs "### Assistant:"), so several tokenizations are tried:
 the template alone, and the template after a few typical contexts with the context's tokens
 stripped (a token that straddles the boundary is kept whole). What matters most is where a
 match *ends*, which all of them agree on.
+
+Then, per example: the cut keeps its first max_length tokens (and their labels); an example
+left with no trained token is dropped, with the reason (drop_reason). In a packed row each
+sequence's first token follows another sequence's last, so it is not trained (boundary_labels).
+The loss divides by the trained tokens a position predicts, labels[1:] != -100
+(count_trained_tokens): the first token of a row has nothing before it to be predicted from.
 """
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 
 from minisft.errors import UserError
+
+from .chat_template import Formatted, check_token_ids, has_generation_tags
 
 IGNORE_INDEX = -100
 
@@ -49,18 +61,6 @@ TEMPLATE_FAMILIES = {
 
 class MaskingError(UserError, ValueError):
     """A masking option cannot be applied; the message says why and what to do."""
-
-
-def parse_template(template: str | list[int] | None) -> str | list[int] | None:
-    """A template from the command line: a JSON list of token ids, or else the string itself."""
-    if isinstance(template, str) and template.lstrip().startswith("["):
-        try:
-            ids = json.loads(template)
-        except json.JSONDecodeError:
-            return template
-        if isinstance(ids, list) and ids and all(isinstance(token, int) for token in ids):
-            return ids
-    return template
 
 
 def template_variants(tokenizer, template: str | list[int]) -> list[list[int]]:
@@ -123,10 +123,6 @@ def response_template_mask(
     return mask
 
 
-def completion_mask(length: int, completion_start: int) -> list[bool]:
-    return [position >= completion_start for position in range(length)]
-
-
 def family_templates(chat_template: str | None) -> tuple[str, str] | None:
     """(response, instruction) templates of a known template family, or None."""
     for marker, response, instruction in TEMPLATE_FAMILIES.values():
@@ -140,3 +136,164 @@ def labels_from_masks(input_ids: list[int], masks: list[list[bool]]) -> list[int
     return [
         token if all(mask[position] for mask in masks) else IGNORE_INDEX for position, token in enumerate(input_ids)
     ]
+
+
+# ----------------------------------------------------------------------------- the rules, planned once per dataset
+
+
+@dataclass
+class MaskPlan:
+    """Which masks apply to a dataset, decided once from its format and the flags."""
+
+    completion_only: bool
+    generation_tags: bool
+    response_variants: list[list[int]] | None
+    instruction_variants: list[list[int]] | None
+    response_template: str | list[int] | None
+
+
+def plan_masks(
+    kind: str,
+    columns: set[str],
+    tokenizer,
+    *,
+    completion_only_loss: bool | None,
+    assistant_only_loss: bool,
+    response_template: str | list[int] | None,
+    instruction_template: str | list[int] | None,
+) -> MaskPlan:
+    """The masks for a dataset of this format; `columns` are its first example's keys (all share them). A template
+    is a string, or the token ids it appears as."""
+    is_prompt_completion = kind in ("prompt_completion", "conversational_prompt_completion")
+    is_conversation = kind in ("conversational", "conversational_prompt_completion")
+    if kind == "tokenized":
+        check_tokenized_flags(columns, completion_only_loss, assistant_only_loss, response_template)
+        # As TRL decides it: "on for prompt/completion data" means rows with a prompt and a completion, which
+        # pre-tokenized rows are not, so their completion_mask needs the flag.
+        completion_only = bool(completion_only_loss)
+    else:
+        if completion_only_loss and not is_prompt_completion:
+            raise MaskingError(
+                f"--completion_only_loss needs prompt/completion data; this dataset is {kind}. "
+                "For conversations use --assistant_only_loss; for text, --response_template."
+            )
+        completion_only = is_prompt_completion and completion_only_loss is not False
+    generation_tags = False
+    response, instruction = response_template, instruction_template
+    if assistant_only_loss:
+        if not is_conversation:
+            raise MaskingError(f"--assistant_only_loss needs conversational data; this dataset is {kind}.")
+        if has_generation_tags(tokenizer.chat_template):
+            generation_tags = True
+        elif response is None:
+            known = family_templates(tokenizer.chat_template)
+            if known is None:
+                raise MaskingError(
+                    "--assistant_only_loss: the chat template has no {% generation %} tags and is not a family "
+                    "minisft knows (ChatML, Llama 3, Gemma). Pass --response_template (the text that opens an "
+                    "assistant turn) and --instruction_template (the text that opens any other turn)."
+                )
+            response, instruction = known
+    return MaskPlan(
+        completion_only=completion_only,
+        generation_tags=generation_tags,
+        response_variants=template_variants(tokenizer, response) if response is not None else None,
+        instruction_variants=template_variants(tokenizer, instruction) if instruction is not None else None,
+        response_template=response,
+    )
+
+
+def check_tokenized_flags(
+    columns: set, completion_only_loss: bool | None, assistant_only_loss: bool, response_template: str | list | None
+) -> None:
+    """Masking flags that pre-tokenized rows cannot honour are errors, not silently ignored flags."""
+    if assistant_only_loss:
+        raise MaskingError(
+            "--assistant_only_loss needs conversations; these rows are pre-tokenized. Their 'assistant_masks' "
+            "column, if they have one, is applied without the flag."
+        )
+    if "labels" in columns:
+        flags = {"--completion_only_loss": completion_only_loss, "--response_template": response_template}
+        given = [flag for flag, value in flags.items() if value]
+        if given:
+            raise MaskingError(
+                "These pre-tokenized rows carry their own labels, which are trained as they are; "
+                f"drop {' and '.join(given)}."
+            )
+    elif completion_only_loss and "completion_mask" not in columns:
+        raise MaskingError(
+            "--completion_only_loss on pre-tokenized rows needs their 'completion_mask' column (1 on completion "
+            "tokens); these rows have none."
+        )
+
+
+# ----------------------------------------------------------------------------- one example's labels
+
+
+def example_labels(formatted: Formatted, plan: MaskPlan) -> tuple[list[int], bool, bool]:
+    """One formatted example's labels; and whether its response template was missing (nothing is trained then),
+    and whether it held a completion_mask left unused: the caller counts both, so neither goes unseen."""
+    if formatted.labels is not None:  # a pre-tokenized row's own labels win over any mask it holds, as in TRL
+        return list(formatted.labels), False, False
+    input_ids = formatted.input_ids
+    masks, template_missing = [], False
+    if plan.completion_only:
+        if formatted.completion_mask is not None:
+            masks.append([bool(bit) for bit in formatted.completion_mask])
+        else:
+            masks.append([position >= formatted.completion_start for position in range(len(input_ids))])
+    if formatted.assistant_mask is not None:  # {% generation %} tags, or a pre-tokenized row's assistant_masks
+        masks.append([bool(bit) for bit in formatted.assistant_mask])
+    if plan.response_variants:
+        mask = response_template_mask(input_ids, plan.response_variants, plan.instruction_variants)
+        template_missing = mask is None
+        masks.append([False] * len(input_ids) if template_missing else mask)
+    completion_mask_unused = not plan.completion_only and formatted.completion_mask is not None
+    return labels_from_masks(input_ids, masks), template_missing, completion_mask_unused
+
+
+def check_own_labels(labels: list[int], vocab_size: int, origin: str) -> None:
+    """A pre-tokenized row's own labels are trained as they are: each is IGNORE_INDEX or a token of this tokenizer."""
+    check_token_ids(labels, vocab_size, f"{origin}: labels", allowed=IGNORE_INDEX)
+
+
+def cut(input_ids: list[int], labels: list[int], max_length: int | None) -> tuple[list[int], list[int]]:
+    """The first max_length tokens, as TRL truncates; None: whole, for a packer that splits it over rows instead."""
+    if max_length is None or len(input_ids) <= max_length:
+        return input_ids, labels
+    return input_ids[:max_length], labels[:max_length]
+
+
+def drop_reason(trained: int, uncut_labels: list[int], plan: MaskPlan) -> str | None:
+    """Why an example whose labels train `trained` tokens after the cut is dropped; None: it is kept.
+    Training on an example without a trained token would only add its length to the batch."""
+    if trained:
+        return None
+    if any(label != IGNORE_INDEX for label in uncut_labels):
+        return "every trained token was past max_length"
+    if plan.response_variants:
+        return "response template not found"
+    return "no token to train on"
+
+
+# ----------------------------------------------------------------------------- packed rows, and the count
+
+
+def boundary_labels(labels):
+    """`labels` (a list or an array) of a sequence in a packed or padding-free row, its first position not trained."""
+    labels = labels.copy()
+    # The first token of a sequence has no context of its own to be predicted from.
+    labels[0] = IGNORE_INDEX
+    return labels
+
+
+def count_trained_tokens(labels) -> int:
+    """The trained tokens of a batch's labels (a tensor): those a position predicts, labels[..., 1:] != -100."""
+    return int((labels[..., 1:] != IGNORE_INDEX).sum())
+
+
+def count_trained_tokens_of(units: list[dict]) -> int:
+    """count_trained_tokens of the batch these examples or packed rows collate to, counted before collating. Each
+    unit's first label has no predecessor to predict it; inside a packed row every example's first label is -100
+    already (boundary_labels), so the sums agree."""
+    return sum(sum(label != IGNORE_INDEX for label in unit["labels"][1:]) for unit in units)

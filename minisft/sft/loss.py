@@ -20,6 +20,9 @@ token, 200 KB in fp32. So:
    speed trick; `plain_losses` below is the same loss as the formula reads, and evaluation
    (no gradients wanted) uses it.
 
+W is the head as one matrix (head_matrix): with LoRA on the head, W + (α/r)·B·A, which is what
+its LoraLinear computes when it has no dropout (check_head refuses the rest at setup).
+
 Gradient accumulation: one optimizer step covers several micro-batches. Its loss is
 
     loss = Σ token losses over all micro-batches / number of trained tokens in all of them
@@ -36,8 +39,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from minisft.errors import UserError
 
 from .labels import IGNORE_INDEX
+from .lora import LoraLinear
 
 # Tokens per chunk of the head: a chunk's fp32 logits are chunk × vocabulary × 4 B (50 MB at 256 for SmolLM2).
 # Larger chunks mean fewer, larger matmuls, which a GPU prefers; on a CPU whole training steps ran fastest at 256
@@ -58,19 +65,6 @@ class TokenLosses:
     entropy_sum: float  # Σ entropy of the predicted distribution, in nats
 
 
-def count_trained_tokens(labels: torch.Tensor) -> int:
-    return int((labels[..., 1:] != IGNORE_INDEX).sum())
-
-
-def count_trained_tokens_of(units: list[dict]) -> int:
-    """count_trained_tokens of the batch these examples or packed rows collate to, counted before collating.
-
-    Each unit's first label never has a predecessor to predict it; inside a packed or padding-free row
-    every example's first label is -100 already (packing.make_row), so the sums agree.
-    """
-    return sum(sum(label != IGNORE_INDEX for label in unit["labels"][1:]) for unit in units)
-
-
 def token_losses(
     hidden: torch.Tensor, labels: torch.Tensor, head: torch.Tensor, softcap: float | None = None,
     chunk_tokens: int | None = None,
@@ -78,7 +72,7 @@ def token_losses(
     """The loss of the trained positions, from the backbone's last hidden states and the head's matrix.
 
     hidden (..., tokens, hidden) and labels (..., tokens) as the model and collator give them; head the
-    (vocabulary × hidden) output matrix (lora.head_matrix folds a LoRA update into it); softcap Gemma 2's
+    (vocabulary × hidden) output matrix (head_matrix below folds a LoRA update into it); softcap Gemma 2's
     final_logit_softcapping, if the model has one. With gradients wanted, the fused chunked function
     below; without (evaluation), the plain formula, which would waste nothing on gradients.
     """
@@ -174,3 +168,32 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = (grad_hidden * grad_output).to(hidden_dtype)
         grad_weight = None if grad_weight is None else (grad_weight * grad_output).to(weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- the output head, as one matrix
+
+
+def check_head(model) -> None:
+    """What head_matrix assumes, checked once when the run is set up rather than on every micro-batch."""
+    head = model.get_output_embeddings()
+    if isinstance(head, LoraLinear) and (
+        not isinstance(head.dropout, nn.Identity) or head.lora_magnitude_vector is not None
+    ):
+        raise UserError(
+            "LoRA on the output head needs --lora_dropout 0 and no --use_dora: the loss folds its update into the "
+            "head's matrix."
+        )
+    if getattr(head, "bias", None) is not None:
+        raise UserError("minisft's loss assumes an output head without bias, as in the models it supports.")
+
+
+def head_matrix(model) -> torch.Tensor:
+    """The output head as one matrix (vocabulary × hidden) for token_losses, a LoRA update folded into it.
+
+    W + (α/r)·B·A is exactly what a LoraLinear head computes without dropout (see check_head), and it
+    lets the loss run the head chunk by chunk on the trained positions only.
+    """
+    head = model.get_output_embeddings()
+    if isinstance(head, LoraLinear):
+        return head.base.weight + head.delta_weight().to(head.base.weight.dtype)
+    return head.weight

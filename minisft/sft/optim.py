@@ -29,20 +29,28 @@ warmup_stable_decay (WSD) holds the peak after warmup for num_stable_steps, then
 min_lr_ratio · peak over num_decay_steps: the run can be extended from its stable phase.
 Each schedule's settings (num_cycles, min_lr_rate, power, ...) come from --lr_scheduler_kwargs, with
 transformers' defaults. The formulas are transformers' get_*_schedule functions, so runs are comparable
-with TRL's. The optimizers' and schedules' names, and the check of a schedule's settings (schedule_options),
-live in minisft/config.py, beside the flags that offer them: a bad setting is refused as the flags are parsed.
+with TRL's. minisft/machinery/config.py offers the names below as the flags' choices and runs schedule_options
+as the flags are parsed: a bad setting is refused before any data or model is read.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
 import torch
 from torch import nn
 
-from minisft.machinery.config import OPTIMIZERS, SCHEDULES, OptimizerError, schedule_options
-from minisft.machinery.extras import import_bitsandbytes
+from minisft.errors import UserError
+
+# --optim's choices (machinery/config.py offers them as the flag's).
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor")
+
+
+class OptimizerError(UserError, ValueError):
+    """An optimizer or schedule setting that cannot work here."""
+
 
 BITSANDBYTES_OPTIMIZERS = {
     "adamw_8bit": "AdamW8bit",
@@ -94,7 +102,8 @@ def build_optimizer(
         # and no scaling by each weight's size. Adafactor has no betas or epsilon in Adam's sense.
         return Adafactor(groups, lr=learning_rate, scale_parameter=False, relative_step=False)
     if name in BITSANDBYTES_OPTIMIZERS:
-        bitsandbytes = import_bitsandbytes(f"--optim {name}")
+        import bitsandbytes  # loop.check_flags has made sure it is installed and loads
+
         if "8bit" in name:
             keep_embedding_state_in_32_bits(model)
         # On a CPU bitsandbytes runs the paged ones unpaged (it warns so): there is no GPU memory to page out.
@@ -123,12 +132,87 @@ def keep_embedding_state_in_32_bits(model: nn.Module) -> None:
             manager.register_module_override(module, "weight", {"optim_bits": 32})
 
 
+# ----------------------------------------------------------------------------- the schedule
+
+# Each schedule's --lr_scheduler_kwargs and their defaults, those of transformers' get_*_schedule functions.
+SCHEDULE_KWARGS = {
+    "linear": {},
+    "cosine": {"num_cycles": 0.5},  # half a wave: from the peak down to 0
+    "constant": {},
+    "constant_with_warmup": {},
+    "cosine_with_min_lr": {"num_cycles": 0.5, "min_lr": None, "min_lr_rate": None},  # exactly one of the two
+    "cosine_with_restarts": {"num_cycles": 1},
+    "polynomial": {"lr_end": 1e-7, "power": 1.0},
+    "warmup_stable_decay": {
+        "num_decay_steps": None,  # required: transformers has no default either
+        "num_stable_steps": None,  # default: the steps that warmup and decay leave of the run
+        "warmup_type": "linear",
+        "decay_type": "cosine",
+        "min_lr_ratio": 0.0,
+        "num_cycles": 0.5,
+    },
+}
+SCHEDULES = tuple(SCHEDULE_KWARGS)  # --lr_scheduler_type's choices
+WSD_SHAPES = ("linear", "cosine", "1-sqrt")
+
+
 def warmup_steps(total_steps: int, warmup_steps: float, warmup_ratio: float | None = None) -> int:
     """The warmup in steps, by transformers 5's rule: --warmup_steps from 1 up is a number of steps, below 1 a
     fraction of the run, rounded up. --warmup_ratio, the fraction's former flag, counts where --warmup_steps is 0."""
     if warmup_steps == 0 and warmup_ratio is not None:
         return math.ceil(total_steps * warmup_ratio)
     return int(warmup_steps) if warmup_steps >= 1 else math.ceil(total_steps * warmup_steps)
+
+
+def schedule_options(schedule: str, kwargs: dict | None, learning_rate: float) -> dict:
+    """The settings the schedule's formula reads: --lr_scheduler_kwargs over transformers' defaults, checked.
+
+    As in transformers, min_lr becomes min_lr_rate (a fraction of the peak), and polynomial keeps the peak
+    (lr_init) to divide by.
+    """
+    if schedule not in SCHEDULE_KWARGS:
+        raise OptimizerError(f"Unknown --lr_scheduler_type {schedule!r}; choose one of {', '.join(SCHEDULES)}.")
+    defaults, given = SCHEDULE_KWARGS[schedule], dict(kwargs or {})
+    flags = f"--lr_scheduler_type {schedule} " + (
+        f"--lr_scheduler_kwargs '{json.dumps(given)}'" if given else "(no --lr_scheduler_kwargs)"
+    )
+    unknown = ", ".join(sorted(set(given) - set(defaults)))
+    if unknown:
+        takes = f"only {', '.join(defaults)}" if defaults else "no settings"
+        raise OptimizerError(f"{flags}: the schedule takes {takes}, not {unknown}.")
+    options = {**defaults, **given}
+    problem = schedule_problem(schedule, options, learning_rate)
+    if problem:
+        raise OptimizerError(f"{flags}: {problem}.")
+    if schedule == "cosine_with_min_lr" and options["min_lr"] is not None:
+        options["min_lr_rate"] = options["min_lr"] / learning_rate
+    if schedule == "polynomial":
+        options["lr_init"] = learning_rate
+    return options
+
+
+def schedule_problem(schedule: str, options: dict, learning_rate: float) -> str | None:
+    """What is wrong with a schedule's settings, in words; None if nothing."""
+    for key, value in options.items():
+        is_shape = key in ("warmup_type", "decay_type")
+        if is_shape and value not in WSD_SHAPES:
+            return f"{key} must be one of {', '.join(WSD_SHAPES)}, got {value!r}"
+        if not is_shape and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"{key} must be a number, got {value!r}"
+    if schedule == "cosine_with_min_lr" and (options["min_lr"] is None) == (options["min_lr_rate"] is None):
+        return "give exactly one of min_lr (a learning rate) and min_lr_rate (a fraction of --learning_rate)"
+    if schedule == "polynomial":
+        if not options["lr_end"] < learning_rate:
+            return f"lr_end {options['lr_end']} must be below --learning_rate {learning_rate}"
+        if not options["power"] > 0:
+            return f"power must be positive, got {options['power']}"
+    if schedule == "warmup_stable_decay":
+        if options["num_decay_steps"] is None:
+            return "num_decay_steps, the steps of the final decay, is required"
+        for key in ("num_decay_steps", "num_stable_steps"):
+            if options[key] is not None and not (options[key] >= 0 and options[key] == int(options[key])):
+                return f"{key} must be a whole number of steps, got {options[key]}"
+    return None
 
 
 def learning_rate_factor(step: int, schedule: str, warmup: int, total: int, options: dict) -> float:

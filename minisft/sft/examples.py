@@ -1,0 +1,298 @@
+"""Canonical examples: chat datasets come in several dialects that all say the same thing, so each
+row is translated once, here, into one canonical example; nothing downstream sees a raw format:
+
+    raw row (detected by its keys)                         canonical example
+    ---------------------------------------------------    -----------------------------------------
+    {"messages": [{"role", "content"}]}          (TRL)  -> {"messages": [{"role", "content"}]}
+    {"conversation": [{"role", "message"}]}  human=user -> {"messages": ...}
+    {"conversations": [{"from", "value"}]}     ShareGPT -> {"messages": ...}   human=user, gpt=assistant
+    {"prompt": str, "completion": str}                  -> {"prompt": str, "completion": str}
+    {"prompt": [msgs], "completion": [msgs]}            -> {"prompt": [msgs], "completion": [msgs]}
+    {"text": str}          (or --dataset_text_field)    -> {"text": str}
+    {"input_ids": [int], "labels"?, "completion_mask"?,
+     "assistant_masks"?}                  pre-tokenized -> the same, checked: its ids are not re-made
+
+Later stages branch on these five forms only (dataset_format); all rows of a dataset share one.
+A row holding `input_ids` is pre-tokenized, whatever else it holds, as TRL decides it. Roles are
+system, user, assistant, tool. Every example carries an "origin" ("train.jsonl line 17") that
+names its row in any later error; a row that cannot become an example raises DataError.
+
+Conversations come as people and tools save them, and each is reduced to what a text chat
+template reads:
+- tool calling: an assistant message may hold `tool_calls` and no content (null or left out);
+  a row's `tools` (JSON-schema function definitions, as a list or a JSON string) and
+  `chat_template_kwargs` (extra template variables) travel with the example to the template;
+- content as a list of parts (the OpenAI and multimodal layout): the text parts are joined
+  with "\\n", as vLLM joins them when it serves a text-only template; any other part (an image,
+  audio) is refused, since a text model cannot be trained on it;
+- a key whose value is null is a key left out: Arrow (parquet, the hub) gives every message
+  every key that any message has, and every chat_template_kwargs every variable of any row.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterable
+
+from minisft.errors import UserError
+
+ROLES = ("system", "user", "assistant", "tool")
+# The seed's `conversation` and ShareGPT's `conversations` name two of the roles differently.
+ROLE_ALIASES = {"human": "user", "gpt": "assistant"}
+# raw key -> (key holding the role, keys that may hold the content, extra role names)
+CONVERSATION_FORMATS = {
+    "messages": ("role", ("content",), {}),
+    "conversation": ("role", ("message", "content"), ROLE_ALIASES),
+    "conversations": ("from", ("value",), ROLE_ALIASES),
+}
+# Columns a pre-tokenized row may hold beside input_ids (TRL's names). labels: -100 where not trained;
+# completion_mask / assistant_masks: 1 on the tokens to train, as TRL's own tokenization writes them.
+TOKENIZED_COLUMNS = ("labels", "completion_mask", "assistant_masks")
+# apply_chat_template arguments that minisft sets itself: a row's chat_template_kwargs may not set them too.
+RESERVED_TEMPLATE_KWARGS = (
+    "conversation",
+    "tools",
+    "chat_template",
+    "add_generation_prompt",
+    "tokenize",
+    "return_dict",
+    "return_assistant_tokens_mask",
+)
+
+
+class DataError(UserError, ValueError):
+    """A problem with the user's data, worded for the user: where it is, and what is wrong."""
+
+
+def dataset_format(example: dict) -> str:
+    """Which canonical form a normalised example has; downstream stages branch on this."""
+    if "input_ids" in example:
+        return "tokenized"
+    if "messages" in example:
+        return "conversational"
+    if "text" in example:
+        return "text"
+    return "conversational_prompt_completion" if isinstance(example["prompt"], list) else "prompt_completion"
+
+
+def kind_of(value) -> str:
+    """A value's type as someone who wrote the data (often as JSON) would name it."""
+    if value is None:
+        return "null"
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list"}
+    return names.get(type(value), "an object" if isinstance(value, dict) else type(value).__name__)
+
+
+def detect_format(row: dict, origin: str, text_field: str = "text") -> str:
+    """The raw format of one row, decided by its keys (and, for prompt/completion, the prompt's type)."""
+    if not isinstance(row, dict):
+        raise DataError(f"{origin}: expected an object with the example's fields, got {kind_of(row)}")
+    if "input_ids" in row:
+        # The columns are part of the format: every row must carry the same ones.
+        return f"tokenized ({', '.join(['input_ids', *(key for key in TOKENIZED_COLUMNS if present(row, key))])})"
+    for key in CONVERSATION_FORMATS:
+        if key in row:
+            return key
+    if "prompt" in row and "completion" in row:
+        return "prompt/completion messages" if isinstance(row["prompt"], list) else "prompt/completion strings"
+    if text_field in row:
+        return "text"
+    raise DataError(
+        f"{origin}: unknown dataset format; the row has keys {sorted(row)}. Known formats: "
+        f"'messages', 'conversation', 'conversations' (ShareGPT), 'prompt' + 'completion', 'input_ids' "
+        f"(pre-tokenized), or plain text in the field {text_field!r} (choose another with --dataset_text_field)"
+    )
+
+
+def normalize_messages(messages, where: str, role_key: str, content_keys: tuple, aliases: dict) -> list[dict]:
+    """Check a list of chat messages and rename its keys and roles to role/content and ROLES."""
+    if not isinstance(messages, list):
+        raise DataError(f"{where} must be a list of messages, got {kind_of(messages)}")
+    if not messages:
+        raise DataError(f"{where} is empty; a conversation needs at least one message")
+    accepted = ", ".join([*ROLES, *aliases])
+    normalized = []
+    for index, message in enumerate(messages):
+        at = f"{where}[{index}]"
+        if not isinstance(message, dict):
+            raise DataError(f"{at} must be an object with {role_key!r} and content, got {kind_of(message)}")
+        if role_key not in message:
+            raise DataError(f"{at} has no {role_key!r} (the role); its keys are {sorted(message)}")
+        raw_role = message[role_key]
+        role = aliases.get(raw_role, raw_role) if isinstance(raw_role, str) else None
+        if role not in ROLES:
+            raise DataError(f"{at} has unknown role {raw_role!r}; accepted roles: {accepted}")
+        extras = {
+            key: value
+            for key, value in message.items()
+            if key != role_key and key not in content_keys and value is not None
+        }
+        content = next((message[key] for key in content_keys if present(message, key)), None)
+        if "tool_calls" in extras:
+            if not isinstance(extras["tool_calls"], list) or not all(isinstance(c, dict) for c in extras["tool_calls"]):
+                raise DataError(f"{at} tool_calls must be a list of objects, got {kind_of(extras['tool_calls'])}")
+        if content is None and not (role == "assistant" and extras.get("tool_calls")):
+            raise DataError(
+                f"{at} has no {' or '.join(map(repr, content_keys))} (the content); only an assistant turn "
+                "with tool_calls may leave it out"
+            )
+        if content is not None:
+            content = content_text(content, f"{at} content")
+        normalized.append({"role": role, "content": content, **extras})
+    return normalized
+
+
+def present(mapping: dict, key: str) -> bool:
+    """Whether `mapping` holds `key` with a value: null means left out (see the module docstring)."""
+    return mapping.get(key) is not None
+
+
+def content_text(content, where: str) -> str:
+    """A message's content as one string: a string as it is, a list of text parts joined with "\\n"."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise DataError(f"{where} must be a string or a list of content parts, got {kind_of(content)}")
+    texts = []
+    for index, part in enumerate(content):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise DataError(
+                f"{where} must be a string, got a list whose item {index} is {kind_of(part)} rather than a content "
+                'part such as {"type": "text", "text": "..."}'
+            )
+        if part["type"] != "text":
+            raise DataError(
+                f"{where}[{index}] is of type {part['type']!r}; minisft trains text models and reads only 'text' "
+                "parts: leave the others out of this dataset"
+            )
+        if not isinstance(part.get("text"), str):
+            raise DataError(f"{where}[{index}] is a 'text' part whose 'text' is {kind_of(part.get('text'))}")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def template_inputs(row: dict, origin: str) -> dict:
+    """The row's `tools` and `chat_template_kwargs`, checked: what its chat template is given beside the messages."""
+    inputs = {}
+    tools = row.get("tools")
+    if isinstance(tools, str):  # parquet and hub datasets often hold the schemas as one JSON string, as TRL reads it
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{origin}: 'tools' is a string but not valid JSON ({error.msg} at column {error.colno})")
+    if tools is not None:
+        if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+            raise DataError(
+                f"{origin}: 'tools' must be a list of function definitions (JSON-schema objects), got {kind_of(tools)}"
+            )
+        inputs["tools"] = tools
+    kwargs = row.get("chat_template_kwargs")
+    if kwargs is not None:
+        if not isinstance(kwargs, dict):
+            raise DataError(
+                f"{origin}: 'chat_template_kwargs' must be an object of template variables, got {kind_of(kwargs)}"
+            )
+        reserved = [key for key in kwargs if key in RESERVED_TEMPLATE_KWARGS]
+        if reserved:
+            raise DataError(
+                f"{origin}: 'chat_template_kwargs' sets {', '.join(map(repr, reserved))}, which minisft sets itself"
+                + ("; give the tools in the row's 'tools' column" if "tools" in reserved else "")
+            )
+        inputs["chat_template_kwargs"] = {key: value for key, value in kwargs.items() if value is not None}
+    return inputs
+
+
+def token_column(row: dict, key: str, origin: str, length: int | None = None, bits: bool = False) -> list[int]:
+    """One column of a pre-tokenized row, checked: a list of integers (0/1 for a mask), one per token."""
+    values = row[key]
+    where = f"{origin}: {key!r}"
+    if not isinstance(values, list):
+        raise DataError(f"{where} must be a list of {'0/1 flags' if bits else 'token ids'}, got {kind_of(values)}")
+    allowed = (lambda value: value in (0, 1)) if bits else (lambda value: type(value) is int)
+    bad = next((index for index, value in enumerate(values) if not allowed(value)), None)
+    if bad is not None:
+        wanted = "0 or 1" if bits else "an integer"
+        raise DataError(f"{where}[{bad}] is {values[bad]!r}; each entry must be {wanted}")
+    if length is not None and len(values) != length:
+        raise DataError(f"{where} has {len(values)} entries but 'input_ids' has {length}; each token needs one")
+    return values
+
+
+def normalize_tokenized(row: dict, origin: str) -> dict:
+    """A pre-tokenized row: input_ids and the optional TOKENIZED_COLUMNS, checked for type and length."""
+    input_ids = token_column(row, "input_ids", origin)
+    if not input_ids:
+        raise DataError(f"{origin}: 'input_ids' is empty; there is nothing to train on")
+    example = {"input_ids": input_ids}
+    for key in TOKENIZED_COLUMNS:
+        if present(row, key):
+            example[key] = token_column(row, key, origin, len(input_ids), bits=key != "labels")
+    if present(row, "attention_mask") and 0 in token_column(row, "attention_mask", origin, len(input_ids), bits=True):
+        # TRL ignores attention_mask and would train on the padding as if it were text.
+        raise DataError(
+            f"{origin}: 'attention_mask' has zeros: the row holds padding. minisft pads batches itself; "
+            "give the rows without their padding"
+        )
+    return example
+
+
+def normalize_prompt_completion(row: dict, origin: str) -> dict:
+    prompt, completion = row["prompt"], row["completion"]
+    for name, value in (("prompt", prompt), ("completion", completion)):
+        if not isinstance(value, (str, list)):
+            raise DataError(f"{origin}: {name!r} must be a string or a list of messages, got {kind_of(value)}")
+    if type(prompt) is not type(completion):
+        raise DataError(
+            f"{origin}: 'prompt' is {kind_of(prompt)} but 'completion' is {kind_of(completion)}; "
+            "both must be strings or both lists of messages"
+        )
+    if isinstance(prompt, str):
+        return {"prompt": prompt, "completion": completion}
+    return {
+        "prompt": normalize_messages(prompt, f"{origin}: prompt", *CONVERSATION_FORMATS["messages"]),
+        "completion": normalize_messages(completion, f"{origin}: completion", *CONVERSATION_FORMATS["messages"]),
+        **template_inputs(row, origin),
+    }
+
+
+def normalize_example(row: dict, origin: str, text_field: str = "text") -> dict:
+    """One raw row -> one canonical example (plus its origin). Keys outside the format are dropped
+    (a conversation keeps its tools and chat_template_kwargs: the template reads them)."""
+    raw_format = detect_format(row, origin, text_field)
+    if raw_format.startswith("tokenized"):
+        example = normalize_tokenized(row, origin)
+    elif raw_format in CONVERSATION_FORMATS:
+        role_key, content_keys, aliases = CONVERSATION_FORMATS[raw_format]
+        messages = normalize_messages(row[raw_format], f"{origin}: {raw_format}", role_key, content_keys, aliases)
+        example = {"messages": messages, **template_inputs(row, origin)}
+    elif raw_format == "text":
+        text = row[text_field]
+        if not isinstance(text, str):
+            raise DataError(f"{origin}: the text field {text_field!r} must be a string, got {kind_of(text)}")
+        example = {"text": text}
+    else:
+        example = normalize_prompt_completion(row, origin)
+    return {**example, "origin": origin}
+
+
+def check_same_format(row, origin: str, text_field: str, first: tuple[str, str]) -> None:
+    """A row must share the format of the dataset's first row; `first` is (that format, its origin)."""
+    row_format = detect_format(row, origin, text_field)
+    if row_format != first[0]:
+        raise DataError(
+            f"{origin}: this row is in the {row_format!r} format, but the first row ({first[1]}) is in the "
+            f"{first[0]!r} format; all rows of a dataset must share one format"
+        )
+
+
+def normalize_rows(
+    rows: Iterable[tuple[str, dict]], text_field: str = "text", first: tuple[str, str] | None = None
+) -> list[dict]:
+    """Normalise (origin, raw row) pairs, insisting that all rows share the format of the first (or of `first`)."""
+    examples = []
+    for origin, row in rows:
+        if first is None:
+            first = (detect_format(row, origin, text_field), origin)
+        check_same_format(row, origin, text_field, first)
+        examples.append(normalize_example(row, origin, text_field))
+    return examples
