@@ -91,9 +91,9 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     groups = parameter_groups(model, weight_decay)
     if name in ("adamw_torch_fused", "adamw_torch"):
-        # fused: one kernel over all the tensors instead of a Python loop per tensor (measured on CPU: 17 ms
-        # against 155 ms per step for 16.8M parameters); the same update, up to float rounding. transformers'
-        # adamw_torch is the loop; its adamw_torch_fused (its default) is this.
+        # fused: one kernel over all the tensors instead of a Python loop per tensor (9× faster on this CPU:
+        # benchmarks/RESULTS.md); the same update, up to float rounding. transformers' adamw_torch is the loop;
+        # its adamw_torch_fused (its default) is this.
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=True)
     if name == "adafactor":
         from transformers.optimization import Adafactor
