@@ -4,7 +4,8 @@ A run's metrics.jsonl holds one line per logging step. Read as curves, they say 
 run went well. Three shapes are worth a warning (the second seed's list, detected here):
 
     eval loss rising while train loss falls    overfitting: the model learns the train examples, not the task
-    train loss barely improving                 under-fitting: try a higher learning rate (or more steps)
+    train loss barely improving                 under-fitting: try a higher learning rate (or more steps);
+    (and the eval loss, where there is one)     an eval loss that fell well says the model learnt anyway
     train loss extremely low                    memorisation: check the model on new, similar prompts
 
 `python -m minisft.summary OUTPUT_DIR` prints it again for any run, finished or not; the last line of an
@@ -21,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .machinery.cli import run
+from .machinery.progress import readable_rate
 from .machinery.reporting import MetricsError, read_records
 
 # The thresholds of the warning signs. Loss values depend on the data, so these are rules of
@@ -63,9 +65,10 @@ def warning_signs(records: list[dict]) -> list[str]:
                 f"Overfitting: eval loss rose from {best:.4g} (step {best_step}) to {last:.4g} (step {last_step}) "
                 f"while train loss kept falling. Train for fewer steps, or use more (and more varied) data."
             )
-    if len(train) >= 2 and train[-1][1] > train[0][1] * (1 - UNDERFIT_GAIN):
+    if barely_fell(train) and (len(evals) < 2 or barely_fell(evals)):
+        on_eval = f", eval loss from {evals[0][1]:.4g} to {evals[-1][1]:.4g}" if len(evals) >= 2 else ""
         signs.append(
-            f"Under-fitting: train loss went from {train[0][1]:.4g} to only {train[-1][1]:.4g}. "
+            f"Under-fitting: train loss went from {train[0][1]:.4g} to only {train[-1][1]:.4g}{on_eval}. "
             "Try a higher --learning_rate, or train for more steps."
         )
     if train and train[-1][1] < MEMORISATION_LOSS:
@@ -74,6 +77,11 @@ def warning_signs(records: list[dict]) -> list[str]:
             "every trained token. Check its answers to new, similar prompts (the eval split), not only trained ones."
         )
     return signs
+
+
+def barely_fell(points: list[tuple[int, float]]) -> bool:
+    """Whether a loss curve of two points or more ended less than UNDERFIT_GAIN below where it started."""
+    return len(points) >= 2 and points[-1][1] > points[0][1] * (1 - UNDERFIT_GAIN)
 
 
 def chart(
@@ -130,8 +138,9 @@ def print_summary(output_dir: str | Path, console: Console) -> list[str]:
             accuracy += f", eval {evaluated[-1]['eval_mean_token_accuracy']:.1%} (last evaluation)"
         figures.add_row("mean token accuracy", accuracy)
         figures.add_row("trained tokens", f"{trained[-1]['num_tokens']:,}")
-        speed = sum(record["tokens_per_second"] for record in trained) / len(trained)
-        figures.add_row("speed", f"{speed:,.0f} trained tokens/s, peak memory {trained[-1]['peak_memory_mb']:,.0f} MB")
+        rate = sum(record["tokens_per_second"] for record in trained) / len(trained)
+        memory = trained[-1]["peak_memory_mb"]
+        figures.add_row("speed", f"{readable_rate(rate)} trained tokens/s, peak memory {memory:,.0f} MB")
     console.print(figures)
 
     signs = warning_signs(records)

@@ -1,9 +1,12 @@
 """`python -m minisft.chat` and machinery/generate.py, on a tiny random model: one prompt, a session, adapters."""
 
+import json
+
 import pytest
 import torch
 
 import minisft.chat
+import minisft.machinery.generate as generate_module
 from minisft.chat import main
 from minisft.machinery.cli import run
 from minisft.machinery.config import DataConfig, LoraConfig, ModelConfig, RunConfig, TrainingConfig
@@ -99,3 +102,25 @@ def test_bad_flags_are_one_line(flags, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_an_adapter_of_the_embedded_model_trained_elsewhere_loads_it_by_its_alias(tmp_path, monkeypatch):
+    """An adapter records the embedded model as its converted folder (peft needs a path); where that folder is not
+    (another machine, another cache), chat loads the embedded model by its alias, which converts it here."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    recorded = "/elsewhere/cache/smollm2-135m-instruct"
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": recorded}))
+    asked = []
+
+    class Loaded(Exception):
+        pass
+
+    def load_model_spy(name, trust_remote_code=False):
+        asked.append(name)
+        raise Loaded
+
+    monkeypatch.setattr(generate_module, "load_model", load_model_spy)
+    with pytest.raises(Loaded):
+        load_for_chat(str(adapter))
+    assert asked == ["smollm2-135m-instruct"]

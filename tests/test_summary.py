@@ -32,6 +32,22 @@ def test_no_real_improvement_is_underfitting_and_suggests_a_higher_learning_rate
     assert len(signs) == 1 and signs[0].startswith("Under-fitting") and "--learning_rate" in signs[0]
 
 
+def test_a_flat_train_curve_is_not_underfitting_when_the_eval_loss_fell_well():
+    """The issue's run: train loss 2.103 → 2.08 (a few examples per step, noisy) while eval loss fell 35%."""
+    assert warning_signs(records([2.103, 2.09, 2.095, 2.08], {1: 2.0, 2: 1.6, 4: 1.3})) == []
+    signs = warning_signs(records([2.103, 2.09, 2.095, 2.08], {1: 2.0, 4: 1.95}))  # both flat: under-fitting
+    assert len(signs) == 1
+    assert signs[0].startswith("Under-fitting: train loss went from 2.103 to only 2.08, eval loss from 2 to 1.95.")
+
+
+def test_a_slow_runs_speed_keeps_its_digits(tmp_path):
+    lines = [{**record, "tokens_per_second": 0.42} for record in records([3.0, 2.0])]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    console = Console(record=True, width=120)
+    print_summary(tmp_path, console)
+    assert "speed                  0.42 trained tokens/s" in console.export_text()  # it said 0
+
+
 def test_extremely_low_loss_is_memorisation():
     signs = warning_signs(records([2.0, 0.5, 0.1, 0.01]))
     assert len(signs) == 1 and signs[0].startswith("Memorisation: the final train loss 0.01")

@@ -322,6 +322,15 @@ class DataConfig:
             "prepared": True,
         },
     )
+    add_special_tokens: bool = field(
+        default=True,
+        metadata={
+            "help": "Encode text and prompt/completion rows with the tokenizer's special tokens (a BOS, for the "
+            "tokenizers that add one). false: the texts already hold them, as TRL's dataset_kwargs="
+            '{"add_special_tokens": False} says. Conversations: the chat template writes its own.',
+            "prepared": True,
+        },
+    )
     pad_token: str | None = field(
         default=None,
         metadata={
@@ -675,7 +684,7 @@ class TrainingConfig:
         if self.fp16 and not torch.cuda.is_available():
             raise ConfigError(
                 "--fp16 needs a CUDA GPU, and none is visible here: a CPU has no fast float16 and needs no loss "
-                "scaling; train in float32 (the default), or --bf16 on a CPU with bf16 instructions."
+                "scaling; train in float32 (the default), or --bf16 on a CPU with AMX."
             )
         if "none" in self.report_to and len(self.report_to) > 1:
             raise ConfigError(f"--report_to {' '.join(self.report_to)}: none means no tracker; give it alone.")

@@ -22,7 +22,7 @@ import torch
 from minisft.errors import UserError
 from minisft.sft.lora import merge_lora
 
-from .models import fit_embeddings_to_tokenizer, load_model, load_tokenizer
+from .models import EMBEDDED_MODEL_NAME, fit_embeddings_to_tokenizer, load_model, load_tokenizer
 from .peft_files import ADAPTER_CONFIG, load_adapter
 
 
@@ -40,6 +40,10 @@ def load_for_chat(name_or_path: str, trust_remote_code: bool = False):
     base = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
     if not base:
         raise GenerationError(f"{adapter_config} names no base_model_name_or_path, so the base model is unknown.")
+    if Path(base).name.lower() == EMBEDDED_MODEL_NAME and not Path(base).is_dir():
+        # The embedded model's converted folder on the machine that trained it (peft needs a path): here, the alias
+        # converts it again into this machine's cache.
+        base = EMBEDDED_MODEL_NAME
     model = load_model(base, trust_remote_code=trust_remote_code)
     # A run saves its tokenizer beside the adapter; it may have grown (the ChatML fallback).
     has_tokenizer = (Path(name_or_path) / "tokenizer_config.json").is_file()

@@ -9,6 +9,10 @@ Which examples a step sees is a pure function of (seed, step): each epoch is a s
 permutation of the training rows. That is what makes resuming exact. Under torchrun each
 process takes its share of every step's micro-batches (minisft/machinery/distributed.py's DataParallel),
 and the loop reads the same with one process or many.
+
+From Python, train() also takes what the flags would otherwise name (Given): a loaded model, its
+tokenizer, the dataset's rows, and a hook told of the run's events (tell). The Python front door,
+minisft/trainer.py, is made of these: every training decision stays here, with the flags.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import random
 import resource
 import sys
 import time
+import types
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -27,13 +32,12 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from minisft.errors import UserError
 from minisft.sft.attention import use_sdpa_by_example
 from minisft.sft.batches import collate, setup_pad_token
 from minisft.sft.labels import count_trained_tokens_of
-from minisft.sft.lora import LoraSettings, inject_lora, merged_model, resolve_targets
+from minisft.sft.lora import LoraSettings, inject_lora, lora_layers, merged_model, resolve_targets
 from minisft.sft.loss import check_head
 from minisft.sft.neftune import add_neftune_noise
 from minisft.sft.optim import build_optimizer, build_schedule, warmup_steps
@@ -67,6 +71,7 @@ from .models import (
     four_bit_quantization,
     load_model,
     load_tokenizer,
+    slow_bf16_warning,
 )
 from .outputs import (
     OutputLock,
@@ -80,6 +85,7 @@ from .outputs import (
 from .pack_plans import pack_prepared
 from .peft_files import load_adapter, read_adapter_settings, save_adapter
 from .prepare import PreparedDataset, cut_lengths, load_and_prepare
+from .progress import progress_display
 from .reporting import MetricsLog, chosen_trackers, import_tracker
 from .stopping import stop_requests
 
@@ -97,21 +103,42 @@ class TrainResult:
     metrics: dict  # the last logged figures, and the last eval_loss
     merged_dir: Path | None = None
     interrupted: bool = False
+    history: list[dict] = field(default_factory=list)  # every logged record, in order: metrics.jsonl's lines
+    model: torch.nn.Module | None = None  # the trained model, in memory, in eval mode: ready to generate
+    evaluate: Callable[[], dict] | None = None  # the eval figures of the model as it is now; None without eval data
 
 
-def train(config: RunConfig, console: Console | None = None) -> TrainResult:
+@dataclass
+class Given:
+    """What a Python caller (minisft/trainer.py, the front door) hands the run in place of what the flags name: a
+    loaded model, its tokenizer, the rows themselves, and a hook told of the run's events (see tell)."""
+
+    model: torch.nn.Module | None = None  # named by --model_name_or_path still: adapters and checkpoints record it
+    tokenizer: object = None
+    dataset: object = None  # anything data_files.stream_splits reads: rows, a datasets.Dataset, {split: rows}
+    on_event: Callable[..., bool | None] | None = None
+
+
+def train(
+    config: RunConfig, console: Console | None = None, *, model=None, tokenizer=None, dataset=None, on_event=None
+) -> TrainResult:
+    """The run `config` describes. From Python the keywords may hand over a loaded model, a tokenizer, the dataset
+    itself (rows, a datasets.Dataset, or {split: rows}) and an event hook (Given); the flags decide all the rest."""
+    given = Given(model, tokenizer, dataset, on_event)
     processes = start()  # one process, or this process's place among torchrun's
     console = (console or Console(stderr=True)) if processes.is_main else Console(quiet=True)  # rank 0 speaks
     check_flags(config)
-    output_dir, resume_from, lock = open_output_dir(config, processes, console)
+    output_dir, resume_from, lock = open_output_dir(config, processes, console, given.dataset)
     with lock:  # one run per output folder, until this one ends however it ends (minisft/machinery/outputs.py)
-        return train_into(output_dir, resume_from, config, processes, console)
+        return train_into(output_dir, resume_from, config, processes, console, given)
 
 
 def train_into(
-    output_dir: Path, resume_from: Path | None, config: RunConfig, processes: Processes, console
-) -> TrainResult:
+    output_dir: Path, resume_from: Path | None, config: RunConfig, processes: Processes, console,
+    given: Given | None = None,
+) -> TrainResult:  # fmt: skip
     """train(), once its output folder is checked and locked."""
+    given = given or Given()
     args = config.training
     resumed, args = resume_state(resume_from, args, processes.world_size, console)
     config = dataclasses.replace(config, training=args)  # the per-process batch a resume may have re-derived
@@ -119,15 +146,17 @@ def train_into(
     torch.manual_seed(args.seed)
 
     # 1. Data: raw rows → canonical examples → input_ids and labels → packed rows or examples.
-    tokenizer = load_tokenizer(config.model.model_name_or_path, trust_remote_code=config.model.trust_remote_code)
-    train_units, eval_units = prepare_data(config, tokenizer, processes, console)
+    tokenizer = given.tokenizer
+    if tokenizer is None:
+        tokenizer = load_tokenizer(config.model.model_name_or_path, trust_remote_code=config.model.trust_remote_code)
+    train_units, eval_units = prepare_data(config, tokenizer, processes, console, given.dataset)
     # Hashing the data takes seconds on a large dataset: done once, and only for a checkpoint read or written.
     order = functools.cache(functools.partial(data_order, config, train_units, processes.world_size))
     check_data_order(resume_from, resumed, order, args.ignore_data_order_mismatch, console)
 
     # 2. Model: load, grow the embeddings if the tokenizer grew, LoRA, memory savers; wrapped under torchrun.
     device = device_of(processes)
-    model, lora_settings, base_model = prepare_model(config, tokenizer, device, console)
+    model, lora_settings, base_model = prepare_model(config, tokenizer, device, console, given.model)
     check_base_model(resume_from, resumed, base_model)  # not --ignore_data_order_mismatch's: it is about data
     parallel = data_parallel(model, processes, args.fsdp)
     autocast = mixed_precision(args.bf16, args.fp16, device, config.model.resolved_dtype())
@@ -157,7 +186,7 @@ def train_into(
         total_steps=total_steps, output_dir=output_dir, lora_settings=lora_settings,
         base_name=config.model.model_name_or_path, seed=args.seed, data_order=order, completed=resumed["step"],
         saved=resume_from if in_output_dir else None, interval=Interval(resumed.get("num_tokens", 0)),
-        base_model=base_model,
+        base_model=base_model, on_event=given.on_event,
     )  # fmt: skip
     # Every input is open and checked: only now may --overwrite_output_dir remove the previous run's files.
     prepare_output_dir(output_dir, args.overwrite_output_dir, resume_from is not None, processes, console)
@@ -166,15 +195,19 @@ def train_into(
         console.print(f"note: {metrics_log.note}", markup=False, highlight=False)
     if processes.is_main:
         record_outputs(output_dir)  # metrics.jsonl and the trackers' folders
+    tell(run, "train_begin", model=run.model, tokenizer=tokenizer, total_steps=run.total_steps)
     with stop_requests(one_process=not processes.distributed, speak=processes.is_main) as stop:
         last_metrics, stopped = run_steps(run, args, stop, metrics_log, console)
         if stopped:  # still inside stop_requests: a second SIGTERM cannot cut the checkpoint short
             save_on_stop(run, args, stop.signal, console)
-            return TrainResult(output_dir, run.completed, last_metrics, interrupted=True)
+            return TrainResult(output_dir, run.completed, last_metrics, interrupted=True, history=run.history)
 
         # 5. Outputs: an HF-format model (or a peft adapter), the tokenizer with its chat template.
         merged_dir = write_outputs(run, tokenizer, config.model, config.lora, console)
-    return TrainResult(output_dir, run.completed, last_metrics, merged_dir)
+    tell(run, "train_end")
+    evaluation = evaluation_of(run, args) if run.eval_units else None
+    model.eval()  # ready to generate: dropout off
+    return TrainResult(output_dir, run.completed, last_metrics, merged_dir, False, run.history, model, evaluation)
 
 
 # ----------------------------------------------------------------------------- the steps
@@ -204,6 +237,9 @@ class Run:
     saved: Path | None = None  # the checkpoint of step `completed`, if there is one
     interval: Interval = field(default_factory=lambda: Interval())  # the figures since the last log line (below)
     base_model: dict = field(default_factory=dict)  # what it trains from (checkpoint.base_identity)
+    history: list[dict] = field(default_factory=list)  # every record logged
+    on_event: Callable[..., bool | None] | None = None  # Given.on_event: told of the run's events (tell)
+    stop_asked: bool = False  # the event hook asked the run to end after this step
 
 
 def run_steps(run: Run, args: TrainingConfig, stop, metrics_log, console: Console) -> tuple[dict, bool]:
@@ -212,17 +248,18 @@ def run_steps(run: Run, args: TrainingConfig, stop, metrics_log, console: Consol
     Returns the last logged figures, and whether a stop request (or a second Ctrl-C) ended the run early.
     """
     last_metrics: dict = {}
-    progress = progress_bar(console)
-    evaluation = functools.partial(
-        evaluate, run.model, run.eval_units, run.collate, args.per_device_eval_batch_size, parallel=run.parallel,
-        autocast=run.autocast,
-    )  # fmt: skip
+    progress = progress_display(console, run.total_steps, run.completed)  # a bar, lines or a notebook's table
+    evaluation = evaluation_of(run, args)
     try:
         with progress:
-            task = progress.add_task("training", total=run.total_steps, completed=run.completed, figures="")
             if args.eval_on_start:  # a check that evaluation works before any time goes into training
-                log(metrics_log, {**epoch_record(run), **evaluation()}, last_metrics)
+                record = {**epoch_record(run), **evaluation()}
+                log(metrics_log, record, last_metrics)
+                logged(run, record)
+                progress.show(record)
             for step in range(run.completed, run.total_steps):
+                if run.stop_asked:  # by the event hook (a callback's should_training_stop): the run ends as done
+                    break
                 micro_batches, weights, local_tokens = share_of_step(run, args, step)
                 # The stop requests travel in the step's token all-reduce: every process sees the same sum,
                 # so all stop before the same step, even if only one of them got the signal.
@@ -239,6 +276,9 @@ def run_steps(run: Run, args: TrainingConfig, stop, metrics_log, console: Consol
                     console.print(f"fp16: the gradients overflowed at step {step + 1}; skipped, scale lowered")
                 run.completed = step + 1
                 run.interval.add_step(*figures, step_tokens, learning_rate)
+                tell(run, "step_end", step=run.completed, epoch=run.completed / run.steps_per_epoch)
+                if run.stop_asked:  # this step is the run's last: logged (and evaluated) as a last step is
+                    run.total_steps = run.completed
                 record = {}
                 if logging_due(args, run.completed, run.total_steps):
                     record = run.interval.figures(epoch_record(run), run.parallel.device)
@@ -246,10 +286,12 @@ def run_steps(run: Run, args: TrainingConfig, stop, metrics_log, console: Consol
                     record.update({**epoch_record(run), **evaluation()})
                 if record:
                     log(metrics_log, record, last_metrics)
-                    progress.update(task, figures=progress_figures(last_metrics))
+                    logged(run, record)
+                    progress.show(record)
                 if save_due(args, run.completed, run.steps_per_epoch, run.total_steps):
                     run.saved = save(run, args)
-                progress.update(task, completed=run.completed)
+                    tell(run, "save", checkpoint=run.saved)
+                progress.advance(run.completed)
     except KeyboardInterrupt:  # a second Ctrl-C (one process): the step under way is abandoned
         run.optimizer.zero_grad(set_to_none=True)
         return last_metrics, True
@@ -322,6 +364,35 @@ def log(metrics_log: MetricsLog | None, record: dict, last_metrics: dict) -> Non
         last_metrics.update(record)
 
 
+def logged(run: Run, record: dict) -> None:
+    """A record just logged: kept in the run's history (TrainResult.history) and told to the event hook."""
+    run.history.append(record)
+    tell(run, "log", record=record)
+
+
+def tell(run: Run, event: str, **info) -> None:
+    """Tell the run's event hook what just happened: train_begin (model, tokenizer, total_steps), step_end (step,
+    epoch), log (record), evaluate (metrics), save (checkpoint), train_end. The Python front door
+    (minisft/trainer.py) turns these into its callbacks' calls. A hook that answers True asks the run to end after
+    this step, as a finished run ends (its model written): a transformers callback's control.should_training_stop."""
+    if run.on_event is not None and run.on_event(event, **info):
+        run.stop_asked = True
+
+
+def evaluation_of(run: Run, args: TrainingConfig) -> Callable[[], dict]:
+    """The eval figures of run.model as it is when called (sft/step.py's evaluate), told to the event hook."""
+
+    def evaluation() -> dict:
+        metrics = evaluate(
+            run.model, run.eval_units, run.collate, args.per_device_eval_batch_size, parallel=run.parallel,
+            autocast=run.autocast,
+        )  # fmt: skip
+        tell(run, "evaluate", metrics=metrics)
+        return metrics
+
+    return evaluation
+
+
 # ----------------------------------------------------------------------------- setting up
 
 
@@ -339,7 +410,9 @@ def check_flags(config: RunConfig) -> None:
         import_bitsandbytes("--load_in_4bit")
 
 
-def open_output_dir(config: RunConfig, processes: Processes, console) -> tuple[Path, Path | None, OutputLock]:
+def open_output_dir(
+    config: RunConfig, processes: Processes, console, dataset=None
+) -> tuple[Path, Path | None, OutputLock]:
     """The run's folder, checked, made and locked (rank 0), the checkpoint to resume from, and the lock to hold.
 
     Nothing is removed here: --overwrite_output_dir clears the previous run only once every input is open
@@ -349,7 +422,7 @@ def open_output_dir(config: RunConfig, processes: Processes, console) -> tuple[P
     model = config.model.model_name_or_path
     # The embedded model's folder is its cache (models.embedded_model_dir), named here without converting anything.
     model_folder = cache_root() / EMBEDDED_MODEL_NAME if model.lower() == EMBEDDED_MODEL_NAME else model
-    refuse_unsafe_folder(output_dir, config.data.dataset_name or demo_dataset_path(), model_folder)
+    refuse_unsafe_folder(output_dir, data_source(config, dataset), model_folder)
     resume_from = resolve_resume(output_dir, args.resume_from_checkpoint)
     check_output_dir(output_dir, args.overwrite_output_dir, resuming=resume_from is not None)
     barrier(processes)  # every process has checked the folder before rank 0 makes it
@@ -365,11 +438,18 @@ def open_output_dir(config: RunConfig, processes: Processes, console) -> tuple[P
     return output_dir, resume_from, lock
 
 
-def prepare_data(config: RunConfig, tokenizer, processes: Processes, console) -> tuple[Sequence, Sequence | None]:
+def data_source(config: RunConfig, dataset=None):
+    """What the run reads its rows from: the dataset a Python caller gave, else --dataset_name, else the demo's."""
+    return dataset if dataset is not None else config.data.dataset_name or demo_dataset_path()
+
+
+def prepare_data(
+    config: RunConfig, tokenizer, processes: Processes, console, dataset=None
+) -> tuple[Sequence, Sequence | None]:
     """The train and eval units (packed rows, or examples), each split's counts said in one line. A split left
     with no example (every one dropped) is refused here, before the model loads, if it is to be used."""
     args, data, max_length = config.training, config.data, config.data.max_length
-    source = data.dataset_name or demo_dataset_path()
+    source = data_source(config, dataset)
     files = folder_line(source, data.dataset_train_split, data.dataset_test_split, data.eval_split_size)
     if files:
         console.print(files, markup=False, highlight=False, soft_wrap=True)  # file names are not rich markup
@@ -424,25 +504,26 @@ def check_data_order(resume_from: Path | None, state: dict, order, ignore_mismat
         console.print(f"[yellow]warning:[/] --ignore_data_order_mismatch: resuming although {'; '.join(changes)}")
 
 
-def prepare_model(config: RunConfig, tokenizer, device: torch.device, console: Console):
-    """The model to train, its LoRA settings (None: full fine-tuning), and the identity of its base."""
+def prepare_model(config: RunConfig, tokenizer, device: torch.device, console: Console, given=None):
+    """The model to train (loaded, or the one a Python caller gave: adopted), its LoRA settings (None: full
+    fine-tuning), and the identity of its base."""
     lora, dtype = config.lora, DTYPES[config.model.resolved_dtype()]
     quantization = (
         four_bit_quantization(
             dtype, lora.bnb_4bit_quant_type, lora.use_bnb_nested_quant, lora.bnb_4bit_quant_storage, device
         )
-        if lora.load_in_4bit
+        if lora.load_in_4bit and given is None
         else None
     )
-    model = load_model(
+    model = adopt_model(given, dtype, device, lora) if given is not None else load_model(
         config.model.model_name_or_path,
         dtype=dtype,
         attn_implementation=config.model.attn_implementation,
         trust_remote_code=config.model.trust_remote_code,
         quantization_config=quantization,
         device=device,
-    )
-    base_model = base_identity(model, config.model.model_name_or_path)  # as loaded: before LoRA or resizing
+    )  # fmt: skip
+    base_model = base_identity(base_of(model), config.model.model_name_or_path)  # as loaded: before LoRA, resizing
     if quantization:
         console.print(f"QLoRA: the base's Linear layers quantized to 4-bit {lora.bnb_4bit_quant_type} as it loaded")
     fit_embeddings_to_tokenizer(model, tokenizer)
@@ -476,18 +557,22 @@ def open_metrics_log(config: RunConfig, output_dir: Path, start_step: int) -> Me
 
 
 def run_line(config: RunConfig, output_dir, processes, total_steps, warmup, model, device, autocast) -> str:
-    """The run's opening line: its shape, its schedule and its memory savers."""
+    """The run's opening line: its shape, its schedule and its memory savers; and a second line, a warning, where
+    bf16 was asked for on a CPU that runs it slowly."""
     args = config.training
     trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    bf16_autocast = autocast is not nullcontext and not args.fp16
+    warning = slow_bf16_warning(device, bf16_autocast, config.model.resolved_dtype())
     return (
         f"run {args.run_name or output_dir.name}: {total_steps} steps of {args.gradient_accumulation_steps} × "
         f"{args.per_device_train_batch_size} {'rows' if config.packing.packs('train') else 'examples'}"
         + (f" × {processes.world_size} processes ({'FSDP' if args.fsdp else 'DDP'})" if processes.distributed else "")
         + f", {warmup} warmup, {args.lr_scheduler_type} schedule, {args.optim}, {trainable:,} trainable parameters, "
         f"{device}{', fp16 autocast, gradient scaler' if args.fp16 else ''}"
-        f"{', bf16 autocast' if autocast is not nullcontext and not args.fp16 else ''}, gradient checkpointing "
+        f"{', bf16 autocast' if bf16_autocast else ''}, gradient checkpointing "
         f"{'on' if args.gradient_checkpointing else 'off'}"
         + (f", NEFTune noise alpha {args.neftune_noise_alpha:g}" if args.neftune_noise_alpha is not None else "")
+        + (f"\n{warning}" if warning else "")
     )
 
 
@@ -568,10 +653,40 @@ def units_for(
     return packed.rows
 
 
+def adopt_model(model, dtype: torch.dtype, device: torch.device, lora: LoraConfig):
+    """A model the caller loaded, made what load_model makes: the --dtype weights, on the run's device. LoRA layers
+    it already holds (minisft's get_peft_model) are trained as they are, --use_peft's settings describing them."""
+    if lora.load_in_4bit:
+        raise ConfigError("--load_in_4bit quantizes the base as it loads: give the model by name, not loaded.")
+    injected = bool(lora_layers(model))
+    if injected and not lora.use_peft:
+        raise ConfigError("The model given holds LoRA layers: train them with --use_peft and their settings.")
+    if injected and model.dtype != dtype:  # a cast would take LoRA's float32 weights down with the base's
+        raise ConfigError(
+            f"The model given holds LoRA layers over {str(model.dtype).removeprefix('torch.')} weights, but --dtype "
+            f"asks for {str(dtype).removeprefix('torch.')}: set --dtype to its dtype, or cast it before adding LoRA."
+        )
+    return model.to(device) if injected else model.to(device=device, dtype=dtype)
+
+
+def base_of(model):
+    """What checkpoint.base_identity reads of the base (its config, its parameters), also where LoRA layers were
+    injected before the run: without the adapters' weights, each wrapped Linear's under its own name. So a model
+    given with LoRA in it has the identity of its base loaded by name, and a resume recognises it."""
+    if not lora_layers(model):
+        return model
+    base = [(name.replace(".base.", "."), weight) for name, weight in model.named_parameters() if ".lora_" not in name]
+    return types.SimpleNamespace(config=model.config, named_parameters=lambda: iter(base))
+
+
 def attach_lora(model, lora: LoraConfig, console: Console):
-    """Inject LoRA, or start from an existing adapter. None: full fine-tuning."""
+    """Inject LoRA, or start from an existing adapter, or train the LoRA layers the model was given with. None:
+    full fine-tuning."""
     if not lora.use_peft:  # --lora_adapter and --merge_lora without it are refused with the flags (config.check_run)
         return None
+    if lora_layers(model):  # injected before the run (adopt_model): the settings describe them
+        console.print(f"training the LoRA adapters on {len(lora_layers(model))} Linear layers the model was given with")
+        return lora.settings()
     if lora.lora_adapter:
         settings = read_adapter_settings(lora.lora_adapter)
         load_adapter(model, lora.lora_adapter)
@@ -618,8 +733,8 @@ def gradient_scaler(fp16: bool, device: torch.device) -> torch.amp.GradScaler | 
 def mixed_precision(bf16: bool | None, fp16: bool, device: torch.device, torch_dtype: str):
     """A context manager for the forward pass: bf16 or fp16 autocast over fp32 weights, or nothing.
 
-    bf16 is on by default only on a GPU that supports it: a CPU without bf16 instructions runs bf16
-    matmuls far slower than fp32 (measured: a whole step 4× slower on an AVX2 CPU). fp16 (--fp16, for
+    bf16 is on by default only on a GPU that supports it: on a CPU a bf16 step measured 4-8× slower than
+    fp32 (models.slow_bf16_warning says so when it is asked for there). fp16 (--fp16, for
     GPUs without bf16) needs its gradient scaler beside it (see train): fp16's 5 exponent bits
     underflow on small gradients unless the loss is scaled up first.
     """
@@ -786,27 +901,3 @@ def peak_memory_mb(device: torch.device) -> float:
     except (OSError, StopIteration):  # not Linux
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # macOS counts bytes, the BSDs KiB
-
-
-def progress_bar(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]step"),
-        MofNCompleteColumn(),
-        BarColumn(),
-        TextColumn("{task.fields[figures]}"),
-        TimeRemainingColumn(),
-        console=console,
-    )
-
-
-def progress_figures(metrics: dict) -> str:
-    parts = []
-    if "loss" in metrics:
-        parts.append(f"loss {metrics['loss']:.4f}")
-    if "eval_loss" in metrics:
-        parts.append(f"eval {metrics['eval_loss']:.4f}")
-    if "learning_rate" in metrics:
-        parts.append(f"lr {metrics['learning_rate']:.2e}")
-    if "tokens_per_second" in metrics:
-        parts.append(f"{metrics['tokens_per_second']:,.0f} tok/s")
-    return " · ".join(parts)

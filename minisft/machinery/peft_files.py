@@ -3,7 +3,8 @@
 minisft keeps peft's file format, so adapters move both ways between minisft and peft. A folder holds
 
     adapter_config.json          peft's LoraConfig: r, lora_alpha, lora_dropout, target_modules, use_rslora,
-                                 use_dora, modules_to_save, base_model_name_or_path
+                                 use_dora, modules_to_save, base_model_name_or_path (for the
+                                 embedded model its converted folder, so that peft loads it offline)
     adapter_model.safetensors    the trained tensors, under peft's key names:
         base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight            (r × d_in)
         base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight            (d_out × r)
@@ -35,6 +36,8 @@ from minisft.sft.lora import (
     matches,
 )
 
+from .models import loadable_base_name
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -59,7 +62,8 @@ def save_adapter(
     tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:  # fmt: skip
     """adapter_model.safetensors and adapter_config.json, as peft writes them; `tensors`: the adapter's tensors
-    when they were gathered already (from FSDP's shards, machinery/distributed.py), else taken from the model."""
+    when they were gathered already (from FSDP's shards, machinery/distributed.py), else taken from the model.
+    The embedded model's name is recorded as its converted folder: peft cannot load a name only minisft knows."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = adapter_state_dict(model, settings) if tensors is None else tensors
@@ -67,7 +71,7 @@ def save_adapter(
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path,
+        "base_model_name_or_path": loadable_base_name(base_model_name_or_path) if base_model_name_or_path else None,
         "r": settings.r,
         "lora_alpha": settings.alpha,
         "lora_dropout": settings.dropout,

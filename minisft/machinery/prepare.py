@@ -124,6 +124,7 @@ class _Job:
     eos_token: str | None
     cut_to: dict[str, int | None]  # split -> the length its examples are truncated to (cut_lengths)
     text_field: str
+    add_special_tokens: bool  # --add_special_tokens: text and prompt/completion encoded with them
     first: tuple[str, str] | None  # (raw format, origin) every raw row must share; None: rows are canonical
     own_labels: bool  # pre-tokenized rows with their own labels: stored as they are, not as a trained mask
 
@@ -201,6 +202,7 @@ def _job(first: dict, tokenizer, config: DataConfig, cut_to: dict[str, int | Non
         eos_token=resolve_eos_token(tokenizer, config.eos_token),
         cut_to=cut_to,
         text_field=config.dataset_text_field,
+        add_special_tokens=config.add_special_tokens,
         first=first_row,
         own_labels=dataset_format(first) == "tokenized" and "labels" in first,
     )
@@ -271,7 +273,10 @@ def _time_limit(seconds: float):
 def _formatted(job: _Job, examples: list[dict], origins: list[str]) -> list[Formatted]:
     """format_batch under BATCH_RENDER_SECONDS; past that, the rows one at a time, each under ROW_RENDER_SECONDS,
     so that a row whose template never ends is named."""
-    render = lambda rows: format_batch(rows, job.tokenizer, job.eos_token, assistant_mask=job.plan.generation_tags)  # noqa: E731
+    render = lambda rows: format_batch(  # noqa: E731
+        rows, job.tokenizer, job.eos_token, assistant_mask=job.plan.generation_tags,
+        add_special_tokens=job.add_special_tokens,
+    )  # fmt: skip
     try:
         with _time_limit(BATCH_RENDER_SECONDS):
             return render(examples)

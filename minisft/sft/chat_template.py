@@ -17,6 +17,9 @@ Per format, as TRL does it:
                        two token lists first differ, which is usually len(prompt) but not always:
                        tokens can merge across the boundary ("Fr" + "ance" → "France").
 - text                 plain text; EOS is appended when missing, so the model learns to stop.
+                       Text and prompt/completion are encoded with the tokenizer's special tokens (a
+                       BOS, for tokenizers that add one) unless add_special_tokens=False says the
+                       texts hold them already (TRL's dataset_kwargs, for texts a template rendered).
 - tokenized            the row's own input_ids, as they are. All this stage does for them is
                        check that every id is a token of this tokenizer: rows tokenized with
                        another tokenizer would train on meaningless (or out-of-range) ids
@@ -164,14 +167,17 @@ def common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
     return length
 
 
-def format_example(example: dict, tokenizer, eos_token: str | None, assistant_mask: bool = False) -> Formatted:
+def format_example(
+    example: dict, tokenizer, eos_token: str | None, assistant_mask: bool = False, add_special_tokens: bool = True
+) -> Formatted:
     """Render and tokenize one canonical example (see the module docstring)."""
-    return format_batch([example], tokenizer, eos_token, assistant_mask)[0]
+    return format_batch([example], tokenizer, eos_token, assistant_mask, add_special_tokens)[0]
 
 
 def format_batch(
-    examples: list[dict], tokenizer, eos_token: str | None, assistant_mask: bool = False
-) -> list[Formatted]:
+    examples: list[dict], tokenizer, eos_token: str | None, assistant_mask: bool = False,
+    add_special_tokens: bool = True,
+) -> list[Formatted]:  # fmt: skip
     """Render and tokenize examples of one format, with one tokenizer call for the whole batch.
 
     A fast tokenizer encodes a list of texts in one call (in Rust, on several threads), far faster than
@@ -185,13 +191,15 @@ def format_batch(
         vocab_size = len(tokenizer)
         return [_tokenized(example, vocab_size) for example in examples]
     if kind == "text":
-        ids = _encode(tokenizer, [_with_eos(example["text"], eos_token, example) for example in examples])
+        texts = [_with_eos(example["text"], eos_token, example) for example in examples]
+        ids = _encode(tokenizer, texts, add_special_tokens)
         return [Formatted(input_ids=example_ids) for example_ids in ids]
     if kind == "prompt_completion":
         prompts = [example["prompt"] for example in examples]
-        prompt_ids = _encode(tokenizer, prompts)
+        prompt_ids = _encode(tokenizer, prompts, add_special_tokens)
         completions = [_with_eos(example["completion"], eos_token, example) for example in examples]
-        ids = _encode(tokenizer, [prompt + completion for prompt, completion in zip(prompts, completions)])
+        texts = [prompt + completion for prompt, completion in zip(prompts, completions)]
+        ids = _encode(tokenizer, texts, add_special_tokens)
         return [Formatted(input_ids=i, completion_start=common_prefix_length(p, i)) for p, i in zip(prompt_ids, ids)]
     if assistant_mask:
         return [_format_with_generation_mask(example, tokenizer, kind) for example in examples]
