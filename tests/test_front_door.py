@@ -52,9 +52,11 @@ def quiet_trainer(*args, **kwargs) -> SFTTrainer:
 
 
 def test_the_first_seeds_code_shape_trains_the_model_in_memory(tiny_dir, tmp_path):
-    """The first seed's cells, imports swapped to minisft: get_peft_model, TrainingArguments with adamw_8bit, the
-    collator, a batch formatting_func, dataset_kwargs, tokenizer= and max_seq_length=."""
-    model, tokenizer = loaded(tiny_dir)
+    """The first seed's cells, imports swapped to minisft: bfloat16 weights, get_peft_model, TrainingArguments with
+    adamw_8bit, bf16 and tensorboard, the collator, a batch formatting_func, dataset_kwargs, tokenizer= and
+    max_seq_length=."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, torch_dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
     model = get_peft_model(
         model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     )
@@ -69,8 +71,8 @@ def test_the_first_seeds_code_shape_trains_the_model_in_memory(tiny_dir, tmp_pat
         return output_texts
 
     args = TrainingArguments(
-        per_device_train_batch_size=8, num_train_epochs=6, learning_rate=1e-2, optim="adamw_8bit",
-        output_dir=str(tmp_path / "out"), report_to="none", logging_steps=1,
+        per_device_train_batch_size=8, num_train_epochs=6, learning_rate=1e-2, optim="adamw_8bit", bf16=True,
+        output_dir=str(tmp_path / "out"), report_to=["tensorboard"], logging_steps=1,
     )  # fmt: skip
     collator = DataCollatorForCompletionOnlyLM(tokenizer=tokenizer, response_template=RESPONSE_TEMPLATE)
     trainer = quiet_trainer(
@@ -91,6 +93,8 @@ def test_the_first_seeds_code_shape_trains_the_model_in_memory(tiny_dir, tmp_pat
     answer = tokenizer("我学会了<|im_end|>\n<|im_end|>", add_special_tokens=False)["input_ids"]
     assert history[0]["num_tokens"] == len(answer)
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 16
+    assert list((tmp_path / "out" / "runs").rglob("events.out.tfevents.*"))  # report_to=["tensorboard"]
+    assert next(model.parameters()).dtype == torch.bfloat16  # trained in the dtype it was loaded in
     assert "run summary" in trainer.log.getvalue()
     prompt = tokenizer.apply_chat_template(conversation[:1], tokenize=False, add_generation_prompt=True)
     inputs = tokenizer.encode(prompt, add_special_tokens=False, return_tensors="pt")
