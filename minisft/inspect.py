@@ -12,21 +12,27 @@ With --packing it shows packed rows instead: each row drawn as a bar of its exam
 packing efficiency (tokens / row slots) beside what was truncated (bfd, as unpacked) or split
 over rows (bfd_split, wrapped); with --json one {"input_ids", "labels", "position_ids",
 "seq_lengths"} object per row.
+
+With --audit it sums up the whole split instead, in one table (minisft/machinery/audit.py counts it):
+length quantiles, the examples that train a stop token, mostly masked examples, duplicates, trained
+tokens by role, what was cut and dropped, and a warning per trap found. With --json, the same as one
+JSON object on stdout. A training run prints the warnings alone, before step 1.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from .machinery.audit import Audit, audit_split, trained_tokens_cut
 from .machinery.cli import demo_dataset_path, parse_flags, run, stderr_console
-from .machinery.config import DataConfig, ModelConfig, PackingConfig, TrainingConfig
+from .machinery.config import ConfigError, DataConfig, ModelConfig, PackingConfig, TrainingConfig
 from .machinery.data_files import folder_line
 from .machinery.models import load_tokenizer
 from .machinery.pack_plans import pack_prepared
@@ -41,7 +47,14 @@ class InspectConfig:
     num_examples: int | None = field(
         default=None, metadata={"help": "How many examples to show. Default: 3, or all of them with --json."}
     )
-    json: bool = field(default=False, metadata={"help": "Print one JSON object per example: input_ids and labels."})
+    json: bool = field(
+        default=False,
+        metadata={"help": "Print one JSON object per example: input_ids and labels (with --audit: the audit)."},
+    )
+    audit: bool = field(
+        default=False,
+        metadata={"help": "Sum up the whole split in one table (stop tokens, masks, duplicates, roles, cuts)."},
+    )
     split: str = field(
         default="train", metadata={"help": "Which split to inspect: train or eval.", "choices": ["train", "eval"]}
     )
@@ -58,6 +71,11 @@ def main(argv: list[str] | None = None) -> None:
         "minisft.inspect",
         description=__doc__.splitlines()[0],
     )
+    if data_config.datasets is not None:  # else the demo data would be shown in the mixture's place
+        raise ConfigError(
+            "inspect shows one dataset, not a --config file's datasets: mixture: give one of its sources as "
+            "--dataset_name (each source is prepared on its own, as inspect prepares it)."
+        )
     tokenizer = load_tokenizer(model_config.model_name_or_path, trust_remote_code=model_config.trust_remote_code)
     source = data_config.dataset_name or demo_dataset_path()
     files = folder_line(
@@ -73,6 +91,15 @@ def main(argv: list[str] | None = None) -> None:
     prepared = splits.train if inspect_config.split == "train" else splits.eval
     if prepared is None:
         stderr_console.print("This dataset has no eval split; ask for one with --eval_split_size 0.1.")
+        return
+    if inspect_config.audit:
+        cut = trained_tokens_cut(prepared, inspect_config.split, source, tokenizer, data_config, packing_config,
+                                 inspect_config.seed)  # fmt: skip
+        audit = audit_split(prepared, tokenizer, roles=True, truncated_trained_tokens=cut)
+        if inspect_config.json:
+            sys.stdout.write(json.dumps(asdict(audit)) + "\n")
+        else:
+            show_audit(audit, f"{source} [{inspect_config.split}]")
         return
     if packing_config.packs(inspect_config.split):
         packed = pack_prepared(prepared.examples, data_config.max_length, packing_config.packing_strategy)
@@ -174,6 +201,43 @@ def add_cut_rows(table: Table, stats: PrepareStats) -> None:
     table.add_row("truncated to max_length", f"{stats.truncated:,} examples, {stats.truncated_tokens:,} tokens cut")
     dropped = ", ".join(f"{count} {reason}" for reason, count in stats.drop_reasons.items())
     table.add_row("dropped (nothing to train)", f"{stats.dropped:,}" + (f" ({dropped})" if dropped else ""))
+
+
+def show_audit(audit: Audit, title: str) -> None:
+    """The audit in one screen: the figures, then a line per warning."""
+    console = Console()
+    console.print(audit_table(audit, title))
+    for warning in audit.warnings:
+        console.print(Text.assemble(("warning: ", "yellow"), warning), soft_wrap=True)
+    if not audit.warnings:
+        console.print(Text("no warnings", style="green"))
+
+
+def audit_table(audit: Audit, title: str) -> Table:
+    table = Table(title=f"audit of {title}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    share = lambda count, total: f"{count:,} of {total:,} ({count / total if total else 0:.1%})"  # noqa: E731
+    quantiles = lambda values: " / ".join(f"{value:,}" for value in values.values())  # noqa: E731
+    table.add_row("examples", f"{audit.examples:,}")
+    table.add_row("tokens", f"{audit.tokens:,}")
+    table.add_row("trained tokens", share(audit.trained_tokens, audit.tokens))
+    table.add_row("per example: tokens p50/p90/p99/max", quantiles(audit.length_quantiles))
+    table.add_row("per example: trained p50/p90/p99/max", quantiles(audit.trained_quantiles))
+    table.add_row(f"stop token trained ({' or '.join(audit.stop_tokens)})", share(audit.stop_trained, audit.examples))
+    table.add_row("more than 95% masked", share(audit.mostly_masked, audit.examples))
+    table.add_row("exact duplicates", share(audit.duplicates, audit.examples))
+    for role, count in (audit.trained_by_role or {}).items():
+        # approximate: a turn counts from its header to the next (machinery/audit.py)
+        table.add_row(f"trained in {role} turns (≈)", share(count, audit.trained_tokens))
+    table.add_row("response template not found", f"{audit.template_missing:,}")
+    dropped = ", ".join(f"{count:,} {reason}" for reason, count in audit.drop_reasons.items())
+    table.add_row("dropped (nothing to train)", f"{audit.dropped:,}" + (f" ({dropped})" if dropped else ""))
+    trained_cut = "" if audit.truncated_trained_tokens is None else f", {audit.truncated_trained_tokens:,} trained"
+    table.add_row(
+        "truncated to max_length", f"{audit.truncated:,} examples, {audit.truncated_tokens:,} tokens cut{trained_cut}"
+    )
+    return table
 
 
 def render_tokens(tokenizer, input_ids: list[int], labels: list[int]) -> Text:

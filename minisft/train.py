@@ -60,10 +60,11 @@ DEMO_MAX_NEW_TOKENS = 32
 def main(argv: list[str] | None = None) -> None:
     transformers.logging.disable_progress_bar()  # a bar for a one-second weight load is noise
     processes = start()  # under torchrun, only rank 0 speaks (minisft/machinery/distributed.py)
-    console = Console(stderr=True, quiet=not processes.is_main)
+    # Piped to a log, a line is kept whole (grep finds it) rather than wrapped at rich's default 80 columns.
+    console = Console(stderr=True, quiet=not processes.is_main, soft_wrap=not sys.stderr.isatty())
     description = __doc__.splitlines()[0]
     flags = parse_flags(CONFIG_TYPES, argv, "minisft.train", description)
-    demo = flags[1].dataset_name is None
+    demo = flags[1].dataset_name is None and flags[1].datasets is None  # a --config file's mixture is data too
     if demo:
         flags = parse_flags(CONFIG_TYPES, argv, "minisft.train", description, defaults=DEMO_DEFAULTS)
         console.print(

@@ -65,3 +65,11 @@ def test_api_stage_by_stage_prints_every_stage():
     before = float(re.search(r"held-out loss before: ([\d.]+)", output).group(1))
     after = float(re.search(r"held-out loss after: ([\d.]+)", output).group(1))
     assert after < before - 0.5, (before, after)
+
+
+def test_audit_flags_the_trap_and_not_the_clean_data():
+    output = run_example("04_audit.py")
+    clean, trap = output.split("The same data", 1)
+    assert "no warnings" in clean and "warning:" not in clean
+    assert "stop token trained (<|im_end|>)" in clean and "12 of 12 (100.0%)" in clean
+    assert "the model may never learn to stop" in trap and "0 of 12 (0.0%)" in trap

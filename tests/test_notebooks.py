@@ -47,10 +47,13 @@ def kernel_manager():
         return KernelManager(kernel_name="python3", kernel_spec_manager=KernelSpecManager(kernel_dirs=[]))
 
     probe = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import sys; print(sys.executable)")])
+    manager = new_manager()
     try:
-        NotebookClient(probe, km=new_manager(), timeout=120).execute()
+        NotebookClient(probe, km=manager, timeout=120).execute()
     except Exception as error:  # a kernel that cannot start raises whatever jupyter_client met on the way
         pytest.skip(f"no notebook kernel can start here: {type(error).__name__}: {error}")
+    finally:
+        shut_down(manager)
     assert probe.cells[0].outputs[0].text.strip() == sys.executable  # the notebooks run in this venv
     return new_manager
 
@@ -61,16 +64,23 @@ def execute(name: str, folder: Path, new_manager):
     from nbclient import NotebookClient
 
     notebook = nbformat.read(EXAMPLES / name, as_version=4)
-    client = NotebookClient(
-        notebook, km=new_manager(), timeout=CELL_TIMEOUT, resources={"metadata": {"path": str(folder)}}
-    )
+    manager = new_manager()
+    client = NotebookClient(notebook, km=manager, timeout=CELL_TIMEOUT, resources={"metadata": {"path": str(folder)}})
     try:
         client.execute()  # a cell that raises fails the test with the cell and its traceback
     finally:
+        shut_down(manager)
         nbformat.write(notebook, folder / name)  # the executed copy, for a look when a test fails
     install = notebook.cells[1]
     assert "install.sh" in install.source and install.outputs == [], "the install cell did something here"
     return notebook
+
+
+def shut_down(manager) -> None:
+    """Stop the kernel: nbclient shuts down only the kernels it started itself, not one of a manager it was
+    given, and a kernel left running keeps its model in memory (1.5-2.6 GB each) until the test session ends."""
+    if manager.has_kernel:
+        manager.shutdown_kernel(now=True)
 
 
 def tagged(notebook, tag: str):

@@ -35,6 +35,9 @@ class FlagParser(HfArgumentParser):
     no _argument_group_name, so every flag is added through this parser's own add_argument.)"""
 
     def add_argument(self, *names, **options):
+        if options.get("config_only"):  # a list of sources is written in a --config file, not on a command line
+            self.set_defaults(**{names[0].lstrip("-"): options.get("default")})  # its value when no file gives one
+            return None
         return super().add_argument(*names, **{key: value for key, value in options.items() if key not in OWN_METADATA})
 
 
@@ -78,11 +81,15 @@ def read_config_file(path: Path, parser) -> dict:
     if not isinstance(values, dict):
         raise UserError(f"--config {path}: expected a mapping of flag names to values, got {type(values).__name__}.")
     actions = {action.dest: action for action in parser._actions}
+    from .mixture import check_entries  # here: chat and plot, which read --config too, need not import preparation
+
+    mixes = "datasets" in values and "datasets" in parser._defaults  # a command that reads data (FlagParser above)
+    mixture = {"datasets": check_entries(values.pop("datasets"), f"--config {path}")} if mixes else {}
     unknown = sorted(set(values) - set(actions))
     if unknown:
         raise UserError(f"--config {path}: unknown flags {unknown}. See --help for the flags.")
     # The values are checked where the Python API's are: by the flag dataclasses, as the run builds them (config.py).
-    return {name: as_flag_value(actions[name], value, path) for name, value in values.items()}
+    return {name: as_flag_value(actions[name], value, path) for name, value in values.items()} | mixture
 
 
 def as_flag_value(action, value, path: Path):

@@ -45,7 +45,7 @@ from minisft.sft.optim import OPTIMIZERS, SCHEDULES, schedule_options
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # Field metadata that minisft reads itself, not argparse: whether a DataConfig field changes the prepared tokens.
-OWN_METADATA = ("prepared",)
+OWN_METADATA = ("prepared", "config_only")
 
 
 class ConfigError(UserError, ValueError):
@@ -114,8 +114,8 @@ def check_values(config) -> None:
     given; a --config file's values and the Python API's arguments arrive as they are, and are checked here."""
     for flag in fields(config):
         value, kinds = getattr(config, flag.name), flag_types(type(config))[flag.name]
-        if value is None and None in kinds:
-            continue
+        if value is None and None in kinds or flag.metadata.get("config_only"):
+            continue  # a --config file's list of sources is checked by machinery/mixture.py, entry by entry
         if not any(TYPE_CHECKS[kind](value) for kind in kinds if kind is not None):
             wanted = " or ".join(TYPE_NAMES.get(kind, "a list of names") for kind in kinds if kind is not None)
             raise ConfigError(f"--{flag.name} must be {wanted}, got {shown(value)}.")
@@ -308,6 +308,14 @@ class DataConfig:
             "prepared": True,
         },
     )
+    mask_history: bool = field(
+        default=False,
+        metadata={
+            "help": "Train only the last assistant turn of each conversation (LLaMA-Factory's name); the turns are "
+            "those --assistant_only_loss or --response_template with --instruction_template find.",
+            "prepared": True,
+        },
+    )
     chat_template_path: str | None = field(
         default=None,
         metadata={
@@ -319,6 +327,14 @@ class DataConfig:
         default=None,
         metadata={
             "help": "The end-of-sequence token appended to text and completions. Default: the tokenizer's.",
+            "prepared": True,
+        },
+    )
+    drop_reasoning: bool = field(
+        default=False,
+        metadata={
+            "help": "Leave the assistant turns' reasoning_content (reasoning traces) out of the training text, "
+            "on purpose: needed when the chat template never renders them. Counted.",
             "prepared": True,
         },
     )
@@ -355,12 +371,28 @@ class DataConfig:
             "prepared": False,
         },
     )
+    # Only in a --config file (no command-line flag): each source is prepared and cached alone, then mixed.
+    datasets: list[dict] | None = field(
+        default=None,
+        metadata={
+            "help": "A mixture (TRL's datasets: list): path, name, split and proportion per source.",
+            "prepared": False,
+            "config_only": True,
+        },
+    )
 
     def __post_init__(self):
         check_values(self)
+        if self.datasets is not None and self.dataset_name is not None:
+            raise ConfigError("--dataset_name and a datasets: mixture both name the data: give one of them.")
         # Here, not in RunConfig: `python -m minisft.inspect` prepares data from these flags too.
         if self.instruction_template is not None and self.response_template is None:
             raise ConfigError("--instruction_template needs a --response_template.")
+        if self.mask_history and not (self.assistant_only_loss or self.instruction_template is not None):
+            raise ConfigError(
+                "--mask_history needs the assistant turns located: add --assistant_only_loss, or --response_template "
+                "with --instruction_template."
+            )
 
 
 @dataclass

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.text import Text
 
 from minisft.errors import UserError
 from minisft.sft.attention import use_sdpa_by_example
@@ -43,6 +44,7 @@ from minisft.sft.neftune import add_neftune_noise
 from minisft.sft.optim import build_optimizer, build_schedule, warmup_steps
 from minisft.sft.step import NonFiniteStep, evaluate, train_step
 
+from .audit import audit_split
 from .checkpoint import (
     WRITE_ERRORS,
     CheckpointError,
@@ -64,6 +66,7 @@ from .config import ConfigError, LoraConfig, ModelConfig, PackingConfig, RunConf
 from .data_files import folder_line
 from .distributed import DataParallel, Processes, barrier, data_parallel, device_of, start, whole_weights
 from .extras import check_attention_implementation, import_bitsandbytes
+from .mixture import check_entries, prepare_mixture
 from .models import (
     EMBEDDED_MODEL_NAME,
     cache_root,
@@ -450,13 +453,20 @@ def prepare_data(
     with no example (every one dropped) is refused here, before the model loads, if it is to be used."""
     args, data, max_length = config.training, config.data, config.data.max_length
     source = data_source(config, dataset)
-    files = folder_line(source, data.dataset_train_split, data.dataset_test_split, data.eval_split_size)
+    mixes = data.datasets is not None and dataset is None  # a --config file's datasets: list (machinery/mixture.py)
+    splits_of = (data.dataset_train_split, data.dataset_test_split, data.eval_split_size)
+    files = None if mixes else folder_line(source, *splits_of)
     if files:
         console.print(files, markup=False, highlight=False, soft_wrap=True)  # file names are not rich markup
     # Under torchrun rank 0 prepares first and the others then find its preparation in the cache.
     if not processes.is_main:
         barrier(processes)
-    splits = load_and_prepare(source, tokenizer, config.data, config.packing, args.seed)
+    if mixes:
+        entries = check_entries(data.datasets, "datasets")
+        splits, counts = prepare_mixture(entries, tokenizer, data, config.packing, args.seed)
+        console.print(counts, markup=False, highlight=False, soft_wrap=True)
+    else:
+        splits = load_and_prepare(source, tokenizer, config.data, config.packing, args.seed)
     if processes.is_main:
         barrier(processes)
     evaluates = args.eval_strategy != "no" or args.eval_on_start
@@ -476,6 +486,9 @@ def prepare_data(
         eval_units = units_for(splits.eval, "eval", max_length, config.packing, console, used=evaluates)
     if splits.train.stats.completion_mask_unused:  # TRL's default for pre-tokenized rows: every token trained
         console.print("data: the rows' completion_mask is not applied; --completion_only_loss applies it")
+    if processes.is_main:  # the pre-flight audit's warnings (machinery/audit.py); inspect --audit shows the table
+        for warning in audit_split(splits.train, tokenizer).warnings:
+            console.print(Text.assemble(("warning: ", "yellow"), warning), soft_wrap=True)
     return train_units, eval_units
 
 
@@ -611,6 +624,8 @@ def data_order(config: RunConfig, train_units: Sequence[dict], world_size: int) 
         order["packing_strategy"] = config.packing.packing_strategy
     # Whatever else shapes the examples (the file's content, the split, the template, the masks) shows here.
     order["train_data"] = data_fingerprint(train_units)
+    if config.data.datasets is not None:  # said by name: a changed proportion is refused as that, not as a hash
+        order["datasets"] = check_entries(config.data.datasets, "datasets")
     return order
 
 

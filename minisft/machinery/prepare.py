@@ -100,6 +100,7 @@ class PrepareStats:
     drop_reasons: Counter = field(default_factory=Counter)
     response_template_missing: int = 0
     completion_mask_unused: int = 0  # pre-tokenized rows whose completion_mask --completion_only_loss would apply
+    reasoning_dropped: int = 0  # reasoning traces (assistant turns' reasoning_content) that --drop_reasoning left out
 
     def add(self, other: PrepareStats) -> None:
         """Count `other`'s examples too: workers' figures add up to one process's exactly."""
@@ -127,6 +128,7 @@ class _Job:
     add_special_tokens: bool  # --add_special_tokens: text and prompt/completion encoded with them
     first: tuple[str, str] | None  # (raw format, origin) every raw row must share; None: rows are canonical
     own_labels: bool  # pre-tokenized rows with their own labels: stored as they are, not as a trained mask
+    drop_reasoning: bool  # --drop_reasoning: the messages' reasoning_content is removed before rendering
 
 
 @dataclass
@@ -187,6 +189,10 @@ def _check_templates_found(job: _Job, first: dict, stats: PrepareStats) -> None:
 
 def _job(first: dict, tokenizer, config: DataConfig, cut_to: dict[str, int | None], first_row) -> _Job:
     """The job for a dataset whose first canonical example is `first`."""
+    if dataset_format(first) == "tokenized":
+        _check_tokenized_flags(
+            set(first), config.completion_only_loss, config.assistant_only_loss, config.response_template
+        )
     return _Job(
         tokenizer=tokenizer,
         vocab_size=len(tokenizer),
@@ -198,6 +204,7 @@ def _job(first: dict, tokenizer, config: DataConfig, cut_to: dict[str, int | Non
             assistant_only_loss=config.assistant_only_loss,
             response_template=_parse_template(config.response_template),
             instruction_template=_parse_template(config.instruction_template),
+            mask_history=config.mask_history,
         ),
         eos_token=resolve_eos_token(tokenizer, config.eos_token),
         cut_to=cut_to,
@@ -205,7 +212,32 @@ def _job(first: dict, tokenizer, config: DataConfig, cut_to: dict[str, int | Non
         add_special_tokens=config.add_special_tokens,
         first=first_row,
         own_labels=dataset_format(first) == "tokenized" and "labels" in first,
+        drop_reasoning=config.drop_reasoning,
     )
+
+
+def _check_tokenized_flags(
+    columns: set, completion_only_loss: bool | None, assistant_only_loss: bool, response_template: str | list | None
+) -> None:
+    """Masking flags that pre-tokenized rows cannot honour are errors, not silently ignored flags."""
+    if assistant_only_loss:
+        raise MaskingError(
+            "--assistant_only_loss needs conversations; these rows are pre-tokenized. Their 'assistant_masks' "
+            "column, if they have one, is applied without the flag."
+        )
+    if "labels" in columns:
+        flags = {"--completion_only_loss": completion_only_loss, "--response_template": response_template}
+        given = [flag for flag, value in flags.items() if value]
+        if given:
+            raise MaskingError(
+                "These pre-tokenized rows carry their own labels, which are trained as they are; "
+                f"drop {' and '.join(given)}."
+            )
+    elif completion_only_loss and "completion_mask" not in columns:
+        raise MaskingError(
+            "--completion_only_loss on pre-tokenized rows needs their 'completion_mask' column (1 on completion "
+            "tokens); these rows have none."
+        )
 
 
 def _parse_template(template: str | list[int] | None) -> str | list[int] | None:
@@ -229,18 +261,33 @@ def _prepare_batch(job: _Job, batch: list[tuple[str, dict, str]]) -> dict[str, _
         examples = [normalize_example(row, origin, job.text_field) for origin, row, _ in batch]
     else:
         examples = [row for _, row, _ in batch]
+    traces = [0] * len(examples)
+    if job.drop_reasoning:  # before rendering, so no template sees them; counted, as all that is left out
+        examples, traces = map(list, zip(*map(_without_reasoning, examples)))
     formatted = _formatted(job, examples, [origin for origin, _, _ in batch])
     kept: dict[str, tuple[list, list, list]] = {}
     stats: dict[str, PrepareStats] = {}
-    for (origin, _, split), one in zip(batch, formatted):
+    for (origin, _, split), one, example_traces, canonical in zip(batch, formatted, traces, examples):
         split_stats = stats.setdefault(split, PrepareStats())
-        example = _finish_example(job, one, origin, split, split_stats)
+        split_stats.reasoning_dropped += example_traces
+        example = _finish_example(job, one, canonical, origin, split, split_stats)
         if example is not None:
             ids, labels, origins = kept.setdefault(split, ([], [], []))
             ids.append(example[0])
             labels.append(example[1])
             origins.append(origin)
     return {split: _encoded(*kept.get(split, ([], [], [])), stats[split]) for split in stats}
+
+
+def _without_reasoning(example: dict) -> tuple[dict, int]:
+    """The example without its messages' reasoning_content (a copy: the caller's example is theirs), and how many
+    traces that left out."""
+    stripped, traces = dict(example), 0
+    for key in ("messages", "prompt", "completion"):
+        if isinstance(example.get(key), list):
+            traces += sum(bool(message.get("reasoning_content")) for message in example[key])
+            stripped[key] = [{k: v for k, v in message.items() if k != "reasoning_content"} for message in example[key]]
+    return stripped, traces
 
 
 class _Overtime(BaseException):
@@ -297,12 +344,13 @@ def _formatted(job: _Job, examples: list[dict], origins: list[str]) -> list[Form
     return formatted
 
 
-def _finish_example(job: _Job, formatted: Formatted, origin: str, split: str, stats: PrepareStats):
+def _finish_example(job: _Job, formatted: Formatted, example: dict, origin: str, split: str, stats: PrepareStats):
     """Labels, truncation, and the drop decision for one example (labels.py makes them; they are counted here):
-    (input_ids, labels), or None when dropped."""
+    (input_ids, labels), or None when dropped. `example` is the canonical one, whose messages may switch turns."""
     if formatted.labels is not None:
         check_own_labels(formatted.labels, job.vocab_size, origin)
-    uncut_labels, template_missing, completion_mask_unused = example_labels(formatted, job.plan)
+    switches = _message_switches(example, origin, job.plan.locates_turns)
+    uncut_labels, template_missing, completion_mask_unused = example_labels(formatted, job.plan, switches, origin)
     stats.response_template_missing += template_missing
     stats.completion_mask_unused += completion_mask_unused
     input_ids, labels = cut(formatted.input_ids, uncut_labels, job.cut_to[split])
@@ -310,7 +358,7 @@ def _finish_example(job: _Job, formatted: Formatted, origin: str, split: str, st
         stats.truncated += 1
         stats.truncated_tokens += len(formatted.input_ids) - len(input_ids)
     trained = sum(label != IGNORE_INDEX for label in labels)
-    reason = drop_reason(trained, uncut_labels, job.plan)
+    reason = drop_reason(trained, uncut_labels, job.plan, template_missing)
     if reason is not None:
         stats.dropped += 1
         stats.drop_reasons[reason] += 1
@@ -319,6 +367,32 @@ def _finish_example(job: _Job, formatted: Formatted, origin: str, split: str, st
     stats.tokens += len(input_ids)
     stats.trained_tokens += trained
     return input_ids, labels
+
+
+def _message_switches(example: dict, origin: str, located: bool) -> list[bool | None]:
+    """Each assistant message's own say on whether its turn is trained, as axolotl reads it (`weight` 0 or 1,
+    `train` false or true), for labels.example_labels; None where it says nothing. Another role may say only
+    0/false, which the assistant masks do already: only assistant turns are located."""
+    parts = [example.get(key) for key in ("messages", "prompt", "completion")]  # a prompt's turns come first
+    switches = []
+    for index, message in enumerate(message for part in parts if isinstance(part, list) for message in part):
+        says = {key: message[key] for key in ("weight", "train") if key in message}
+        at = f"{origin}: message {index} ({message['role']})"
+        if len({bool(value) for value in says.values()}) > 1 or not all(
+            value in (0, 1) and (type(value) is bool) == (key == "train") for key, value in says.items()
+        ):
+            raise MaskingError(f"{at} has {says}: a weight is 0 or 1, a train false or true (and the two agree)")
+        if says and not located:
+            raise MaskingError(
+                f"{at} has {' and '.join(says)}, which needs each assistant turn located: add --assistant_only_loss, "
+                "or --response_template with --instruction_template"
+            )
+        switch = bool(next(iter(says.values()))) if says else None
+        if message["role"] == "assistant":
+            switches.append(switch)
+        elif switch:
+            raise MaskingError(f"{at} is marked to be trained ({' and '.join(says)}); only assistant turns can be")
+    return switches
 
 
 def _encoded(ids: list[list[int]], labels: list[list[int]], origins: list[str], stats: PrepareStats) -> _Encoded:
@@ -427,7 +501,9 @@ class PreparedSplits:
     eval: PreparedDataset | None
     added_tokens: list[str]  # special tokens the ChatML fallback added: the model's embeddings must grow
     skipped_blank_lines: int
-    cache_note: str = ""  # one line for the run's opening: whether the preparation was reused, prepared, or not kept
+    # one line for the run's opening: whether the preparation was reused, prepared, or not kept (and what
+    # --drop_reasoning left out)
+    cache_note: str = ""
 
 
 def cut_lengths(max_length: int | None, packing: PackingConfig) -> dict[str, int | None]:
@@ -608,6 +684,9 @@ def _opened(folder: Path, added_tokens: list[str], note: str, keep: bool) -> Pre
             splits[split] = PreparedDataset(storage, _stats_from(meta["stats"]), origins)
     if not keep:
         shutil.rmtree(folder, ignore_errors=True)
+    traces = sum(prepared.stats.reasoning_dropped for prepared in splits.values())
+    if traces:  # what the run leaves out of the data is said, in the line that opens its data
+        note += f"; --drop_reasoning left out {traces:,} reasoning traces"
     return PreparedSplits(splits["train"], splits.get("eval"), added_tokens, blank_lines, note)
 
 

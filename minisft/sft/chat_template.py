@@ -27,8 +27,8 @@ Per format, as TRL does it:
 
 A conversation's `tools` and `chat_template_kwargs` go to the template with its messages, as
 TRL passes them. A template renders only what it mentions, so tool calls given to a template
-that never reads `tool_calls` would vanish from the training text without a word: that is
-refused, naming the example.
+that never reads `tool_calls`, or reasoning traces to one that never reads `reasoning_content`,
+would vanish from the training text without a word: refused, naming the example (or --drop_reasoning).
 
 A chat template is a program the user supplies, and it can fail: a template that is not Jinja
 is refused once, by name, when it is set up (check_template); one that fails on a conversation
@@ -159,12 +159,8 @@ def resolve_eos_token(tokenizer, eos_token: str | None) -> str | None:
 
 
 def common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
-    length = 0
-    for token, other_token in zip(ids, other_ids):
-        if token != other_token:
-            break
-        length += 1
-    return length
+    shorter = min(len(ids), len(other_ids))
+    return next((index for index, (a, b) in enumerate(zip(ids, other_ids)) if a != b), shorter)
 
 
 def format_example(
@@ -271,13 +267,19 @@ def _apply_template(tokenizer, example: dict, messages: list[dict], **options):
     if not template:
         raise FormattingError("The tokenizer has no chat template; call setup_chat_template first.")
     tools = example.get("tools")
-    for present, name in ((tools, "tools"), (any(message.get("tool_calls") for message in messages), "tool_calls")):
-        if present and name not in template:
-            raise FormattingError(
-                f"{_origin(example)}: this conversation has {name}, but the chat template never reads {name!r}, "
-                "so they would be left out of the training text. Pass --chat_template_path with a template "
-                "that renders tools and tool calls (the model's own, if it was trained for tool calling)."
-            )
+    held = {"tools": tools, **{key: any(m.get(key) for m in messages) for key in ("tool_calls", "reasoning_content")}}
+    for name in (name for name, present in held.items() if present and name not in template):
+        remedy = (
+            "Pass --chat_template_path with a template that renders them (<think>...</think>, as Qwen3's does), "
+            "or --drop_reasoning to train without them."
+            if name == "reasoning_content"
+            else "Pass --chat_template_path with a template that renders tools and tool calls (the model's own, "
+            "if it was trained for tool calling)."
+        )
+        raise FormattingError(
+            f"{_origin(example)}: this conversation has {name}, but the chat template never reads {name!r}, "
+            f"so they would be left out of the training text. {remedy}"
+        )
     try:
         return tokenizer.apply_chat_template(
             messages, tools=tools, **example.get("chat_template_kwargs", {}), **options

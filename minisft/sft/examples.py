@@ -6,27 +6,27 @@ row is translated once, here, into one canonical example; nothing downstream see
     {"messages": [{"role", "content"}]}          (TRL)  -> {"messages": [{"role", "content"}]}
     {"conversation": [{"role", "message"}]}  human=user -> {"messages": ...}
     {"conversations": [{"from", "value"}]}     ShareGPT -> {"messages": ...}   human=user, gpt=assistant
+    {"instruction", "output", "input"?, "system"?}      -> {"messages": ...}   Alpaca: [system,] user, assistant
     {"prompt": str, "completion": str}                  -> {"prompt": str, "completion": str}
     {"prompt": [msgs], "completion": [msgs]}            -> {"prompt": [msgs], "completion": [msgs]}
     {"text": str}          (or --dataset_text_field)    -> {"text": str}
     {"input_ids": [int], "labels"?, "completion_mask"?,
      "assistant_masks"?}                  pre-tokenized -> the same, checked: its ids are not re-made
 
-Later stages branch on these five forms only (dataset_format); all rows of a dataset share one.
-A row holding `input_ids` is pre-tokenized, whatever else it holds, as TRL decides it. Roles are
-system, user, assistant, tool. Every example carries an "origin" ("train.jsonl line 17") that
-names its row in any later error; a row that cannot become an example raises DataError.
+Later stages branch on these five forms only (dataset_format); all rows of a dataset share one. A row holding
+`input_ids` is pre-tokenized, whatever else it holds, as TRL decides. Roles are system, user, assistant, tool. Each
+example carries an "origin" ("train.jsonl line 17") naming its row in later errors; a bad row raises DataError.
 
-Conversations come as people and tools save them, and each is reduced to what a text chat
-template reads:
-- tool calling: an assistant message may hold `tool_calls` and no content (null or left out);
-  a row's `tools` (JSON-schema function definitions, as a list or a JSON string) and
-  `chat_template_kwargs` (extra template variables) travel with the example to the template;
-- content as a list of parts (the OpenAI and multimodal layout): the text parts are joined
-  with "\\n", as vLLM joins them when it serves a text-only template; any other part (an image,
-  audio) is refused, since a text model cannot be trained on it;
-- a key whose value is null is a key left out: Arrow (parquet, the hub) gives every message
-  every key that any message has, and every chat_template_kwargs every variable of any row.
+Conversations come as people and tools save them, and each is reduced to what a text chat template reads:
+- tool calling: an assistant message may hold `tool_calls` and no content (null or left out); a row's `tools`
+  (JSON-schema function definitions, as a list or a JSON string) and `chat_template_kwargs` (extra template
+  variables) travel with the example to the template;
+- content as a list of parts (the OpenAI and multimodal layout): the text parts are joined with "\\n", as vLLM
+  joins them when it serves a text-only template; any other part (an image, audio) is refused, since a text
+  model cannot be trained on it;
+- reasoning traces: an assistant turn's `reasoning_content` (a string, Qwen3's <think>) goes on like any other key;
+- a key whose value is null is a key left out: Arrow (parquet, the hub) gives every message every key that any
+  message has, and every chat_template_kwargs every variable of any row.
 """
 
 from __future__ import annotations
@@ -49,15 +49,8 @@ CONVERSATION_FORMATS = {
 # completion_mask / assistant_masks: 1 on the tokens to train, as TRL's own tokenization writes them.
 TOKENIZED_COLUMNS = ("labels", "completion_mask", "assistant_masks")
 # apply_chat_template arguments that minisft sets itself: a row's chat_template_kwargs may not set them too.
-RESERVED_TEMPLATE_KWARGS = (
-    "conversation",
-    "tools",
-    "chat_template",
-    "add_generation_prompt",
-    "tokenize",
-    "return_dict",
-    "return_assistant_tokens_mask",
-)
+RESERVED_TEMPLATE_KWARGS = ("conversation", "tools", "chat_template", "add_generation_prompt", "tokenize",
+                            "return_dict", "return_assistant_tokens_mask")  # fmt: skip
 
 
 class DataError(UserError, ValueError):
@@ -77,9 +70,7 @@ def dataset_format(example: dict) -> str:
 
 def kind_of(value) -> str:
     """A value's type as someone who wrote the data (often as JSON) would name it."""
-    if value is None:
-        return "null"
-    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list"}
+    names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list"}
     return names.get(type(value), "an object" if isinstance(value, dict) else type(value).__name__)
 
 
@@ -95,12 +86,14 @@ def detect_format(row: dict, origin: str, text_field: str = "text") -> str:
             return key
     if "prompt" in row and "completion" in row:
         return "prompt/completion messages" if isinstance(row["prompt"], list) else "prompt/completion strings"
+    if "instruction" in row:
+        return "alpaca"
     if text_field in row:
         return "text"
     raise DataError(
-        f"{origin}: unknown dataset format; the row has keys {sorted(row)}. Known formats: "
-        f"'messages', 'conversation', 'conversations' (ShareGPT), 'prompt' + 'completion', 'input_ids' "
-        f"(pre-tokenized), or plain text in the field {text_field!r} (choose another with --dataset_text_field)"
+        f"{origin}: unknown dataset format; the row has keys {sorted(row)}. Known formats: 'messages', "
+        f"'conversation', 'conversations' (ShareGPT), 'prompt' + 'completion', 'instruction' + 'output' (Alpaca), "
+        f"'input_ids' (pre-tokenized), or plain text in the field {text_field!r} (another: --dataset_text_field)"
     )
 
 
@@ -128,9 +121,11 @@ def normalize_messages(messages, where: str, role_key: str, content_keys: tuple,
             if key != role_key and key not in content_keys and value is not None
         }
         content = next((message[key] for key in content_keys if present(message, key)), None)
-        if "tool_calls" in extras:
-            if not isinstance(extras["tool_calls"], list) or not all(isinstance(c, dict) for c in extras["tool_calls"]):
-                raise DataError(f"{at} tool_calls must be a list of objects, got {kind_of(extras['tool_calls'])}")
+        calls, reasoning = extras.get("tool_calls", []), extras.get("reasoning_content", "")
+        if not isinstance(calls, list) or not all(isinstance(call, dict) for call in calls):
+            raise DataError(f"{at} tool_calls must be a list of objects, got {kind_of(calls)}")
+        if not isinstance(reasoning, str):
+            raise DataError(f"{at} reasoning_content must be a string (the reasoning trace), got {kind_of(reasoning)}")
         if content is None and not (role == "assistant" and extras.get("tool_calls")):
             raise DataError(
                 f"{at} has no {' or '.join(map(repr, content_keys))} (the content); only an assistant turn "
@@ -211,8 +206,7 @@ def token_column(row: dict, key: str, origin: str, length: int | None = None, bi
     allowed = (lambda value: value in (0, 1)) if bits else (lambda value: type(value) is int)
     bad = next((index for index, value in enumerate(values) if not allowed(value)), None)
     if bad is not None:
-        wanted = "0 or 1" if bits else "an integer"
-        raise DataError(f"{where}[{bad}] is {values[bad]!r}; each entry must be {wanted}")
+        raise DataError(f"{where}[{bad}] is {values[bad]!r}; each entry must be {'0 or 1' if bits else 'an integer'}")
     if length is not None and len(values) != length:
         raise DataError(f"{where} has {len(values)} entries but 'input_ids' has {length}; each token needs one")
     return values
@@ -248,11 +242,19 @@ def normalize_prompt_completion(row: dict, origin: str) -> dict:
         )
     if isinstance(prompt, str):
         return {"prompt": prompt, "completion": completion}
-    return {
-        "prompt": normalize_messages(prompt, f"{origin}: prompt", *CONVERSATION_FORMATS["messages"]),
-        "completion": normalize_messages(completion, f"{origin}: completion", *CONVERSATION_FORMATS["messages"]),
-        **template_inputs(row, origin),
-    }
+    messages = lambda key: normalize_messages(row[key], f"{origin}: {key}", *CONVERSATION_FORMATS["messages"])  # noqa: E731
+    return {"prompt": messages("prompt"), "completion": messages("completion"), **template_inputs(row, origin)}
+
+
+def normalize_alpaca(row: dict, origin: str) -> dict:
+    """An Alpaca row as the conversation it stands for: [system,] user (instruction, blank line, input), assistant."""
+    for key in ("instruction", "output", "input", "system"):  # input and system may be left out (or null)
+        if (present(row, key) or key in ("instruction", "output")) and not isinstance(row.get(key), str):
+            got = kind_of(row[key]) if present(row, key) else f"none (the row's keys are {sorted(row)})"
+            raise DataError(f"{origin}: the Alpaca row's {key!r} must be a string, got {got}")
+    user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+    system = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+    return {"messages": [*system, {"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]}
 
 
 def normalize_example(row: dict, origin: str, text_field: str = "text") -> dict:
@@ -270,6 +272,8 @@ def normalize_example(row: dict, origin: str, text_field: str = "text") -> dict:
         if not isinstance(text, str):
             raise DataError(f"{origin}: the text field {text_field!r} must be a string, got {kind_of(text)}")
         example = {"text": text}
+    elif raw_format == "alpaca":
+        example = normalize_alpaca(row, origin)
     else:
         example = normalize_prompt_completion(row, origin)
     return {**example, "origin": origin}
@@ -285,14 +289,11 @@ def check_same_format(row, origin: str, text_field: str, first: tuple[str, str])
         )
 
 
-def normalize_rows(
-    rows: Iterable[tuple[str, dict]], text_field: str = "text", first: tuple[str, str] | None = None
-) -> list[dict]:
+def normalize_rows(rows: Iterable[tuple], text_field: str = "text", first: tuple | None = None) -> list[dict]:
     """Normalise (origin, raw row) pairs, insisting that all rows share the format of the first (or of `first`)."""
     examples = []
     for origin, row in rows:
-        if first is None:
-            first = (detect_format(row, origin, text_field), origin)
+        first = first or (detect_format(row, origin, text_field), origin)
         check_same_format(row, origin, text_field, first)
         examples.append(normalize_example(row, origin, text_field))
     return examples

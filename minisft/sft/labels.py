@@ -1,38 +1,41 @@
 """Labels: which tokens the model is trained to predict. Every such decision is made here.
 
-The loss is cross-entropy on `labels`. A label of -100 (PyTorch's ignore_index) takes a
-token out of the loss, so it still feeds the context but is never a target:
+The loss is cross-entropy on `labels`. A label of -100 (PyTorch's ignore_index) takes a token out of the loss,
+so it still feeds the context but is never a target:
 
     tokens   <|im_start|> user \\n 微调 测试 <|im_end|> \\n <|im_start|> assistant \\n 我 学会 了 <|im_end|> \\n
     labels    -100        -100  ...                     -100 ...                   我 学会 了 <|im_end|> \\n
 
-Each rule below yields a boolean mask over the tokens (True = trained); labels keep the
-token id where every active mask is True (plan_masks picks the rules once per dataset):
+Each rule below yields a boolean mask over the tokens (True = trained); labels keep the token id where every
+active mask is True (plan_masks picks the rules once per dataset):
 
 - completion only    prompt/completion data: tokens from the completion start onwards.
-- generation tags    the template marks assistant text with {% generation %}; transformers
-                     turns that into a per-token mask.
-- response template  TRL's former DataCollatorForCompletionOnlyLM: train after each
-                     response template (e.g. "<start_of_turn>model\\n") up to the next
-                     instruction template (e.g. "<start_of_turn>user\\n"). Without an
-                     instruction template, only after the last response template.
+- generation tags    the template marks assistant text with {% generation %}; transformers turns that into a
+                     per-token mask.
+- response template  TRL's former DataCollatorForCompletionOnlyLM: train after each response template (e.g.
+                     "<start_of_turn>model\\n") up to the next instruction template (e.g. "<start_of_turn>user\\n").
+                     Without an instruction template, only after the last response template.
 - everything         no mask: every token is trained (TRL's default for text and messages).
 
-Pre-tokenized rows are trained as TRL 1.16 trains them: their own `labels` as they are, when
-they have them; otherwise their `assistant_masks` always, and their `completion_mask` only with
---completion_only_loss (TRL's documented default leaves it unused: counted, so it is seen).
+Then whole assistant turns are switched (switch_turns): the runs of the generation-tag mask, or the spans from
+each response template to the next instruction template, the k-th being the k-th assistant message's. With
+--mask_history (LLaMA-Factory's name) all but the last are context; a message's own `weight` (0 or 1) or `train`
+(false or true), as axolotl reads them, decides for its turn. A switch matching no turn is refused, not ignored.
 
-Templates are matched on token ids, not text. A string can tokenize differently in context
-than alone ("\\n### Assistant:" vs "### Assistant:"), so several tokenizations are tried:
-the template alone, and the template after a few typical contexts with the context's tokens
-stripped (a token that straddles the boundary is kept whole). What matters most is where a
-match *ends*, which all of them agree on.
+Pre-tokenized rows are trained as TRL 1.16 trains them: their own `labels` as they are, when they have them;
+otherwise their `assistant_masks` always, and their `completion_mask` only with --completion_only_loss (TRL's
+documented default leaves it unused: counted, so it is seen).
 
-Then, per example: the cut keeps its first max_length tokens (and their labels); an example
-left with no trained token is dropped, with the reason (drop_reason). In a packed row each
-sequence's first token follows another sequence's last, so it is not trained (boundary_labels).
-The loss divides by the trained tokens a position predicts, labels[1:] != -100
-(count_trained_tokens): the first token of a row has nothing before it to be predicted from.
+Templates are matched on token ids, not text. A string can tokenize differently in context than alone
+("\\n### Assistant:" vs "### Assistant:"), so several tokenizations are tried: the template alone, and the
+template after a few typical contexts with the context's tokens stripped (a token that straddles the boundary
+is kept whole). What matters most is where a match *ends*, which all of them agree on.
+
+Then, per example: the cut keeps its first max_length tokens (and their labels); an example left with no
+trained token is dropped, with the reason (drop_reason). In a packed row each sequence's first token follows
+another sequence's last, so it is not trained (boundary_labels). The loss divides by the trained tokens a
+position predicts, labels[1:] != -100 (count_trained_tokens): the first token of a row has nothing before it
+to be predicted from.
 """
 
 from __future__ import annotations
@@ -91,8 +94,7 @@ def template_variants(tokenizer, template: str | list[int]) -> list[list[int]]:
 
 def find_template(input_ids: list[int], variants: list[list[int]]) -> list[tuple[int, int]]:
     """(start, end) of every non-overlapping occurrence of any variant, left to right."""
-    matches = []
-    position = 0
+    matches, position = [], 0
     while position < len(input_ids):
         for variant in variants:
             if input_ids[position : position + len(variant)] == variant:
@@ -104,31 +106,29 @@ def find_template(input_ids: list[int], variants: list[list[int]]) -> list[tuple
     return matches
 
 
-def response_template_mask(
+def response_spans(
     input_ids: list[int], response_variants: list[list[int]], instruction_variants: list[list[int]] | None
-) -> list[bool] | None:
-    """Train after each response template up to the next instruction template. None: never found."""
+) -> list[tuple[int, int]]:
+    """(start, stop) of each trained response: after its response template up to the next instruction template.
+    Without an instruction template the end of a response is unknown except for the last one: only that one."""
     responses = find_template(input_ids, response_variants)
-    if not responses:
-        return None
-    mask = [False] * len(input_ids)
     if not instruction_variants:
-        # Without an instruction template the end of a response is unknown except for the last one.
         responses = responses[-1:]
-    instruction_starts = [start for start, _ in find_template(input_ids, instruction_variants or [])]
-    for _, response_end in responses:
-        stop = next((start for start in instruction_starts if start >= response_end), len(input_ids))
-        for position in range(response_end, stop):
-            mask[position] = True
-    return mask
+    starts = [start for start, _ in find_template(input_ids, instruction_variants or [])]
+    return [(end, next((start for start in starts if start >= end), len(input_ids))) for _, end in responses]
+
+
+def runs(mask: list[int]) -> list[tuple[int, int]]:
+    """(start, stop) of each run of trained positions: the turns that {% generation %} tags mark."""
+    bits = [False, *map(bool, mask), False]  # padded, so each run has a rising and a falling edge
+    edges = [position for position in range(len(mask) + 1) if bits[position] != bits[position + 1]]
+    return list(zip(edges[::2], edges[1::2]))
 
 
 def family_templates(chat_template: str | None) -> tuple[str, str] | None:
     """(response, instruction) templates of a known template family, or None."""
-    for marker, response, instruction in TEMPLATE_FAMILIES.values():
-        if chat_template and marker in chat_template:
-            return response, instruction
-    return None
+    known = [templates for marker, *templates in TEMPLATE_FAMILIES.values() if marker in (chat_template or "")]
+    return tuple(known[0]) if known else None
 
 
 def labels_from_masks(input_ids: list[int], masks: list[list[bool]]) -> list[int]:
@@ -139,8 +139,6 @@ def labels_from_masks(input_ids: list[int], masks: list[list[bool]]) -> list[int
 
 
 # ----------------------------------------------------------------------------- the rules, planned once per dataset
-
-
 @dataclass
 class MaskPlan:
     """Which masks apply to a dataset, decided once from its format and the flags."""
@@ -150,6 +148,8 @@ class MaskPlan:
     response_variants: list[list[int]] | None
     instruction_variants: list[list[int]] | None
     response_template: str | list[int] | None
+    mask_history: bool = False  # train only each conversation's last assistant turn
+    locates_turns: bool = False  # the masks find each assistant turn, as a message's weight/train switch needs
 
 
 def plan_masks(
@@ -161,16 +161,16 @@ def plan_masks(
     assistant_only_loss: bool,
     response_template: str | list[int] | None,
     instruction_template: str | list[int] | None,
+    mask_history: bool = False,
 ) -> MaskPlan:
     """The masks for a dataset of this format; `columns` are its first example's keys (all share them). A template
     is a string, or the token ids it appears as."""
     is_prompt_completion = kind in ("prompt_completion", "conversational_prompt_completion")
     is_conversation = kind in ("conversational", "conversational_prompt_completion")
     if kind == "tokenized":
-        check_tokenized_flags(columns, completion_only_loss, assistant_only_loss, response_template)
         # As TRL decides it: "on for prompt/completion data" means rows with a prompt and a completion, which
-        # pre-tokenized rows are not, so their completion_mask needs the flag.
-        completion_only = bool(completion_only_loss)
+        # pre-tokenized rows are not, so their completion_mask needs the flag (flags they cannot honour: refused).
+        completion_only = bool(completion_only_loss) and "completion_mask" in columns
     else:
         if completion_only_loss and not is_prompt_completion:
             raise MaskingError(
@@ -194,49 +194,30 @@ def plan_masks(
                     "assistant turn) and --instruction_template (the text that opens any other turn)."
                 )
             response, instruction = known
+    if mask_history and not is_conversation:  # (DataConfig has refused it without an assistant mask already)
+        raise MaskingError(f"--mask_history needs conversational data; this dataset is {kind}.")
     return MaskPlan(
         completion_only=completion_only,
         generation_tags=generation_tags,
         response_variants=template_variants(tokenizer, response) if response is not None else None,
         instruction_variants=template_variants(tokenizer, instruction) if instruction is not None else None,
         response_template=response,
+        mask_history=mask_history,
+        locates_turns=generation_tags or instruction is not None,
     )
 
 
-def check_tokenized_flags(
-    columns: set, completion_only_loss: bool | None, assistant_only_loss: bool, response_template: str | list | None
-) -> None:
-    """Masking flags that pre-tokenized rows cannot honour are errors, not silently ignored flags."""
-    if assistant_only_loss:
-        raise MaskingError(
-            "--assistant_only_loss needs conversations; these rows are pre-tokenized. Their 'assistant_masks' "
-            "column, if they have one, is applied without the flag."
-        )
-    if "labels" in columns:
-        flags = {"--completion_only_loss": completion_only_loss, "--response_template": response_template}
-        given = [flag for flag, value in flags.items() if value]
-        if given:
-            raise MaskingError(
-                "These pre-tokenized rows carry their own labels, which are trained as they are; "
-                f"drop {' and '.join(given)}."
-            )
-    elif completion_only_loss and "completion_mask" not in columns:
-        raise MaskingError(
-            "--completion_only_loss on pre-tokenized rows needs their 'completion_mask' column (1 on completion "
-            "tokens); these rows have none."
-        )
-
-
 # ----------------------------------------------------------------------------- one example's labels
-
-
-def example_labels(formatted: Formatted, plan: MaskPlan) -> tuple[list[int], bool, bool]:
+def example_labels(
+    formatted: Formatted, plan: MaskPlan, switches: list[bool | None] = (), origin: str = "the example"
+) -> tuple[list[int], bool, bool]:
     """One formatted example's labels; and whether its response template was missing (nothing is trained then),
-    and whether it held a completion_mask left unused: the caller counts both, so neither goes unseen."""
+    and whether it held a completion_mask left unused: the caller counts both, so neither goes unseen.
+    `switches`: its assistant messages' own weight/train, True, False or None (as the masks say)."""
     if formatted.labels is not None:  # a pre-tokenized row's own labels win over any mask it holds, as in TRL
         return list(formatted.labels), False, False
     input_ids = formatted.input_ids
-    masks, template_missing = [], False
+    masks, spans = [], []
     if plan.completion_only:
         if formatted.completion_mask is not None:
             masks.append([bool(bit) for bit in formatted.completion_mask])
@@ -245,11 +226,32 @@ def example_labels(formatted: Formatted, plan: MaskPlan) -> tuple[list[int], boo
     if formatted.assistant_mask is not None:  # {% generation %} tags, or a pre-tokenized row's assistant_masks
         masks.append([bool(bit) for bit in formatted.assistant_mask])
     if plan.response_variants:
-        mask = response_template_mask(input_ids, plan.response_variants, plan.instruction_variants)
-        template_missing = mask is None
-        masks.append([False] * len(input_ids) if template_missing else mask)
+        spans = response_spans(input_ids, plan.response_variants, plan.instruction_variants)
+        inside = {position for start, stop in spans for position in range(start, stop)}
+        masks.append([position in inside for position in range(len(input_ids))])
+    labels = labels_from_masks(input_ids, masks)
+    # The turns: the {% generation %} runs, or the response spans (without an instruction template, only the last).
+    turns = runs(formatted.assistant_mask) if plan.generation_tags else spans
+    if plan.mask_history or any(switch is not None for switch in switches):
+        labels = switch_turns(labels, input_ids, turns, switches, plan.mask_history, origin)
     completion_mask_unused = not plan.completion_only and formatted.completion_mask is not None
-    return labels_from_masks(input_ids, masks), template_missing, completion_mask_unused
+    return labels, bool(plan.response_variants) and not spans, completion_mask_unused
+
+
+def switch_turns(labels, input_ids, turns, switches, mask_history: bool, origin: str) -> list[int]:
+    """`labels` with whole assistant turns switched: the k-th assistant message's switch sets the k-th of `turns`
+    ((start, stop) each); a turn without one, under mask_history, is context unless it is the last."""
+    if any(switch is not None for switch in switches) and len(turns) != len(switches):
+        raise MaskingError(
+            f"{origin}: its {len(switches)} assistant messages have weight/train switches, but the masks find "
+            f"{len(turns)} assistant turns, so they cannot be matched (inspect shows the turns found)"
+        )
+    labels = list(labels)
+    for index, (start, stop) in enumerate(turns):
+        switch = switches[index] if len(switches) == len(turns) else None
+        if switch is not None or (mask_history and index < len(turns) - 1):
+            labels[start:stop] = input_ids[start:stop] if switch else [IGNORE_INDEX] * (stop - start)
+    return labels
 
 
 def check_own_labels(labels: list[int], vocab_size: int, origin: str) -> None:
@@ -264,21 +266,19 @@ def cut(input_ids: list[int], labels: list[int], max_length: int | None) -> tupl
     return input_ids[:max_length], labels[:max_length]
 
 
-def drop_reason(trained: int, uncut_labels: list[int], plan: MaskPlan) -> str | None:
-    """Why an example whose labels train `trained` tokens after the cut is dropped; None: it is kept.
-    Training on an example without a trained token would only add its length to the batch."""
+def drop_reason(trained: int, uncut_labels: list[int], plan: MaskPlan, template_missing: bool = True) -> str | None:
+    """Why an example whose labels train `trained` tokens after the cut is dropped; None: it is kept. Training on an
+    example without a trained token would only add its length to the batch. template_missing: example_labels' say."""
     if trained:
         return None
     if any(label != IGNORE_INDEX for label in uncut_labels):
         return "every trained token was past max_length"
-    if plan.response_variants:
+    if plan.response_variants and template_missing:
         return "response template not found"
     return "no token to train on"
 
 
 # ----------------------------------------------------------------------------- packed rows, and the count
-
-
 def boundary_labels(labels):
     """`labels` (a list or an array) of a sequence in a packed or padding-free row, its first position not trained."""
     labels = labels.copy()
