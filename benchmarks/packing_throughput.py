@@ -3,6 +3,8 @@
     python benchmarks/packing_throughput.py                        # CPU, tiny 16M-parameter Llama, ~10 min on 2 cores
     python benchmarks/packing_throughput.py --model smollm2-135m --steps 3 --repeats 1     # CPU, slow
     python benchmarks/packing_throughput.py --device cuda          # GPU: SmolLM2-135M, bf16, MFU of the bf16 peak
+    python benchmarks/packing_throughput.py --peft lora            # LoRA: minisft's injector against TRL + peft
+    python benchmarks/packing_throughput.py --peft qlora           # QLoRA: the same over a 4-bit nf4 base
 
 Modes (every one trains the same model from the same initial weights on the same examples):
     minisft_padded        micro-batches of examples padded to their longest
@@ -50,6 +52,35 @@ What is measured, per mode, in its own process (peak memory is per process; TRL'
                        token + attention, 12 × layers × hidden × n² per document of n tokens (PaLM's count,
                        full square). Peak: on CPU, an fp32 matmul this script times on all cores; on GPU, the
                        bf16 dense peak of the card (H100/H200: 989 TFLOP/s; --peak_tflops otherwise).
+
+LoRA and QLoRA (--peft lora, --peft qlora). The runs most people make train adapters over a frozen base. Every
+minisft mode then attaches minisft's own LoRA (minisft.sft.lora.inject_lora, what --use_peft does), and every
+TRL mode wraps the model with peft's get_peft_model(LoraConfig(...)) and hands the PeftModel to SFTTrainer (what
+SFTTrainer itself does with peft_config); torchtune's modes are skipped, with the reason. Both sides take the same
+targets (--lora_target_modules, default all-linear, as minisft's demo), rank, alpha and dropout 0 (dropout would
+make the two sides draw different masks), and both seed torch just before the adapters are made, as SFTTrainer
+does (set_seed, then get_peft_model): peft and minisft make A Kaiming-uniform and B zero in the same order, so the
+initial adapters are equal bit for bit; each worker records a digest of its initial adapter, and the run stops if
+two differ. QLoRA loads the base with transformers' BitsAndBytesConfig (nf4, float32 compute) on both sides,
+through minisft's four_bit_quantization, as --load_in_4bit does; bitsandbytes runs 4-bit on the CPU since 0.49,
+and where it does not, every mode is skipped with bitsandbytes' reason (printed, and kept in the JSON).
+SFTTrainer casts a 4-bit model's adapters to bf16 (the QLoRA paper's advice); minisft keeps them float32, so the
+TRL worker puts its float32 initial adapter back before training: the same arithmetic on both sides. The held-out
+loss is computed with the adapters active.
+
+MFU under --peft counts what a frozen base costs, as nanoGPT writes its count out. Per input token, with N the
+non-embedding parameters (all frozen) and P the adapters' (A and B, r × (d_in + d_out) per targeted layer):
+    forward                          2N + 2P
+    backward, activation gradients   2N + 2P      the gradient flows back through every frozen matmul
+    backward, weight gradients           2P       none for the base: it is frozen
+    = 4N + 6P, less 2 × layer 0's q, k, v weights: their input is the frozen embedding's, so no gradient is
+      asked of it (autograd skips that product, in minisft and peft alike)
+plus, per trained token, the frozen head 4 × vocab × hidden (2 forward, 2 for the gradient of the hidden
+states; all-linear leaves the head out, as peft), and attention 12 × layers × hidden × n² per document of n
+tokens, unchanged: it has no weights, and its backward is activation gradients anyway. P is counted by minisft's
+injector on a weightless (meta-device) copy of the model. The dequantization of a 4-bit base is overhead, not
+model FLOPs: QLoRA's count is LoRA's.
+
 Modes are interleaved (each repetition runs every mode, in a rotated order) and the medians over repetitions
 are reported, with each figure's ratio to TRL packed. Output: a rich table, a JSON file and, with matplotlib,
 a PNG bar chart.
@@ -58,6 +89,7 @@ a PNG bar chart.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -137,10 +169,25 @@ def model_flops_per_trained_token(config, lengths: list[int]) -> float:
     return flops / trained
 
 
+def peft_flops_per_trained_token(config, lengths: list[int], adapter_parameters: int) -> float:
+    """Useful FLOPs per trained token with a frozen base and trained adapters (the docstring's count)."""
+    hidden, vocab, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    frozen = layers * per_layer_parameters(config) + hidden  # + the final norm
+    # Layer 0's q, k, v read the frozen embeddings through a frozen norm: nothing asks for their input gradient.
+    first_qkv = hidden * head_dimension(config) * (config.num_attention_heads + 2 * config.num_key_value_heads)
+    trained = sum(length - 1 for length in lengths)
+    per_input_token = 4 * frozen - 2 * first_qkv + 6 * adapter_parameters
+    flops = per_input_token * sum(lengths) + 4 * vocab * hidden * trained
+    return (flops + 12 * layers * hidden * sum(n * n for n in lengths)) / trained
+
+
+def head_dimension(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def per_layer_parameters(config) -> int:
     hidden, inner = config.hidden_size, config.intermediate_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    attention = hidden * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    attention = hidden * head_dimension(config) * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
     return attention + 3 * hidden * inner + 2 * hidden
 
 
@@ -164,6 +211,70 @@ def gpu_peak_flops(override_tflops: float | None) -> tuple[float, str]:
         if key in name:
             return tflops * 1e12, f"{name}: bf16 dense peak {tflops:g} TFLOP/s"
     raise SystemExit(f"Unknown GPU {name!r}: pass its bf16 dense peak with --peak_tflops.")
+
+
+# ----------------------------------------------------------------------------- LoRA and QLoRA on both sides
+
+
+def lora_settings(args):
+    """The adapters, as minisft's --use_peft flags make them; dropout 0, so both sides do the same arithmetic."""
+    from minisft.machinery.config import LoraConfig
+
+    lora = LoraConfig(
+        use_peft=True, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+        lora_target_modules=args.lora_target_modules,
+    )  # fmt: skip
+    return lora.settings()
+
+
+def four_bit_base(args):
+    """QLoRA's quantization config (nf4, float32 compute), as --load_in_4bit makes it; None without --peft qlora."""
+    from minisft.machinery.models import four_bit_quantization
+
+    return four_bit_quantization(torch.float32, "nf4", device=args.device) if args.peft == "qlora" else None
+
+
+def adapter_parameters(config, args) -> int:
+    """P, the adapters' parameters: minisft's injector on a weightless (meta-device) copy of the model."""
+    from transformers import AutoModelForCausalLM
+
+    from minisft.sft.lora import inject_lora
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return inject_lora(model, lora_settings(args)).trainable
+
+
+def adapter_digest(model) -> str:
+    """A digest of the adapters' weights in module order: equal digests, equal initial adapters on both sides."""
+    digest = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        if ".lora_" in name:
+            digest.update(parameter.detach().to("cpu", torch.float32).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def minisft_lora(model, args) -> str:
+    """minisft's own adapters, seeded just before they are made, as SFTTrainer seeds peft's; their digest."""
+    from minisft.sft.lora import inject_lora
+
+    torch.manual_seed(args.seed)
+    inject_lora(model, lora_settings(args))
+    return adapter_digest(model)
+
+
+def peft_lora(model, args):
+    """peft's adapters, as SFTTrainer makes them from peft_config: set_seed(seed), then get_peft_model."""
+    import peft
+    from transformers import set_seed
+
+    settings = lora_settings(args)
+    config = peft.LoraConfig(
+        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+        target_modules=settings.target_modules, task_type="CAUSAL_LM",
+    )  # fmt: skip
+    set_seed(args.seed)
+    return peft.get_peft_model(model, config)
 
 
 # ----------------------------------------------------------------------------- one mode, in its own process
@@ -192,8 +303,11 @@ def run_minisft(mode: str, args, work: Path) -> dict:
 
     device = torch.device(args.device)
     tokenizer = load_tokenizer(args.model_source)
-    model = load_model(args.model_source, attn_implementation="sdpa").to(device)
+    model = load_model(
+        args.model_source, attn_implementation="sdpa", quantization_config=four_bit_base(args), device=device
+    )
     use_sdpa_by_example(model)
+    initial_adapter = minisft_lora(model, args) if args.peft != "none" else None
     conversations = read_jsonl(work / "train.jsonl")
 
     start = time.perf_counter()
@@ -238,6 +352,7 @@ def run_minisft(mode: str, args, work: Path) -> dict:
         "preparation_seconds": preparation_seconds,
         "final_loss": held_out_loss(model, tokenizer, work, args),
         "rows": len(units),
+        "initial_adapter": initial_adapter,
     }
 
 
@@ -326,7 +441,12 @@ def run_trl(mode: str, args, work: Path) -> dict:
     datasets.disable_progress_bar()
     transformers.logging.set_verbosity_error()
     tokenizer = load_tokenizer(args.model_source)
-    model = load_model(args.model_source, attn_implementation="sdpa")
+    model = load_model(
+        args.model_source, attn_implementation="sdpa", quantization_config=four_bit_base(args), device=args.device
+    )
+    if args.peft != "none":
+        model = peft_lora(model, args)
+        initial = {name: parameter.detach().clone() for name, parameter in model.named_parameters() if ".lora_" in name}
     figures: list[tuple[int, int, int]] = []
     timings: dict[str, float] = {}
 
@@ -365,11 +485,23 @@ def run_trl(mode: str, args, work: Path) -> dict:
             callbacks=[StepTimer()],
         )
         trainer.remove_callback(transformers.PrinterCallback)
+        initial_adapter = None
+        if args.peft != "none":
+            # SFTTrainer casts a 4-bit model's adapters to bf16 (the QLoRA paper's advice); minisft keeps them
+            # float32: the float32 initial ones go back, so both sides do the same arithmetic from the same start.
+            for name, parameter in model.named_parameters():
+                if name in initial and parameter.dtype != initial[name].dtype:
+                    parameter.data = initial[name]
+            initial_adapter = adapter_digest(model)
+            del initial  # the copies are not TRL's memory
         trainer.train()
+    # The held-out loss by minisft's code, which runs a transformers model: the one inside the PeftModel, adapters on.
+    trained = model.get_base_model() if args.peft != "none" else trainer.model
     return {
         "steps": steps,
         "preparation_seconds": timings["preparation_seconds"],
-        "final_loss": held_out_loss(trainer.model, tokenizer, work, args),
+        "final_loss": held_out_loss(trained, tokenizer, work, args),
+        "initial_adapter": initial_adapter,
     }
 
 
@@ -596,14 +728,26 @@ def print_table(summary: dict, title: str) -> None:
     Console(width=200).print(table)
 
 
-def targets(summary: dict, device: str, model: str) -> list[dict]:
-    """The issue's targets, each with the measured value and whether it is met."""
+def targets(summary: dict, device: str, model: str, peft: str = "none") -> list[dict]:
+    """The issues' targets, each with the measured value and whether it is met.
+
+    Under --peft lora: minisft LoRA (bfd) against TRL + peft (packed), tokens/s and peak memory (issue 32).
+    QLoRA has no targets of its own: its table, with every figure's ratio to TRL + peft, is reported beside them.
+    """
     rate = {mode: entry["median"]["trained_tokens_per_second"] for mode, entry in summary.items()}
     memory = {mode: entry["median"]["peak_memory_mb"] for mode, entry in summary.items()}
     found = []
 
     def check(name: str, value: float, goal: float, higher: bool = True):
         found.append({"target": name, "value": value, "goal": goal, "met": value >= goal if higher else value <= goal})
+
+    if peft != "none":
+        if peft == "lora" and {"minisft_bfd", "trl_packed"} <= rate.keys():
+            goal = 2.0 if model == "tiny" else 1.5
+            check("minisft LoRA (bfd) / TRL + peft (packed), tokens/s", rate["minisft_bfd"] / rate["trl_packed"], goal)
+            ours, theirs = memory["minisft_bfd"], memory["trl_packed"]
+            check("peak memory minisft LoRA (bfd) / TRL + peft (packed)", ours / theirs, 0.5, higher=False)
+        return found
 
     if {"minisft_bfd", "minisft_padded"} <= rate.keys():
         check("minisft packed (bfd) / minisft padded, tokens/s", rate["minisft_bfd"] / rate["minisft_padded"], 2.0)
@@ -652,6 +796,21 @@ def versions() -> dict:
     except ImportError:
         pass
     return found
+
+
+def peft_skips(args) -> dict[str, str]:
+    """{mode: why it is skipped} under --peft: torchtune's modes, and every mode where 4-bit does not run."""
+    from minisft.errors import UserError
+
+    reasons = {}
+    if args.peft != "none":
+        reasons["torchtune"] = f"torchtune's LoRA recipes are not wired in (--peft {args.peft})"
+    if args.peft == "qlora":
+        try:
+            four_bit_base(args)  # quantizes one small block first: a device bitsandbytes cannot serve says so here
+        except UserError as error:
+            reasons = dict.fromkeys(("minisft", "trl", "torchtune"), str(error))
+    return {mode: reasons[mode.split("_")[0]] for mode in args.modes if mode.split("_")[0] in reasons}
 
 
 def torchtune_environment(path: str | None) -> tuple[dict, str | None, str]:
@@ -724,7 +883,13 @@ def main() -> None:
     parser.add_argument("--rows_per_micro_batch", type=int, default=1, help="rows per micro-batch (packed modes)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of every mode, interleaved; medians reported")
     parser.add_argument("--held_out", type=int, default=8, help="held-out conversations for the final loss")
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--learning_rate", type=float, default=1e-3, help="both sides alike, LoRA too")
+    parser.add_argument(
+        "--peft", default="none", choices=["none", "lora", "qlora"], help="train LoRA adapters (over a 4-bit base)"
+    )
+    parser.add_argument("--lora_r", type=int, default=16)
+    parser.add_argument("--lora_alpha", type=float, default=32)
+    parser.add_argument("--lora_target_modules", nargs="+", default=["all-linear"], help="names, one regex, all-linear")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peak_tflops", type=float, help="GPU bf16 dense peak, if the card is not known")
     parser.add_argument(
@@ -732,7 +897,9 @@ def main() -> None:
         default=os.environ.get("MINISFT_TORCHTUNE_PATH", TORCHTUNE_PATH),
         help="folder with torchtune 0.6.1 and its pins (see the docstring), put on its workers' PYTHONPATH",
     )
-    parser.add_argument("--output", default="benchmarks/results/packing_throughput", help="path stem of .json/.png")
+    parser.add_argument(
+        "--output", help="path stem of .json/.png (default: benchmarks/results/packing_throughput[_PEFT])"
+    )
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--model_source", help=argparse.SUPPRESS)
@@ -744,9 +911,15 @@ def main() -> None:
     if args.warmup_steps >= args.steps:
         parser.error("--steps must be larger than --warmup_steps: nothing would be measured")
 
+    suffix = "" if args.peft == "none" else f"_{args.peft}"
+    args.output = args.output or f"benchmarks/results/packing_throughput{suffix}"
+
     started, load_at_start = time.perf_counter(), os.getloadavg()
     environment = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    torchtune_env, torchtune_version, skipped = environment, None, {}
+    torchtune_env, torchtune_version, skipped = environment, None, peft_skips(args)
+    for mode, reason in skipped.items():
+        print(f"skipping {mode}: {reason}", file=sys.stderr)
+    args.modes = [mode for mode in args.modes if mode not in skipped]
     if any(mode.startswith("torchtune") for mode in args.modes):
         torchtune_env, torchtune_version, reason = torchtune_environment(args.torchtune_path)
         torchtune_env["TOKENIZERS_PARALLELISM"] = "false"
@@ -761,10 +934,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="packing-throughput-") as directory:
         work = Path(directory)
         config, lengths = prepare_workspace(args, work)
-        flops_per_token = model_flops_per_trained_token(config, lengths)
+        adapters = adapter_parameters(config, args) if args.peft != "none" else 0
+        if args.peft == "none":
+            flops_per_token = model_flops_per_trained_token(config, lengths)
+        else:
+            flops_per_token = peft_flops_per_trained_token(config, lengths, adapters)
         repetitions: dict[str, list[dict]] = {mode: [] for mode in args.modes}
+        initial_adapters: set[str] = set()  # the digests of every peft run's initial adapter: one, or a bug
         for repeat in range(args.repeats):
-            order = args.modes[repeat % len(args.modes) :] + args.modes[: repeat % len(args.modes)]
+            shift = repeat % max(len(args.modes), 1)  # (every mode may have been skipped: the JSON still says why)
+            order = args.modes[shift:] + args.modes[:shift]
             for mode in order:
                 print(f"repetition {repeat + 1}/{args.repeats}: {mode}", file=sys.stderr, flush=True)
                 command = [sys.executable, __file__, "--worker", mode, "--work", str(work)]
@@ -772,6 +951,9 @@ def main() -> None:
                 subprocess.run(command, check=True, env=torchtune_env if mode.startswith("torchtune") else environment)
                 result = read_json(work / f"result-{mode}.json")
                 repetitions[mode].append(summarise(result, args.warmup_steps, flops_per_token, peak_flops))
+                initial_adapters.update([result["initial_adapter"]] if args.peft != "none" else [])
+        if len(initial_adapters) > 1:
+            raise SystemExit(f"the modes started from different adapters (digests {sorted(initial_adapters)})")
 
     summary = {}
     for mode, runs in repetitions.items():
@@ -788,15 +970,24 @@ def main() -> None:
         f"{args.steps} steps of {args.examples_per_step} examples ({args.warmup_steps} warm-up), "
         f"medians of {args.repeats} interleaved repetitions"
     )
+    if args.peft != "none":
+        title += (
+            f"; {'QLoRA (nf4 base)' if args.peft == 'qlora' else 'LoRA'} r {args.lora_r}, alpha {args.lora_alpha:g}, "
+            f"on {' '.join(args.lora_target_modules)}: {adapters / 1e6:.2f}M adapter parameters"
+        )
     print_table(summary, title)
-    met = targets(summary, args.device, args.model)
+    met = targets(summary, args.device, args.model, args.peft)
     for target in met:
         verdict = "met " if target["met"] else "MISS"
         print(f"{verdict}  {target['target']}: {target['value']:.2f} (goal {target['goal']})")
+    if args.peft == "none":
+        count = "6 × non-embedding parameters × input tokens + 6 × vocab × hidden × trained tokens"
+    else:  # the frozen base: no weight gradients (module docstring)
+        count = "(4 × frozen non-embedding parameters - 2 × layer 0's q, k, v + 6 × adapter parameters) × input "
+        count += "tokens + 4 × vocab × hidden × trained tokens"
     print(
         f"MFU = trained tokens/s × {flops_per_token / 1e6:.1f} MFLOP per trained token / peak {peak_flops / 1e9:,.0f} "
-        f"GFLOP/s ({peak_source}). FLOPs: 6 × non-embedding parameters × input tokens + 6 × vocab × hidden × trained "
-        f"tokens + 12 × layers × hidden × Σ document length²."
+        f"GFLOP/s ({peak_source}). FLOPs: {count} + 12 × layers × hidden × Σ document length²."
     )
     record = {
         "title": title,
@@ -805,6 +996,8 @@ def main() -> None:
         "load_average": {"start": load_at_start, "end": os.getloadavg()},  # 1, 5, 15 minutes
         "versions": {**versions(), **({"torchtune": torchtune_version} if torchtune_version else {})},
         "skipped": skipped,
+        "adapter_parameters": adapters,
+        "initial_adapter": sorted(initial_adapters),  # one digest: every peft mode started from the same adapter
         "peak_flops": peak_flops,
         "peak_flops_source": peak_source,
         "model_flops_per_trained_token": flops_per_token,
@@ -826,7 +1019,9 @@ def passed_on(args) -> list[str]:
     flags = []
     for name in ("device", "max_length", "steps", "examples_per_step", "micro_batch_size", "rows_per_micro_batch"):
         flags += [f"--{name}", str(getattr(args, name))]
-    return flags + ["--learning_rate", str(args.learning_rate), "--seed", str(args.seed)]
+    flags += ["--learning_rate", str(args.learning_rate), "--seed", str(args.seed)]
+    flags += ["--peft", args.peft, "--lora_r", str(args.lora_r), "--lora_alpha", str(args.lora_alpha)]
+    return flags + ["--lora_target_modules", *args.lora_target_modules]
 
 
 if __name__ == "__main__":
