@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if packing_config.packs(inspect_config.split):
         packed = pack_prepared(prepared.examples, data_config.max_length, packing_config.packing_strategy)
-        show_packed_rows(packed, prepared.stats, inspect_config)
+        if not packing_config.neat_packing:  # as the run's opening line says it
+            stderr_console.print("packing without attention boundaries (examples see each other): positions run on")
+        show_packed_rows(packed, prepared.stats, inspect_config, packing_config.neat_packing)
         return
     if inspect_config.json:
         limit = inspect_config.num_examples
@@ -137,11 +139,15 @@ def main(argv: list[str] | None = None) -> None:
     console.print(figures_table(prepared, splits, str(source), inspect_config.split))
 
 
-def show_packed_rows(packed: PackedDataset, stats: PrepareStats, inspect_config: InspectConfig) -> None:
+def show_packed_rows(
+    packed: PackedDataset, stats: PrepareStats, inspect_config: InspectConfig, boundaries: bool
+) -> None:
     if inspect_config.json:
         for row in packed.rows[: inspect_config.num_examples]:
-            # the positions the loop's collator derives from seq_lengths: rows do not store them
-            positions = positions_of(torch.tensor(row["seq_lengths"])).tolist()
+            # the positions the loop's collator derives from seq_lengths (rows do not store them): without boundaries
+            # the row is one sequence
+            lengths = row["seq_lengths"] if boundaries else [sum(row["seq_lengths"])]
+            positions = positions_of(torch.tensor(lengths)).tolist()
             sys.stdout.write(json.dumps({**row, "position_ids": positions}) + "\n")
         stderr_console.print(packing_table(packed, stats))
         return

@@ -4,6 +4,10 @@
     learning rate           the schedule: warmup, then linear or cosine decay
     gradient norm           spikes mean unstable steps; clipped at --max_grad_norm
 
+A run with --load_best_model_at_end has its best step marked on the loss panel: the checkpoint that was saved.
+A run with --probe_prompts that have expected answers gets a fourth panel, the share of each kind's probes
+answered right (eval_probe_match_<kind>), from before the first step to the end: did it learn, did it forget?
+
 matplotlib is an optional extra: pip install "minisft[plot]".
 """
 
@@ -16,7 +20,7 @@ from rich.console import Console
 
 from .machinery.cli import run
 from .machinery.extras import import_optional
-from .summary import curve, read_metrics
+from .summary import curve, read_metrics, run_end
 
 PANELS = [
     ("loss", ["loss", "eval_loss"]),
@@ -34,8 +38,14 @@ def plot(output_dir: str | Path, path: str | Path | None = None) -> Path:
     import matplotlib.pyplot as pyplot
 
     path = Path(path) if path else Path(output_dir) / "metrics.png"
-    figure, axes = pyplot.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.8), layout="constrained")
-    for axis, (title, names) in zip(axes, PANELS):
+    matches = sorted({name for record in records for name in record if name.startswith("eval_probe_match_")})
+    panels = PANELS + ([("probes answered right", matches)] if matches else [])
+    figure, axes = pyplot.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), layout="constrained")
+    end = run_end(records)
+    if end is not None and end["best_global_step"] is not None:  # on the loss panel, before its legend is drawn
+        label = f"best: step {end['best_global_step']} ({end['metric_for_best_model']} {end['best_metric']:.4g})"
+        axes[0].axvline(end["best_global_step"], color="grey", linestyle="--", linewidth=1, label=label)
+    for axis, (title, names) in zip(axes, panels):
         for name in names:
             points = curve(records, name)
             if points:
@@ -44,7 +54,7 @@ def plot(output_dir: str | Path, path: str | Path | None = None) -> Path:
         axis.set_title(title)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
-        if len(names) > 1:
+        if len(names) > 1 or title.startswith("probes"):
             axis.legend()
     figure.suptitle(str(output_dir))
     figure.savefig(path, dpi=120)

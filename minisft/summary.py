@@ -8,8 +8,13 @@ run went well. Three shapes are worth a warning (the second seed's list, detecte
     (and the eval loss, where there is one)     an eval loss that fell well says the model learnt anyway
     train loss extremely low                    memorisation: check the model on new, similar prompts
 
-`python -m minisft.summary OUTPUT_DIR` prints it again for any run, finished or not; the last line of an
-interrupted run's metrics.jsonl, cut short, is left out with a note (minisft/machinery/reporting.py).
+A run with --load_best_model_at_end says which step was best, by which metric, and why it stopped (the last line
+of its metrics.jsonl, machinery/best_checkpoint.py).
+
+A run with --probe_prompts ends with the probes' first and last answers side by side, and how many of each kind
+contained the expected answer (machinery/probes.py). `python -m minisft.summary OUTPUT_DIR` prints it again for any
+run, finished or not; the last line of an interrupted run's metrics.jsonl (or probes.jsonl), cut short, is left out
+with a note (minisft/machinery/reporting.py).
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ import shlex
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .machinery.cli import run
+from .machinery.probes import KINDS, PROBES_FILE
 from .machinery.progress import readable_rate
 from .machinery.reporting import MetricsError, read_records
 
@@ -77,6 +84,24 @@ def warning_signs(records: list[dict]) -> list[str]:
             "every trained token. Check its answers to new, similar prompts (the eval split), not only trained ones."
         )
     return signs
+
+
+def run_end(records: list[dict]) -> dict | None:
+    """The line a run with --load_best_model_at_end ends metrics.jsonl with (machinery/best_checkpoint.py): its best
+    step and metric, and why it stopped. None where the last record is another (a run without it, or one cut short)."""
+    return records[-1] if "stop_reason" in records[-1] else None
+
+
+def best_rows(end: dict | None) -> list[tuple[str, str]]:
+    """The summary's rows for the best checkpoint and why the run stopped."""
+    if end is None:
+        return []
+    if end["best_global_step"] is None:
+        return [("best checkpoint", "none: no evaluation to compare"), ("stopped", end["stop_reason"])]
+    # A run stopped by a signal wrote no model: its best is a checkpoint; otherwise the saved model is the best.
+    where = end["best_model_checkpoint"] if end["stop_reason"].startswith("stopped by") else "the saved model"
+    best = f"step {end['best_global_step']}, {end['metric_for_best_model']} {end['best_metric']:.4g} ({where})"
+    return [("best checkpoint", best), ("stopped", end["stop_reason"])]
 
 
 def barely_fell(points: list[tuple[int, float]]) -> bool:
@@ -141,6 +166,8 @@ def print_summary(output_dir: str | Path, console: Console) -> list[str]:
         rate = sum(record["tokens_per_second"] for record in trained) / len(trained)
         memory = trained[-1]["peak_memory_mb"]
         figures.add_row("speed", f"{readable_rate(rate)} trained tokens/s, peak memory {memory:,.0f} MB")
+    for row in best_rows(run_end(records)):
+        figures.add_row(*row)
     console.print(figures)
 
     signs = warning_signs(records)
@@ -148,12 +175,63 @@ def print_summary(output_dir: str | Path, console: Console) -> list[str]:
         console.print(f"[bold yellow]warning:[/] {sign}")
     if not signs:
         console.print("[green]No warning signs in the loss curves.[/]")
+    probes = probe_table(output_dir, console)
+    if probes is not None:
+        console.print(probes)
     # Quoted for the shell, and printed as it is (no markup, no wrapping): a folder named "x; rm -rf ~" or
     # "[red]x" must paste back as that folder.
     console.print(
         f"Plot it: python -m minisft.plot {shlex.quote(str(output_dir))}", markup=False, highlight=False, soft_wrap=True
     )
     return signs
+
+
+def probe_table(output_dir: str | Path, console: Console) -> Table | None:
+    """The --probe_prompts' first and last answers side by side (machinery/probes.py wrote them to probes.jsonl),
+    each kind's matches first → last in the caption; None for a run without probes."""
+    path = Path(output_dir) / PROBES_FILE
+    if not path.is_file():
+        return None
+    records, note = read_records(path)
+    if note:
+        console.print(f"note: {note}", markup=False, highlight=False)
+    if not records:
+        return None
+    first, last = records[0]["step"], records[-1]["step"]
+    before: dict[tuple, dict] = {}
+    for record in records:  # the first asking of the first step (a resume may ask a step again)
+        if record["step"] == first and first != last:
+            before.setdefault((record["kind"], record["prompt"]), record)
+    after = {(record["kind"], record["prompt"]): record for record in records if record["step"] == last}
+    judged = [kind for kind in KINDS if matched(after.values(), kind)]
+    when = f"before (step {first}) and after (step {last}) training" if before else f"at step {last}"
+    table = Table(title=f"The probe prompts, {when} (greedy)")
+    for column in ("", "prompt", *(["expected"] if judged else []), *(["before", "after"] if before else ["answer"])):
+        table.add_column(column, overflow="fold")
+    for key, record in after.items():
+        expected = [escape(record["expected"] or "")] if judged else []
+        earlier = [shown_answer(before.get(key))] if before else []
+        table.add_row(record["kind"].replace("_", " "), escape(record["prompt"]), *expected, *earlier,
+                      f"[bold]{shown_answer(record)}[/]")  # fmt: skip
+    if judged:
+        changes = [f"{matched(before.values(), kind)} → " if before else "" for kind in judged]
+        table.caption = "✓ contains the expected answer; matched: " + ", ".join(
+            f"{kind.replace('_', ' ')} {change}{matched(after.values(), kind)}" for kind, change in zip(judged, changes)
+        )
+    return table
+
+
+def shown_answer(record: dict | None) -> str:
+    """An answer as a table cell, marked ✓ or ✗ where its probe has an expected answer."""
+    if record is None:  # a probe added on a resume: not asked at the first step
+        return ""
+    return {True: "✓ ", False: "✗ ", None: ""}[record["match"]] + escape(record["answer"])
+
+
+def matched(records, kind: str) -> str:
+    """'2/3': how many of the probes of `kind` with an expected answer matched it; '' where none has one."""
+    judged = [record["match"] for record in records if record["kind"] == kind and record["match"] is not None]
+    return f"{sum(judged)}/{len(judged)}" if judged else ""
 
 
 def main(argv: list[str] | None = None) -> None:

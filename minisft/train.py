@@ -6,8 +6,9 @@
 
 With no --dataset_name it runs the demo: LoRA on the embedded SmolLM2-135M-Instruct, trained on
 the small dataset in minisft/demo_data/ (a few facts the model cannot know, and the first seed's
-"微调测试" → "我学会了"). It asks the demo prompts before training and again after, so the lesson
-shows in the answers, not only in the loss. The demo's defaults are printed; any flag overrides them.
+"微调测试" → "我学会了"). Its --probe_prompts, minisft/demo_probes.jsonl, are asked before training, at each
+epoch's evaluation and after (minisft/machinery/probes.py), so the lesson shows in the answers, not only in the
+loss: the summary ends with them before and after. The demo's defaults are printed; any flag overrides them.
 
 The flags are TRL's names for the same things (`python -m minisft.train --help` lists them);
 the run itself is minisft/machinery/loop.py, callable from Python as `minisft.machinery.loop.train(RunConfig(...))`
@@ -18,23 +19,23 @@ from __future__ import annotations
 
 import shlex
 import sys
+from importlib import resources
 
 import transformers
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
-from .machinery.cli import demo_dataset_path, parse_flags, run
+from .machinery.cli import parse_flags, run
 from .machinery.config import DataConfig, LoraConfig, ModelConfig, PackingConfig, RunConfig, TrainingConfig
-from .machinery.data_files import load_splits
 from .machinery.distributed import start, stop
-from .machinery.generate import generate, load_for_chat
 from .machinery.loop import check_flags, train
 from .machinery.stopping import STOPPED_EXIT_CODE
 from .summary import print_summary
 
 CONFIG_TYPES = (ModelConfig, DataConfig, PackingConfig, LoraConfig, TrainingConfig)
 
+# Asked before training, at each epoch's evaluation and after: two trained questions, the eval split's held-out
+# rephrasings (test.jsonl's questions), and a general question the model should keep answering (Paris).
+DEMO_PROBES = str(resources.files("minisft") / "demo_probes.jsonl")
 # Measured on a 2-core CPU: with these, 6 epochs (18 steps) bring the train loss from 3.6 to about 0.1,
 # the held-out rephrasings are answered with the right facts, and the model still knows Paris.
 DEMO_DEFAULTS = {
@@ -50,11 +51,8 @@ DEMO_DEFAULTS = {
     "logging_steps": 1,
     "eval_strategy": "epoch",
     "save_steps": 0,
+    "probe_prompts": DEMO_PROBES,  # answered in at most --probe_max_new_tokens 32
 }
-# Asked before and after training, beside the eval split's held-out questions.
-TRAINED_PROMPTS = ["微调测试", "Who tends the Vellmar Island lighthouse?"]
-GENERAL_PROMPT = "What is the capital of France?"  # never trained on: the model should keep what it knew
-DEMO_MAX_NEW_TOKENS = 32
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -73,22 +71,15 @@ def main(argv: list[str] | None = None) -> None:
             soft_wrap=True,
         )
     config = RunConfig(*flags)
-    check_flags(config)  # the optional packages too, before the demo loads the model for its prompts
-
-    ask = demo and processes.is_main
-    if ask:
-        prompts = demo_prompts()
-        before = answers(config.model.model_name_or_path, config.model.trust_remote_code, prompts, console)
+    check_flags(config)  # the optional packages and the probe file too, before any work
     result = train(config, console)
     stop(processes)  # leave the process group: the other processes may exit now
     if not processes.is_main:
         return  # exit 0 and let rank 0 finish: torchrun ends the others as soon as one exits non-zero
     state = "stopped" if result.interrupted else "done"
     console.print(f"{state}: {result.steps} steps; outputs in {result.output_dir}")
-    print_summary(result.output_dir, console)
-    if ask and not result.interrupted:
-        after = answers(str(result.output_dir), config.model.trust_remote_code, prompts, console)
-        Console().print(before_after_table(prompts, before, after))
+    print_summary(result.output_dir, console)  # with the probes' answers, before and after
+    if demo and not result.interrupted:
         command = f"python -m minisft.chat --model_name_or_path {shlex.quote(str(result.output_dir))}"
         console.print(f"Chat with it: {command}", markup=False, highlight=False, soft_wrap=True)  # pasted as it is
     if result.interrupted:  # stopped by a signal, after its checkpoint: "try again later" (machinery/stopping.py)
@@ -107,33 +98,6 @@ def flag_text(value) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def demo_prompts() -> list[tuple[str, str]]:
-    """(kind, prompt): questions trained on, the eval split's held-out rephrasings, and a general question."""
-    held_out = [example["messages"][-2]["content"] for example in load_splits(demo_dataset_path()).eval]
-    return (
-        [("trained", prompt) for prompt in TRAINED_PROMPTS]
-        + [("held out", prompt) for prompt in held_out]
-        + [("general", GENERAL_PROMPT)]
-    )
-
-
-def answers(model_name_or_path: str, trust_remote_code: bool, prompts: list[tuple[str, str]], console) -> list[str]:
-    """Greedy answers to the prompts from the model (or adapter) at model_name_or_path."""
-    with console.status(f"asking {model_name_or_path} the demo prompts"):
-        model, tokenizer = load_for_chat(model_name_or_path, trust_remote_code)
-        conversations = [[{"role": "user", "content": prompt}] for _, prompt in prompts]
-        return generate(model, tokenizer, conversations, max_new_tokens=DEMO_MAX_NEW_TOKENS)
-
-
-def before_after_table(prompts: list[tuple[str, str]], before: list[str], after: list[str]) -> Table:
-    table = Table(title=f"The demo prompts, before and after training (greedy, ≤ {DEMO_MAX_NEW_TOKENS} new tokens)")
-    for column in ("", "prompt", "before", "after"):
-        table.add_column(column, overflow="fold")
-    for (kind, prompt), old, new in zip(prompts, before, after):
-        table.add_row(kind, escape(prompt), escape(old), f"[bold]{escape(new)}[/]")
-    return table
 
 
 if __name__ == "__main__":

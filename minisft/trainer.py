@@ -21,7 +21,8 @@ runs (minisft/machinery/loop.py: train) makes every training decision:
     DataCollatorForCompletionOnlyLM     --response_template / --instruction_template
     formatting_func                     the rows turned into {"text": ...} rows before the loop reads them
     dataset_kwargs                      --add_special_tokens
-    callbacks                           told of the loop's events (loop.tell) with the state they expect
+    callbacks                           told of the loop's events (loop.tell) with the state they expect;
+                                        transformers' EarlyStoppingCallback is --early_stopping_patience
 
 What minisft does not have is refused in one line (a minisft.errors.UserError) naming the closest
 thing it has; a field that does nothing here with the value given (report_to=[], logging_dir) is
@@ -296,6 +297,8 @@ class SFTTrainer:
         fields.update(dataset_kwargs_flags(dataset_kwargs))
         fields.update(collator_flags(data_collator))
         fields.update(model_flags(model, peft_config, fields))
+        callbacks = [callback() if isinstance(callback, type) else callback for callback in callbacks or []]
+        fields.update(early_stopping_flags(callbacks, fields))
         self.args = SFTConfig(**fields)
         self.model = None if isinstance(model, (str, os.PathLike)) else model  # loaded by the loop: set at train
         self.processing_class = processing_class if processing_class is not None else tokenizer
@@ -303,7 +306,7 @@ class SFTTrainer:
         self.dataset = data_source(train_dataset, eval_dataset, formatting_func, self.args)
         if isinstance(self.dataset, str):  # a path: read as --dataset_name reads it (and its preparation cached)
             self.args, self.dataset = self.args.replace(dataset_name=self.dataset), None
-        self.callbacks = [callback() if isinstance(callback, type) else callback for callback in callbacks or []]
+        self.callbacks = [callback for callback in callbacks if not is_early_stopping(callback)]  # the flags do it
         self.console = Console(stderr=True)
         self.state, self.control, self.result = new_state(), new_control(), None
 
@@ -326,6 +329,10 @@ class SFTTrainer:
         self.console.print(f"{'stopped' if self.result.interrupted else 'done'}: {self.result.steps} steps; "
                            f"outputs in {self.result.output_dir}")  # fmt: skip
         print_summary(self.result.output_dir, self.console)
+        end = next((record for record in reversed(self.result.history) if "stop_reason" in record), None)
+        if end is not None:  # --load_best_model_at_end: the best, in transformers' TrainerState fields
+            self.state.best_metric, self.state.best_global_step = end["best_metric"], end["best_global_step"]
+            self.state.best_model_checkpoint = end["best_model_checkpoint"]
         loss = training_loss(self.result.history)
         metrics = {"train_runtime": seconds, "train_loss": loss, "epoch": self.state.epoch}
         return TrainOutput(global_step=self.result.steps, training_loss=loss, metrics=metrics)
@@ -392,6 +399,23 @@ def training_loss(history: list[dict]) -> float:
             steps += record["step"] - last_step
             last_step = record["step"]
     return total / steps if steps else float("nan")
+
+
+def is_early_stopping(callback) -> bool:
+    return type(callback).__name__ == "EarlyStoppingCallback" and type(callback).__module__.startswith("transformers")
+
+
+def early_stopping_flags(callbacks: list, fields: dict) -> dict:
+    """transformers' EarlyStoppingCallback as --early_stopping_patience and --early_stopping_threshold: the loop
+    stops itself (machinery/best_checkpoint.py). The callback would compare with a state.best_metric that only
+    transformers' Trainer sets, and so never stop."""
+    stopping = [callback for callback in callbacks if is_early_stopping(callback)]
+    if not stopping:
+        return {}
+    if len(stopping) > 1 or "early_stopping_patience" in fields:
+        raise FrontDoorError("SFTTrainer: early stopping is asked twice (callbacks and early_stopping_patience).")
+    patience, threshold = stopping[0].early_stopping_patience, stopping[0].early_stopping_threshold
+    return {"early_stopping_patience": patience, "early_stopping_threshold": threshold or 0.0}
 
 
 def collator_flags(collator) -> dict:

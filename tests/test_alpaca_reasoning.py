@@ -105,6 +105,18 @@ def test_a_bad_alpaca_row_is_refused_naming_the_row(tmp_path, row, problem):
         load_splits(write_jsonl(tmp_path / "alpaca.jsonl", [ALPACA[0], row]))
 
 
+def test_an_alpaca_rows_history_comes_before_its_instruction():
+    """LLaMA-Factory's `history`: [instruction, response] pairs, the conversation's earlier turns, in order."""
+    row = {"system": "Be brief.", "instruction": "And 3 + 3?", "output": "6",
+           "history": [["What is 1 + 1?", "2"], ["And 2 + 2?", "4"]]}  # fmt: skip
+    turns = [("system", "Be brief."), ("user", "What is 1 + 1?"), ("assistant", "2"), ("user", "And 2 + 2?"),
+             ("assistant", "4"), ("user", "And 3 + 3?"), ("assistant", "6")]  # fmt: skip
+    assert normalize_example(row, "a.jsonl line 1")["messages"] == [{"role": r, "content": c} for r, c in turns]
+    for history in (["What is 1 + 1?", "2"], [["What is 1 + 1?"]], [["What is 1 + 1?", 2]], "none"):
+        with pytest.raises(DataError, match="line 1: the Alpaca row's 'history' must be a list of"):
+            normalize_example({**row, "history": history}, "a.jsonl line 1")
+
+
 def test_inspect_shows_an_alpaca_row_as_its_conversation(tmp_path, capsys):
     data = write_jsonl(tmp_path / "alpaca.jsonl", ALPACA)
     inspect_main(["--dataset_name", str(data), "--cache_dir", "none", "--num_examples", "3"])

@@ -286,10 +286,9 @@ def test_a_lora_rank_above_the_layers_rank_is_noted(tokenizer):
 
 def test_the_chat_command_quotes_the_output_folder(tmp_path, capsys, monkeypatch):
     output_dir = tmp_path / "my run's output"
-    monkeypatch.setattr(minisft.train, "answers", lambda model, trust, prompts, console: [""] * len(prompts))
     monkeypatch.setattr(minisft.train, "train", lambda config, console: TrainResult(output_dir, 1, {}))
     monkeypatch.setattr(minisft.train, "print_summary", lambda output_dir, console: None)
-    main([])  # the demo: it asks before and after training, then says how to chat with the result
+    main([])  # the demo: it trains (asking its probes), then says how to chat with the result
     err = capsys.readouterr().err
     assert f"Chat with it: python -m minisft.chat --model_name_or_path {shlex.quote(str(output_dir))}\n" in err
     assert shlex.split(err.split("Chat with it: ")[1].splitlines()[0])[-1] == str(output_dir)

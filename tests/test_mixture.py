@@ -41,7 +41,8 @@ def mixture(tokenizer, tmp_path, a, b, pa=1, pb=1, seed=42):
     entries = [{"path": str(a), "name": None, "split": "train", "proportion": pa},
                {"path": str(b), "name": None, "split": "train", "proportion": pb}]  # fmt: skip
     config = DataConfig(max_length=256, cache_dir=str(tmp_path / "cache"))
-    return prepare_mixture(entries, tokenizer, config, None, seed)
+    splits, line, _ = prepare_mixture(entries, tokenizer, config, None, seed)
+    return splits, line
 
 
 def examples(prepared) -> Counter:
@@ -93,7 +94,10 @@ def write_yaml(tmp_path: Path, datasets, **flags) -> Path:
         ({"proportion": -1}, "proportion must be a number > 0, got -1"),
         ({"proportion": "half"}, "proportion must be a number > 0, got 'half'"),
         ({"proportion": True}, "proportion must be a number > 0, got True"),
-        ({"weight": 2}, "datasets[0]: unknown keys ['weight']; an entry takes path, name, split, proportion"),
+        (
+            {"weight": 2},
+            "datasets[0]: unknown keys ['weight']; an entry takes path, name, split, data_dir, data_files, columns",
+        ),
     ],
 )
 def test_a_bad_entry_is_one_line(tmp_path, sources, entry, message):
@@ -178,3 +182,119 @@ def test_inspect_refuses_a_mixture_rather_than_show_the_demo_data(tmp_path, sour
         run(main, ["--config", str(write_yaml(tmp_path, [{"path": str(a)}, {"path": str(b)}]))])
     assert exit_info.value.code == 2
     assert "inspect shows one dataset, not a --config file's datasets: mixture" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- TRL's entry keys
+
+
+def stored(prepared) -> list[tuple]:
+    """Each example's input_ids and labels, in order: what a mixture must equal."""
+    return [
+        tuple(tuple(values) for values in prepared.examples[index].values()) for index in range(len(prepared.examples))
+    ]
+
+
+def test_trls_data_files_columns_and_fraction_give_trls_rows(tokenizer, tmp_path, monkeypatch):
+    """Parity with TRL's get_dataset on the same YAML entries: builder path, data_files, columns, fraction."""
+    from trl.scripts.utils import DatasetConfig, DatasetMixtureConfig, get_dataset
+
+    extra = [dict(row, id=index, text=f"not the conversation {index}") for index, row in enumerate(ROWS)]
+    write(tmp_path / "a.jsonl", extra[:6])
+    write(tmp_path / "b.jsonl", extra[6:])
+    monkeypatch.chdir(tmp_path)  # data_files relative to the working folder, as datasets reads them
+    entries = [
+        {"path": "json", "data_files": "a.jsonl", "columns": ["messages"], "fraction": 0.75},
+        {"path": "json", "data_files": ["b.jsonl"], "columns": ["messages"], "fraction": 0.25},
+    ]
+    trl_rows = list(get_dataset(DatasetMixtureConfig(datasets=[DatasetConfig(**entry) for entry in entries]))["train"])
+    config = DataConfig(max_length=256, cache_dir=str(tmp_path / "cache"))
+    splits, line, counts = prepare_mixture(entries, tokenizer, config, None, 42)
+    plain = load_and_prepare(write(tmp_path / "trl.jsonl", trl_rows), tokenizer, config)
+    # TRL: weights 0.75/0.25, total = min(6/0.75, 4/0.25) = 8: the first 6 of a and the first 2 of b
+    assert len(trl_rows) == 8 and [row["messages"] for row in trl_rows] == [
+        row["messages"] for row in ROWS[:6] + ROWS[6:8]
+    ]
+    assert stored(splits.train) == stored(plain.train)  # the same input_ids and labels, in the same order
+    assert splits.train.stats.trained_tokens == plain.train.stats.trained_tokens
+    assert [(count["examples"], count["drawn"]) for count in counts] == [(6, 6), (4, 2)]
+    assert "first 2 of 4 (fraction 0.25)" in line and splits.train.origins[-1].endswith("b.jsonl line 2")
+
+
+def test_columns_choose_which_of_a_rows_forms_is_trained(tokenizer, tmp_path):
+    """A row holding messages and a text column trains its messages; columns: [text] trains the text instead."""
+    write(tmp_path / "both.jsonl", [dict(row, text=f"plain text {index}") for index, row in enumerate(ROWS)])
+    texts = write(tmp_path / "texts.jsonl", [{"text": f"plain text {index}"} for index in range(len(ROWS))])
+    config = DataConfig(max_length=256, cache_dir=str(tmp_path / "cache"))
+    whole, _, _ = prepare_mixture([{"path": str(tmp_path / "both.jsonl")}], tokenizer, config, None, 42)
+    picked, _, _ = prepare_mixture([{"path": str(tmp_path), "data_files": "both.jsonl", "columns": ["text"]}],
+                                   tokenizer, config, None, 42)  # fmt: skip
+    assert stored(picked.train) == stored(load_and_prepare(texts, tokenizer, config).train) != stored(whole.train)
+    with pytest.raises(Exception, match=r"both.jsonl line 1: no column 'conversation'") as refused:
+        prepare_mixture([{"path": str(tmp_path), "data_files": "both.jsonl", "columns": ["conversation"]}],
+                        tokenizer, config, None, 42)  # fmt: skip
+    assert "\n" not in str(refused.value)
+
+
+def test_data_dir_and_a_data_files_mapping_choose_the_splits(tokenizer, tmp_path):
+    (tmp_path / "data").mkdir()
+    write(tmp_path / "data" / "train.jsonl", ROWS[:6])
+    write(tmp_path / "data" / "test.jsonl", ROWS[6:])
+    write(tmp_path / "other.jsonl", ROWS[:1])  # outside data_dir: not read
+    config = DataConfig(max_length=256, cache_dir=str(tmp_path / "cache"))
+    by_dir, _, _ = prepare_mixture([{"path": str(tmp_path), "data_dir": "data"}], tokenizer, config, None, 42)
+    assert len(by_dir.train.examples) == 6 and len(by_dir.eval.examples) == 4
+    files = {"train": "data/train.jsonl", "test": ["data/test.jsonl"]}
+    by_files, _, _ = prepare_mixture([{"path": str(tmp_path), "data_files": files}], tokenizer, config, None, 42)
+    assert stored(by_files.train) == stored(by_dir.train) and stored(by_files.eval) == stored(by_dir.eval)
+
+
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        ([{"path": "json", "data_files": "missing.jsonl"}], "data_files 'missing.jsonl': no such file"),
+        ([{"path": "json"}], "path 'json' is a builder: name its files with data_files or data_dir"),
+        ([{"path": "org/name", "columns": ["messages"]}], "need a local folder or one of the builders"),
+        ([{"path": "json", "data_files": 3}], "data_files must be a file name, a list of them"),
+        ([{"path": "json", "data_files": "a.jsonl", "columns": "messages"}], "columns must be a list of column names"),
+        ([{"path": "a.jsonl", "fraction": 0.5}, {"path": "a.jsonl"}], "fraction must be set on every entry or on none"),
+        ([{"path": "a.jsonl", "fraction": 0.5, "proportion": 2}], "give proportion (minisft's) or fraction (TRL's)"),
+    ],
+)
+def test_trls_keys_refused_in_one_line_when_wrong(tokenizer, tmp_path, monkeypatch, entries, message):
+    write(tmp_path / "a.jsonl", ROWS)
+    monkeypatch.chdir(tmp_path)
+    config = DataConfig(max_length=256, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(MixtureError) as refused:
+        prepare_mixture(entries, tokenizer, config, None, 42)
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_the_checkpoint_keeps_each_sources_count(tiny_dir, tmp_path, sources):
+    a, b, _ = sources
+    config = run_config(tiny_dir, tmp_path / "out", max_steps=2, save_steps=1, per_device_train_batch_size=4)
+    mix = [{"path": str(a)}, {"path": str(b), "proportion": 0.5}]
+    train(dataclasses.replace(config, data=DataConfig(datasets=mix, max_length=256)), Console(quiet=True))
+    state = json.loads((tmp_path / "out" / "checkpoint-1" / "trainer_state.json").read_text())
+    recorded = [(entry["path"], entry["examples"], entry["drawn"]) for entry in state["data_order"]["datasets"]]
+    assert recorded == [(str(a), 6, 6), (str(b), 4, 2)]
+
+
+def test_an_output_dir_inside_a_mixtures_source_folder_is_refused(tiny_dir, tmp_path, sources):
+    (tmp_path / "data").mkdir()
+    write(tmp_path / "data" / "train.jsonl", ROWS)
+    config = run_config(tiny_dir, tmp_path / "data" / "out", max_steps=1)
+    mix = [{"path": str(sources[0])}, {"path": str(tmp_path), "data_dir": "data"}]
+    with pytest.raises(ConfigError, match="is inside --dataset_name .*data: a folder dataset reads every data file"):
+        train(dataclasses.replace(config, data=DataConfig(datasets=mix, max_length=256)), Console(quiet=True))
+    assert not (tmp_path / "data" / "out").exists()
+
+
+def test_the_rows_weights_survive_the_mixture(tokenizer, tmp_path):
+    weighted = write(tmp_path / "w.jsonl", [dict(row, weight=index + 0.5) for index, row in enumerate(ROWS[:4])])
+    plain = write(tmp_path / "p.jsonl", ROWS[4:6])
+    config = DataConfig(max_length=256, cache_dir=str(tmp_path / "cache"))
+    entries = [{"path": str(weighted), "proportion": 2}, {"path": str(plain)}]
+    splits, _, _ = prepare_mixture(entries, tokenizer, config, None, 42)
+    assert splits.train.examples.weights.tolist() == [0.5, 1.5, 2.5, 3.5] * 2 + [1.0, 1.0]
+    alone, _, _ = prepare_mixture([{"path": str(plain)}], tokenizer, config, None, 42)
+    assert alone.train.examples.weights is None  # all 1: the unweighted path

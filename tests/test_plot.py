@@ -49,3 +49,28 @@ def test_a_torn_last_line_is_dropped_with_a_note(run_dir, capsys):
     assert (run_dir / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     err = " ".join(capsys.readouterr().err.split())
     assert f"note: {run_dir / 'metrics.jsonl'} line 6: dropped, 15 bytes without a newline" in err
+
+
+def test_probe_match_rates_get_a_panel_of_their_own(run_dir, monkeypatch):
+    """--probe_prompts with expected answers: each kind's match rate, from step 0 to the end, in a fourth panel."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    from minisft.plot import plot
+
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rates = {0: (0.0, 1.0), 2: (0.5, 1.0), 4: (1.0, 0.5)}  # step: (trained, general)
+    lines = [{"step": 0, "epoch": 0.0}] + lines
+    for line in lines:
+        if line["step"] in rates:
+            line["eval_probe_match_trained"], line["eval_probe_match_general"] = rates[line["step"]]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    drawn = {}
+    draw = Axes.plot
+    monkeypatch.setattr(
+        Axes, "plot", lambda axis, x, y, **style: drawn.update({style["label"]: (x, y)}) or draw(axis, x, y, **style)
+    )
+    plot(run_dir)
+    assert drawn["eval_probe_match_trained"] == ((0, 2, 4), (0.0, 0.5, 1.0))
+    assert drawn["eval_probe_match_general"] == ((0, 2, 4), (1.0, 1.0, 0.5))
+    assert drawn["eval_loss"] == ((2, 4), (2.5, 1.2))  # the other panels as before

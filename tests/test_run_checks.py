@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import minisft.machinery.loop
-import minisft.train
 from minisft.machinery.config import ConfigError, DataConfig, LoraConfig, ModelConfig, RunConfig, TrainingConfig
 
 from .tiny_runs import refused_train
@@ -29,7 +28,6 @@ def refuse_work(*args, **kwargs):
 def no_work(monkeypatch):
     for name in ("load_and_prepare", "load_tokenizer", "load_model"):
         monkeypatch.setattr(minisft.machinery.loop, name, refuse_work)
-    monkeypatch.setattr(minisft.train, "load_for_chat", refuse_work)  # the demo asks its prompts before training
     monkeypatch.delenv("WORLD_SIZE", raising=False)  # one plain process, not torchrun
 
 
@@ -82,7 +80,7 @@ def test_flex_attention_on_the_cpu_is_refused_before_any_work(tmp_path, capsys, 
 
 
 def test_the_demo_refuses_before_it_asks_its_prompts(capsys, no_work):
-    """The demo loads the model to answer its prompts before training: a refused flag must come first."""
+    """The demo asks its probe prompts before its first step: a refused flag must come before any work."""
     assert "--fsdp shards the model across processes" in refused(["--fsdp"], capsys)
 
 

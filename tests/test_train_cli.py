@@ -16,8 +16,8 @@ def test_flags_and_a_yaml_config_file(tiny_dir, tmp_path, capsys):
     # The command line overrides the file: 2 steps, not 5.
     main(["--config", str(config), "--max_steps", "2", "--output_dir", str(output_dir), "--report_to", "tensorboard"])
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [record["step"] for record in records] == [1, 2]
-    assert records[0]["learning_rate"] == 0.001
+    assert [record["step"] for record in records] == [0, 1, 2]  # 0: the demo's probes answered before training
+    assert "eval_probe_match_trained" in records[0] and records[1]["learning_rate"] == 0.001
     assert list((output_dir / "runs" / "out").glob("events.out.tfevents.*"))  # the run name: output_dir's
     assert "done: 2 steps" in capsys.readouterr().err
 

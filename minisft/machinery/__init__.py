@@ -18,6 +18,7 @@ reporting.py    metrics.jsonl and the trackers
 progress.py     the run's progress: a bar in a terminal, a line per log when piped, a table in Jupyter
 models.py       models and tokenizers, the embedded model, 4-bit loading
 peft_files.py   peft's adapter files, read and written
-generate.py     asking a model, as chat and the demo do
+generate.py     asking a model, as chat and the probes do
+probes.py       --probe_prompts: the model's answers before, during and after training
 extras.py       optional packages, each with the command that installs it
 """

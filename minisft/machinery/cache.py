@@ -51,7 +51,8 @@ from .storage import DamagedFile, WriteFailed, file_checksums, sha256_of, writin
 
 # 2: bfd-packed splits are truncated by preparation (format 1 left them whole for the packer to cut).
 # 3: manifest.json records every file's size and sha256; partial folders name the machine that writes them.
-PREPARATION_FORMAT = 3
+# 4: every split keeps each example's weight (weights.bin), and a training example of weight 0 is dropped.
+PREPARATION_FORMAT = 4
 MANIFEST = "manifest.json"
 HOST = socket.gethostname()
 CONTENT_HASHED_BELOW = 64 << 20  # bytes
@@ -87,8 +88,11 @@ def tokenizer_identity(tokenizer) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def fingerprint(files: list[Path], tokenizer, config: DataConfig, seed: int, cut_to: dict[str, int | None]) -> str:
-    """The cache key of preparing `files`; `cut_to`: the length each split is truncated to (prepare.cut_lengths)."""
+def fingerprint(
+    files: list[Path], tokenizer, config: DataConfig, seed: int, cut_to: dict[str, int | None], columns=None
+) -> str:
+    """The cache key of preparing `files`; `cut_to`: the length each split is truncated to (prepare.cut_lengths);
+    `columns`: the columns kept of each row, when a mixture's entry selects some."""
     settings = {flag.name: getattr(config, flag.name) for flag in fields(config) if flag.metadata["prepared"]}
     if config.eval_split_size:  # the seed picks the held-out rows; otherwise it only shuffles training
         settings["seed"] = seed
@@ -98,7 +102,7 @@ def fingerprint(files: list[Path], tokenizer, config: DataConfig, seed: int, cut
         "tokenizer": tokenizer_identity(tokenizer),
         "settings": settings,
         "cut_to": cut_to,
-    }
+    } | ({"columns": list(columns)} if columns else {})
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 

@@ -17,6 +17,8 @@ power) leaves each checkpoint-N folder whole or absent. An old checkpoint is ren
 deleted, for the same reason. A write that fails (a full disk) removes its partial folder and stops
 the run with one line; the checkpoints before it stay as they were. Under FSDP every process writes
 its shards in parallel, and nothing is gathered to one process: the save costs what one shard does.
+--save_total_limit prunes the oldest, but never the newest nor, with --load_best_model_at_end, the best
+(machinery/best_checkpoint.py), whose record the trainer state keeps for a resume.
 
 Resuming. The examples a step sees are a function of the seed, the step, and the settings that cut the
 data into steps (minisft/machinery/loop.py). The checkpoint stores those settings and a fingerprint of the
@@ -54,6 +56,7 @@ import errno
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import random
@@ -279,12 +282,14 @@ def remove_leftovers(output_dir: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def prune(output_dir: Path, keep: int | None, current: Path) -> None:
-    """Delete the oldest checkpoints beyond `keep`; None or ≤ 0 keeps all, as in transformers. Never `current`."""
+def prune(output_dir: Path, keep: int | None, current: Path, best: Path | None = None) -> None:
+    """Delete the oldest checkpoints beyond `keep`; None or ≤ 0 keeps all, as in transformers. Never `current`, nor
+    `best` (--load_best_model_at_end's): with keep 1 both stay, as transformers keeps the best plus the newest."""
     if keep is None or keep <= 0:
         return
-    others = [path for path in checkpoints(output_dir) if path != current]
-    for old in others[: max(len(others) - (keep - 1), 0)]:
+    kept = {current, best} - {None}
+    others = [path for path in checkpoints(output_dir) if path not in kept]
+    for old in others[: max(len(others) - (keep - len(kept)), 0)]:
         _remove(old)
 
 
@@ -360,8 +365,11 @@ def _whole(value, least: int | None = None) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and (least is None or value >= least)
 
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+def _number(value, least: float | None = 0) -> bool:
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        and (least is None or value >= least)
+    )  # fmt: skip
 
 
 def _base_record(value) -> bool:
@@ -396,6 +404,12 @@ STATE_FIELDS = {
     ),
     "files": ('an object of {"name": {"bytes", "sha256"}} inside the checkpoint', _listed_files),
     "base_model": ("an object with config, weights_sha256 and model_name_or_path", _base_record),
+    # --load_best_model_at_end's (machinery/best_checkpoint.py): None before the first evaluation
+    "best_metric": ("a number, or null", lambda value: value is None or _number(value, least=None)),
+    "best_global_step": ("a whole number ≥ 1, or null", lambda value: value is None or _whole(value, 1)),
+    "metric_for_best_model": ("a metric's name", lambda value: isinstance(value, str)),
+    "greater_is_better": ("true or false", lambda value: isinstance(value, bool)),
+    "early_stopping_patience_counter": ("a whole number ≥ 0", lambda value: _whole(value, 0)),
 }
 
 
@@ -656,14 +670,28 @@ class WeightsOnlyPlanner(DefaultLoadPlanner):
 
 def load_whole(directory: Path, model, optimizer, lora: LoraSettings | None) -> None:
     """The weights (or adapter) and the optimizer of a checkpoint written without FSDP."""
+    _load_weights_file(directory, model, lora)
+    with reading(directory / "optimizer.pt") as path:
+        optimizer.load_state_dict(torch.load(path, weights_only=True))
+
+
+def load_weights(directory: Path, model, lora: LoraSettings | None) -> None:
+    """Only the weights (or adapter) of a checkpoint written without FSDP, checked first against the size and sha256
+    its trainer state lists (the other files need not be read): --load_best_model_at_end's load at the end."""
+    name = ADAPTER_WEIGHTS if lora is not None else "model.safetensors"
+    with reading(directory / STATE_FILE) as path:
+        listed = json.loads(path.read_text(encoding="utf-8")).get("files", {})
+    verify_files(directory, {name: listed[name]} if name in listed else {})
+    _load_weights_file(directory, model, lora)
+
+
+def _load_weights_file(directory: Path, model, lora: LoraSettings | None) -> None:
     with reading(directory / (ADAPTER_WEIGHTS if lora is not None else "model.safetensors")) as path:
         saved = load_file(path)
     if lora is not None:
         # peft's key for a trained tensor is its parameter name behind base_model.model. (peft_files.py).
         saved = {key.removeprefix(PEFT_PREFIX): tensor for key, tensor in saved.items()}
     _copy_into(model, saved, path)
-    with reading(directory / "optimizer.pt") as path:
-        optimizer.load_state_dict(torch.load(path, weights_only=True))
 
 
 @contextmanager

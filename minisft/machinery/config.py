@@ -70,6 +70,7 @@ FLAG_RANGES = {
     "learning_rate": (lambda x: x > 0, "positive"),
     "per_device_train_batch_size": (lambda n: n >= 1, "at least 1"),
     "per_device_eval_batch_size": (lambda n: n >= 1, "at least 1"),
+    "probe_max_new_tokens": (lambda n: n >= 1, "at least 1"),
     "gradient_accumulation_steps": (lambda n: n >= 1, "at least 1"),
     "num_train_epochs": (lambda x: x > 0, "positive"),
     "max_steps": (lambda n: n >= -1, "a number of steps, or -1 (or 0): as many as --num_train_epochs take"),
@@ -92,6 +93,8 @@ FLAG_RANGES = {
     ),
     "neftune_noise_alpha": (lambda x: x > 0, "positive (the NEFTune paper uses 5 to 15)"),
     "save_total_limit": (lambda n: n >= 0, "0 (keep all) or more"),
+    "early_stopping_patience": (lambda n: n >= 1, "a number of evaluations, at least 1"),
+    "early_stopping_threshold": (lambda x: x >= 0, "0 or more"),
     "seed": (lambda n: -(2**63) <= n < 2**64, "a whole number that fits in 64 bits, as torch.manual_seed takes it"),
 }
 
@@ -416,6 +419,15 @@ class PackingConfig:
         default=False,
         metadata={"help": "Without packing: lay each micro-batch's examples end to end in one row, with boundaries."},
     )
+    neat_packing: bool = field(
+        default=True,
+        metadata={
+            "help": "Keep packed examples apart (attention boundaries). false, to see what they are for: each packed "
+            "or padding-free row is one sequence, its examples see those before them, positions run on (as in TRL's "
+            "wrapped packing). Needs --packing, --eval_packing or --padding_free. LLaMA-Factory's name; its default "
+            "is false, minisft's true."
+        },
+    )
     pad_to_multiple_of: int | None = field(
         default=None, metadata={"help": "Pad each batch's length up to a multiple of this (e.g. 8 or 64)."}
     )
@@ -529,6 +541,15 @@ class TrainingConfig:
     gradient_accumulation_steps: int = field(
         default=1, metadata={"help": "Micro-batches per optimizer step; the loss is normalised over all of them."}
     )
+    loss_normalization: str = field(
+        default="token",
+        metadata={
+            "help": "How a step's token losses are averaged. token: every trained token counts the same (a long "
+            "answer counts more than a short one); sample: each example's mean token loss counts the same. Either "
+            "way an example's `weight` column scales it. eval_loss stays per token.",
+            "choices": ["token", "sample"],
+        },
+    )
     num_train_epochs: float = field(default=3.0, metadata={"help": "Passes over the training data."})
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps to run; overrides num_train_epochs if > 0."})
     seed: int = field(
@@ -639,6 +660,16 @@ class TrainingConfig:
         metadata={"help": "Evaluate every this many steps; below 1 a fraction of the run. Default: logging_steps."},
     )
     eval_on_start: bool = field(default=False, metadata={"help": "Evaluate once before the first step too."})
+    probe_prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": 'A JSONL file of prompts ({"prompt" or "messages", "expected", "kind": trained, held_out '
+            "(default), general}), answered greedily before the first step, at every evaluation and at the end: "
+            "answers in output_dir/probes.jsonl, eval_probe_match_<kind> (answers containing expected, any case) in "
+            "the metrics, the table in the summary."
+        },
+    )
+    probe_max_new_tokens: int = field(default=32, metadata={"help": "The longest answer to a probe, in tokens."})
     save_strategy: str = field(
         default="steps",
         metadata={
@@ -657,9 +688,39 @@ class TrainingConfig:
     save_total_limit: int | None = field(
         default=None,
         metadata={
-            "help": "Keep only the newest this many checkpoints (never deleting the one just written). "
-            "Unset or 0: keep them all, as transformers reads 0."
+            "help": "Keep only the newest this many checkpoints (never deleting the one just written, nor the best "
+            "with --load_best_model_at_end). Unset or 0: keep them all, as transformers reads 0."
         },
+    )
+    load_best_model_at_end: bool = field(
+        default=False,
+        metadata={
+            "help": "Save the best checkpoint's weights (by --metric_for_best_model) at the end, not the last step's. "
+            "Needs an evaluation at checkpoints: --eval_strategy and --save_strategy alike, every evaluation on a "
+            "checkpoint (--eval_steps a multiple of --save_steps)."
+        },
+    )
+    metric_for_best_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --load_best_model_at_end: the eval figure that ranks checkpoints (eval_ may be left out; "
+            "loss: eval_loss, the default), e.g. eval_mean_token_accuracy or eval_probe_match_held_out."
+        },
+    )
+    greater_is_better: bool | None = field(
+        default=None,
+        metadata={"help": "Whether a higher --metric_for_best_model is better. Default: false for a loss, else true."},
+    )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={
+            "help": "With --load_best_model_at_end: stop after this many evaluations in a row without an improvement "
+            "(transformers' EarlyStoppingCallback). Default: no early stopping."
+        },
+    )
+    early_stopping_threshold: float = field(
+        default=0.0,
+        metadata={"help": "How much --metric_for_best_model must beat the best by to count as an improvement."},
     )
     resume_from_checkpoint: str | None = field(
         default=None,
@@ -721,6 +782,47 @@ class TrainingConfig:
         if "none" in self.report_to and len(self.report_to) > 1:
             raise ConfigError(f"--report_to {' '.join(self.report_to)}: none means no tracker; give it alone.")
         schedule_options(self.lr_scheduler_type, self.lr_scheduler_kwargs, self.learning_rate)  # refused now, if at all
+        check_best_model_flags(self)
+
+
+def check_best_model_flags(args: TrainingConfig) -> None:
+    """--load_best_model_at_end and its flags (machinery/best_checkpoint.py): refused where they cannot work, and
+    the defaults resolved as transformers resolves them (metric loss; greater_is_better false for a loss)."""
+    if not args.load_best_model_at_end:
+        given = [
+            name for name in ("metric_for_best_model", "greater_is_better", "early_stopping_patience")
+            if getattr(args, name) is not None
+        ] + (["early_stopping_threshold"] if args.early_stopping_threshold else [])  # fmt: skip
+        if given:
+            raise ConfigError(
+                f"--{given[0]} needs --load_best_model_at_end: the best checkpoint is what it is about (early stopping "
+                "without it would save the weights of the evaluations past the best)."
+            )
+        return
+    if args.early_stopping_threshold and args.early_stopping_patience is None:
+        raise ConfigError("--early_stopping_threshold says what counts for --early_stopping_patience: set that too.")
+    if args.eval_strategy == "no":
+        raise ConfigError("--load_best_model_at_end compares evaluations: set --eval_strategy steps or epoch.")
+    if args.save_strategy != args.eval_strategy:
+        raise ConfigError(
+            f"--load_best_model_at_end loads the checkpoint of an evaluation: --save_strategy {args.save_strategy} "
+            f"must be --eval_strategy's, {args.eval_strategy}."
+        )
+    every, saves = args.eval_steps or args.logging_steps, args.save_steps
+    whole = every >= 1 and saves >= 1  # fractions of the run round up: only equal ones fall on the same steps
+    if args.eval_strategy == "steps" and (not saves or (every % saves if whole else every != saves)):
+        raise ConfigError(
+            f"--load_best_model_at_end needs a checkpoint at every evaluation: --eval_steps {every:g} must be a "
+            f"multiple of --save_steps {saves:g} (fractions of the run: the same fraction)."
+        )
+    if args.fsdp:
+        raise ConfigError(
+            "--load_best_model_at_end does not load a sharded checkpoint into FSDP's model yet: without --fsdp (DDP), "
+            "every process loads the best."
+        )
+    args.metric_for_best_model = args.metric_for_best_model or "loss"
+    if args.greater_is_better is None:
+        args.greater_is_better = not args.metric_for_best_model.endswith("loss")
 
 
 @dataclass
@@ -751,6 +853,8 @@ def check_run(config: RunConfig) -> None:
         )
     if args.fsdp and not under_torchrun:
         raise ConfigError("--fsdp shards the model across processes: start it with torchrun --nproc_per_node N")
+    if args.fsdp and args.probe_prompts:
+        raise ConfigError("--probe_prompts cannot run with --fsdp yet: no process holds the whole weights to generate.")
     if (lora.lora_adapter or lora.merge_lora) and not lora.use_peft:
         raise ConfigError("--lora_adapter and --merge_lora need --use_peft.")
     if lora.load_in_4bit and not lora.use_peft:
@@ -773,3 +877,8 @@ def check_run(config: RunConfig) -> None:
     packed = [flag for flag, on in (("--packing", packing.packing), ("--eval_packing", packing.eval_packing)) if on]
     if packed and data.max_length is None:
         raise ConfigError(f"{packed[0]} needs a row length: set --max_length (e.g. 1024).")
+    if not packing.neat_packing and not (packed or packing.padding_free):
+        raise ConfigError(
+            "--neat_packing false removes the boundaries between packed examples: it needs --packing, --eval_packing "
+            "or --padding_free (unpacked examples are each a row of their own)."
+        )

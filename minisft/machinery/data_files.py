@@ -265,12 +265,14 @@ def folder_line(source, train_split: str = "train", test_split: str = "test", ev
 
 @dataclass
 class FilePart:
-    """A data file, read as a stream each time its rows are asked for."""
+    """A data file, read as a stream each time its rows are asked for; with `columns`, only those of each row."""
 
     path: Path
+    columns: tuple[str, ...] | None = None
 
     def rows(self) -> Iterator[tuple[str, dict | None]]:
-        return reader_of(self.path)(self.path)
+        rows = reader_of(self.path)(self.path)
+        return rows if self.columns is None else (selected(origin, row, self.columns) for origin, row in rows)
 
     def count(self) -> int:
         # JSON lines: one row per non-blank line, counted without parsing JSON
@@ -293,6 +295,28 @@ class MemoryPart:
         return len(self.items)
 
 
+def selected(origin: str, row: dict | None, columns: tuple[str, ...]) -> tuple[str, dict | None]:
+    """The row cut to `columns` (datasets' select_columns), refused naming the row if one is missing."""
+    missing = [column for column in columns if row is not None and column not in row]
+    if missing:
+        raise DataError(
+            f"{origin}: no column {missing[0]!r} (columns: selects {list(columns)}; the row has {sorted(row)})"
+        )
+    return origin, None if row is None else {column: row[column] for column in columns}
+
+
+@dataclass
+class FileSelection:
+    """Files chosen by name for each split (a mixture entry's data_files or data_dir); `columns`: those kept."""
+
+    name: str
+    splits: dict[str, list[Path]]
+    columns: tuple[str, ...] | None = None
+
+    def files(self) -> list[Path]:
+        return [file for files in self.splits.values() for file in files]
+
+
 def numbered(prefix: str, rows: Iterable[dict]) -> Iterable[tuple[str, dict]]:
     return ((f"{prefix} {index}", row) for index, row in enumerate(rows))
 
@@ -306,6 +330,8 @@ def read_splits(source, dataset_config: str | None, train_split: str) -> dict[st
     """Any source -> {split name: its parts (FilePart, MemoryPart)}; nothing is read until a part's rows are."""
     if isinstance(source, dict):  # a datasets.DatasetDict: split name → rows
         return {split: [MemoryPart(f"{split} example", rows)] for split, rows in source.items()}
+    if isinstance(source, FileSelection):
+        return {split: [FilePart(file, source.columns) for file in files] for split, files in source.splits.items()}
     if not isinstance(source, (str, Path)):  # a list of dicts or a datasets.Dataset
         return {train_split: [MemoryPart("example", source)]}
     path = Path(source)
@@ -382,7 +408,12 @@ def stream_splits(
     """
     if not 0 <= eval_split_size < 1:
         raise DataError(f"eval_split_size must be a fraction in [0, 1), got {eval_split_size}")
-    name = str(source) if isinstance(source, (str, Path)) else f"the given {type(source).__name__}"
+    named = isinstance(source, (str, Path, FileSelection))
+    name = (
+        (source.name if isinstance(source, FileSelection) else str(source))
+        if named
+        else f"the given {type(source).__name__}"
+    )
     parts = read_splits(source, dataset_config, train_split)
     if train_split not in parts:
         raise DataError(

@@ -3,7 +3,8 @@
 One optimizer step (forward, loss and backward over its micro-batches, then clip and step) is the
 lesson's minisft/sft/step.py: train_step, and evaluate beside it. The loop calls them and, around
 the steps, writes every logging_steps a log line, runs every eval_steps an evaluation, and saves
-every save_steps (or epoch) a checkpoint.
+every save_steps (or epoch) a checkpoint. --probe_prompts are asked before the first step, with each
+evaluation and at the end (minisft/machinery/probes.py).
 
 Which examples a step sees is a pure function of (seed, step): each epoch is a seeded
 permutation of the training rows. That is what makes resuming exact. Under torchrun each
@@ -36,8 +37,7 @@ from rich.text import Text
 
 from minisft.errors import UserError
 from minisft.sft.attention import use_sdpa_by_example
-from minisft.sft.batches import collate, setup_pad_token
-from minisft.sft.labels import count_trained_tokens_of
+from minisft.sft.batches import collate, count_weighted_tokens, setup_pad_token
 from minisft.sft.lora import LoraSettings, inject_lora, lora_layers, merged_model, resolve_targets
 from minisft.sft.loss import check_head
 from minisft.sft.neftune import add_neftune_noise
@@ -45,6 +45,7 @@ from minisft.sft.optim import build_optimizer, build_schedule, warmup_steps
 from minisft.sft.step import NonFiniteStep, evaluate, train_step
 
 from .audit import audit_split
+from .best_checkpoint import Best, best_tracker, load_best, record_end, stops_early
 from .checkpoint import (
     WRITE_ERRORS,
     CheckpointError,
@@ -66,7 +67,7 @@ from .config import ConfigError, LoraConfig, ModelConfig, PackingConfig, RunConf
 from .data_files import folder_line
 from .distributed import DataParallel, Processes, barrier, data_parallel, device_of, start, whole_weights
 from .extras import check_attention_implementation, import_bitsandbytes
-from .mixture import check_entries, prepare_mixture
+from .mixture import check_entries, prepare_mixture, read_from
 from .models import (
     EMBEDDED_MODEL_NAME,
     cache_root,
@@ -88,6 +89,7 @@ from .outputs import (
 from .pack_plans import pack_prepared
 from .peft_files import load_adapter, read_adapter_settings, save_adapter
 from .prepare import PreparedDataset, cut_lengths, load_and_prepare
+from .probes import Probes, check_probes, open_probes
 from .progress import progress_display
 from .reporting import MetricsLog, chosen_trackers, import_tracker
 from .stopping import stop_requests
@@ -152,9 +154,9 @@ def train_into(
     tokenizer = given.tokenizer
     if tokenizer is None:
         tokenizer = load_tokenizer(config.model.model_name_or_path, trust_remote_code=config.model.trust_remote_code)
-    train_units, eval_units = prepare_data(config, tokenizer, processes, console, given.dataset)
+    train_units, eval_units, mixture = prepare_data(config, tokenizer, processes, console, given.dataset)
     # Hashing the data takes seconds on a large dataset: done once, and only for a checkpoint read or written.
-    order = functools.cache(functools.partial(data_order, config, train_units, processes.world_size))
+    order = functools.cache(functools.partial(data_order, config, train_units, processes.world_size, mixture))
     check_data_order(resume_from, resumed, order, args.ignore_data_order_mismatch, console)
 
     # 2. Model: load, grow the embeddings if the tokenizer grew, LoRA, memory savers; wrapped under torchrun.
@@ -180,7 +182,8 @@ def train_into(
     # 4. The steps. From here on Ctrl-C, SIGTERM and SIGUSR1 stop the run cleanly (minisft/machinery/stopping.py).
     collate_fn = functools.partial(
         collate, model=model, pad_token_id=tokenizer.pad_token_id, padding_free=config.packing.padding_free,
-        pad_to_multiple_of=config.packing.pad_to_multiple_of, device=device,
+        pad_to_multiple_of=config.packing.pad_to_multiple_of, device=device, boundaries=config.packing.neat_packing,
+        per_sample=args.loss_normalization == "sample",
     )  # fmt: skip
     in_output_dir = resume_from is not None and resume_from.resolve().parent == output_dir.resolve()
     run = Run(
@@ -191,11 +194,13 @@ def train_into(
         saved=resume_from if in_output_dir else None, interval=Interval(resumed.get("num_tokens", 0)),
         base_model=base_model, on_event=given.on_event,
     )  # fmt: skip
+    run.best = best_tracker(args, resumed, resume_from, output_dir)
     # Every input is open and checked: only now may --overwrite_output_dir remove the previous run's files.
     prepare_output_dir(output_dir, args.overwrite_output_dir, resume_from is not None, processes, console)
     metrics_log = open_metrics_log(config, output_dir, run.completed) if processes.is_main else None
     if metrics_log is not None and metrics_log.note:  # the torn last line a killed run left, dropped
         console.print(f"note: {metrics_log.note}", markup=False, highlight=False)
+    run.probes = open_probes(args, output_dir, run.completed, tokenizer, processes, metrics_log, console)
     if processes.is_main:
         record_outputs(output_dir)  # metrics.jsonl and the trackers' folders
     tell(run, "train_begin", model=run.model, tokenizer=tokenizer, total_steps=run.total_steps)
@@ -203,10 +208,13 @@ def train_into(
         last_metrics, stopped = run_steps(run, args, stop, metrics_log, console)
         if stopped:  # still inside stop_requests: a second SIGTERM cannot cut the checkpoint short
             save_on_stop(run, args, stop.signal, console)
+            record_end(run, args, signal=stop.signal or "a stop request")
             return TrainResult(output_dir, run.completed, last_metrics, interrupted=True, history=run.history)
 
         # 5. Outputs: an HF-format model (or a peft adapter), the tokenizer with its chat template.
+        load_best(run, console)  # --load_best_model_at_end: the best checkpoint's weights are what is saved
         merged_dir = write_outputs(run, tokenizer, config.model, config.lora, console)
+        record_end(run, args)
     tell(run, "train_end")
     evaluation = evaluation_of(run, args) if run.eval_units else None
     model.eval()  # ready to generate: dropout off
@@ -243,6 +251,8 @@ class Run:
     history: list[dict] = field(default_factory=list)  # every record logged
     on_event: Callable[..., bool | None] | None = None  # Given.on_event: told of the run's events (tell)
     stop_asked: bool = False  # the event hook asked the run to end after this step
+    best: Best | None = None  # --load_best_model_at_end's best evaluation and patience (machinery/best_checkpoint.py)
+    probes: Probes | None = None  # --probe_prompts: asked before the first step, at each evaluation and at the end
 
 
 def run_steps(run: Run, args: TrainingConfig, stop, metrics_log, console: Console) -> tuple[dict, bool]:
@@ -257,21 +267,31 @@ def run_steps(run: Run, args: TrainingConfig, stop, metrics_log, console: Consol
         with progress:
             if args.eval_on_start:  # a check that evaluation works before any time goes into training
                 record = {**epoch_record(run), **evaluation()}
+                if run.best is not None:  # --metric_for_best_model's name checked now; no checkpoint to load here
+                    run.best.value_of(record, run.parallel)
                 log(metrics_log, record, last_metrics)
                 logged(run, record)
                 progress.show(record)
+            elif run.probes is not None and run.completed == 0:  # the probes' answers before any training
+                figures = probe_figures(run)
+                if figures:  # match rates, where probes have expected answers
+                    record = {**epoch_record(run), **figures}
+                    log(metrics_log, record, last_metrics)
+                    logged(run, record)
             for step in range(run.completed, run.total_steps):
                 if run.stop_asked:  # by the event hook (a callback's should_training_stop): the run ends as done
                     break
-                micro_batches, weights, local_tokens = share_of_step(run, args, step)
+                micro_batches, weights, local_tokens, local_weight = share_of_step(run, args, step)
                 # The stop requests travel in the step's token all-reduce: every process sees the same sum,
                 # so all stop before the same step, even if only one of them got the signal.
-                step_tokens, stop_votes = run.parallel.sum([local_tokens, float(stop.signal is not None)])
+                step_tokens, step_weight, stop_votes = run.parallel.sum(
+                    [local_tokens, local_weight, float(stop.signal is not None)]
+                )
                 if stop_votes:
                     return last_metrics, True
                 learning_rate = run.optimizer.param_groups[0]["lr"]
                 figures = train_step(
-                    run.model, micro_batches, step_tokens, run.collate, run.optimizer, run.schedule, args.max_grad_norm,
+                    run.model, micro_batches, step_weight, run.collate, run.optimizer, run.schedule, args.max_grad_norm,
                     weights=weights, parallel=run.parallel, scaler=run.scaler, autocast=run.autocast,
                     passes=stop.abandonable,
                 )  # fmt: skip
@@ -287,10 +307,14 @@ def run_steps(run: Run, args: TrainingConfig, stop, metrics_log, console: Consol
                     record = run.interval.figures(epoch_record(run), run.parallel.device)
                 if evaluation_due(args, run.completed, run.steps_per_epoch, run.total_steps) and run.eval_units:
                     record.update({**epoch_record(run), **evaluation()})
+                elif run.completed == run.total_steps and run.probes is not None:  # the end, where no evaluation was
+                    record.update(probe_figures(run))  # (the last step is always logged: record holds its step)
                 if record:
                     log(metrics_log, record, last_metrics)
                     logged(run, record)
                     progress.show(record)
+                if stops_early(run, record, console):  # --early_stopping_patience: the run ends as a finished one
+                    run.stop_asked, run.total_steps = True, run.completed
                 if save_due(args, run.completed, run.steps_per_epoch, run.total_steps):
                     run.saved = save(run, args)
                     tell(run, "save", checkpoint=run.saved)
@@ -310,9 +334,11 @@ def run_steps(run: Run, args: TrainingConfig, stop, metrics_log, console: Consol
     return last_metrics, False
 
 
-def share_of_step(run: Run, args: TrainingConfig, step: int) -> tuple[list[list[dict]], list[float], int]:
-    """This process's micro-batches of `step` (lists of units), their weights (DataParallel.mine) and their
-    trained tokens, counted from the label lists: each micro-batch is collated only just before its forward."""
+def share_of_step(run: Run, args: TrainingConfig, step: int) -> tuple[list[list[dict]], list[float], int, float]:
+    """This process's micro-batches of `step` (lists of units), their weights (DataParallel.mine), their trained
+    tokens and the loss's Σ ω over them (batches.count_weighted_tokens: the same number without example weights
+    and with token normalisation), counted from the label lists: each micro-batch is collated just before its
+    forward."""
     indices = micro_batches_of_step(
         step, len(run.train_units), args.per_device_train_batch_size, args.gradient_accumulation_steps,
         run.steps_per_epoch, run.seed, run.parallel.processes.world_size,
@@ -320,8 +346,9 @@ def share_of_step(run: Run, args: TrainingConfig, step: int) -> tuple[list[list[
     shares = run.parallel.mine(indices)
     micro_batches = [[run.train_units[index] for index in batch] for batch, _ in shares]
     weights = [weight for _, weight in shares]
-    tokens = sum(count_trained_tokens_of(units) for units, weight in zip(micro_batches, weights) if weight)
-    return micro_batches, weights, tokens
+    per_sample = args.loss_normalization == "sample"
+    counts = [count_weighted_tokens(units, per_sample) for units, weight in zip(micro_batches, weights) if weight]
+    return micro_batches, weights, sum(tokens for tokens, _ in counts), sum(total for _, total in counts)
 
 
 def save(run: Run, args: TrainingConfig) -> Path:
@@ -335,13 +362,14 @@ def save(run: Run, args: TrainingConfig) -> Path:
         "num_tokens": run.interval.total_tokens + run.interval.tokens,  # the trained tokens of all steps so far
         "data_order": run.data_order(),
         "base_model": run.base_model,
+        **(run.best.state() if run.best is not None else {}),
     }
     path = save_checkpoint(
         run.output_dir, run.completed, run.model, run.optimizer, run.schedule, state, run.lora_settings,
         run.base_name, run.parallel,
     )  # fmt: skip
     if processes.is_main:
-        prune(run.output_dir, args.save_total_limit, current=path)
+        prune(run.output_dir, args.save_total_limit, current=path, best=run.best.folder if run.best else None)
         record_outputs(run.output_dir)  # the new checkpoint is this run's; the pruned ones are gone
     return path
 
@@ -390,10 +418,16 @@ def evaluation_of(run: Run, args: TrainingConfig) -> Callable[[], dict]:
             run.model, run.eval_units, run.collate, args.per_device_eval_batch_size, parallel=run.parallel,
             autocast=run.autocast,
         )  # fmt: skip
+        metrics.update(probe_figures(run))  # --probe_prompts' match rates are eval metrics too
         tell(run, "evaluate", metrics=metrics)
         return metrics
 
     return evaluation
+
+
+def probe_figures(run: Run) -> dict:
+    """Ask the probes now (machinery/probes.py) and return their match rates; nothing without --probe_prompts."""
+    return run.probes.answer(run.model, run.completed, run.autocast) if run.probes is not None else {}
 
 
 # ----------------------------------------------------------------------------- setting up
@@ -404,6 +438,7 @@ def check_flags(config: RunConfig) -> None:
     config was built: asked again for one changed since), and the optional packages the flags need."""
     check_run(config)
     args = config.training
+    check_probes(args)  # a bad --probe_prompts file, before any data is read or model loaded
     check_attention_implementation(config.model.attn_implementation)
     for tracker in chosen_trackers(args.report_to):
         import_tracker(tracker)
@@ -425,7 +460,9 @@ def open_output_dir(
     model = config.model.model_name_or_path
     # The embedded model's folder is its cache (models.embedded_model_dir), named here without converting anything.
     model_folder = cache_root() / EMBEDDED_MODEL_NAME if model.lower() == EMBEDDED_MODEL_NAME else model
-    refuse_unsafe_folder(output_dir, data_source(config, dataset), model_folder)
+    mixes = config.data.datasets is not None and dataset is None
+    read = [read_from(entry) for entry in check_entries(config.data.datasets, "datasets")] if mixes else []
+    refuse_unsafe_folder(output_dir, read or [data_source(config, dataset)], model_folder)
     resume_from = resolve_resume(output_dir, args.resume_from_checkpoint)
     check_output_dir(output_dir, args.overwrite_output_dir, resuming=resume_from is not None)
     barrier(processes)  # every process has checked the folder before rank 0 makes it
@@ -448,7 +485,7 @@ def data_source(config: RunConfig, dataset=None):
 
 def prepare_data(
     config: RunConfig, tokenizer, processes: Processes, console, dataset=None
-) -> tuple[Sequence, Sequence | None]:
+) -> tuple[Sequence, Sequence | None, list[dict] | None]:
     """The train and eval units (packed rows, or examples), each split's counts said in one line. A split left
     with no example (every one dropped) is refused here, before the model loads, if it is to be used."""
     args, data, max_length = config.training, config.data, config.data.max_length
@@ -463,10 +500,11 @@ def prepare_data(
         barrier(processes)
     if mixes:
         entries = check_entries(data.datasets, "datasets")
-        splits, counts = prepare_mixture(entries, tokenizer, data, config.packing, args.seed)
-        console.print(counts, markup=False, highlight=False, soft_wrap=True)
+        splits, line, counts = prepare_mixture(entries, tokenizer, data, config.packing, args.seed)
+        mixture = [entry | count for entry, count in zip(entries, counts)]  # the checkpoint's record of the mixture
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     else:
-        splits = load_and_prepare(source, tokenizer, config.data, config.packing, args.seed)
+        splits, mixture = load_and_prepare(source, tokenizer, config.data, config.packing, args.seed), None
     if processes.is_main:
         barrier(processes)
     evaluates = args.eval_strategy != "no" or args.eval_on_start
@@ -489,7 +527,7 @@ def prepare_data(
     if processes.is_main:  # the pre-flight audit's warnings (machinery/audit.py); inspect --audit shows the table
         for warning in audit_split(splits.train, tokenizer).warnings:
             console.print(Text.assemble(("warning: ", "yellow"), warning), soft_wrap=True)
-    return train_units, eval_units
+    return train_units, eval_units, mixture
 
 
 def resume_state(
@@ -585,6 +623,8 @@ def run_line(config: RunConfig, output_dir, processes, total_steps, warmup, mode
         f"{', bf16 autocast' if bf16_autocast else ''}, gradient checkpointing "
         f"{'on' if args.gradient_checkpointing else 'off'}"
         + (f", NEFTune noise alpha {args.neftune_noise_alpha:g}" if args.neftune_noise_alpha is not None else "")
+        + (", the loss averaged per example (loss_normalization sample)" if args.loss_normalization == "sample" else "")
+        + ("" if config.packing.neat_packing else ", packing without attention boundaries (examples see each other)")
         + (f"\n{warning}" if warning else "")
     )
 
@@ -607,7 +647,7 @@ def prepare_output_dir(output_dir: Path, overwrite: bool, resuming: bool, proces
     barrier(processes)  # nothing is written into the folder until it is cleared
 
 
-def data_order(config: RunConfig, train_units: Sequence[dict], world_size: int) -> dict:
+def data_order(config: RunConfig, train_units: Sequence[dict], world_size: int, mixture: list[dict] | None) -> dict:
     """What decides the examples of each step: every checkpoint stores it, and a resume must match it.
 
     The global batch, not its split: a step covers the same units of the epoch's order whatever the
@@ -624,8 +664,8 @@ def data_order(config: RunConfig, train_units: Sequence[dict], world_size: int) 
         order["packing_strategy"] = config.packing.packing_strategy
     # Whatever else shapes the examples (the file's content, the split, the template, the masks) shows here.
     order["train_data"] = data_fingerprint(train_units)
-    if config.data.datasets is not None:  # said by name: a changed proportion is refused as that, not as a hash
-        order["datasets"] = check_entries(config.data.datasets, "datasets")
+    if mixture is not None:  # said by name, with each source's count: a changed proportion is refused as that
+        order["datasets"] = mixture
     return order
 
 
@@ -643,6 +683,8 @@ def units_for(
     if used and not stats.examples:
         if stats.drop_reasons.get("every trained token was past max_length"):
             remedy = f"raise --max_length ({max_length}), or shorten the prompts"
+        elif stats.drop_reasons.get("of weight 0"):  # the rows' own weight column leaves nothing
+            remedy = "give some examples a weight above 0 (weight 0 leaves an example out)"
         else:  # nothing to train on before any cut: the masks leave no token (python -m minisft.inspect shows them)
             remedy = "check the loss masking flags against the data with python -m minisft.inspect"
         raise ConfigError(

@@ -1,14 +1,22 @@
 """Mixtures: several datasets, each drawn in its own proportion, as one training set.
 
-A --config file may hold a `datasets:` list in the shape of TRL's dataset mixture (path, name, split), each
-entry with an optional `proportion`: the fraction of the source an epoch holds. An epoch holds
-round(proportion × examples) of a source: 2 repeats it twice, 0.5 takes half of it, a subset drawn with
-the run's seed (the same examples for the same seed, others for another).
+A --config file may hold a `datasets:` list in the shape of TRL's dataset mixture: each entry has a path and
+optionally name, split, data_dir, data_files and columns, which mean what they mean to datasets' load_dataset
+(data_files and data_dir relative to a local folder path, or to the working folder when path is a builder
+name such as json; columns keeps only those columns of each row). How much of each source an epoch holds:
+
+    proportion p (minisft's)   round(p × examples) of the source: 2 repeats it twice, 0.5 takes half of
+                               it, a subset drawn with the run's seed (the same examples for the same seed)
+    fraction f (TRL's)         shares of the mixture, normalised to sum to 1 and never oversampling: with
+                               w = f / Σf, the mixture holds N = min(examples / w) examples, the first
+                               round(w × N) of each source; set on every entry or on none
 
 Each source is prepared as a lone dataset would be, and cached on its own (minisft/machinery/prepare.py);
-only the prepared examples are mixed, so a new proportion prepares nothing again. The mixture is one
-of the things that decide each step's examples: the run's data order records it (loop.data_order), and a
-resume with another mixture is refused as a changed data order. Each example keeps its origin (file and line).
+only the prepared examples are mixed, so a new proportion prepares nothing again, and "examples" above
+counts a source's prepared examples (after --eval_split_size holds some out, and after any drop). The
+mixture is one of the things that decide each step's examples: the run's data order records it
+(loop.data_order) with each source's count, and a resume with another mixture is refused as a changed data
+order. Each example keeps its origin (file and line).
 """
 
 from __future__ import annotations
@@ -24,10 +32,12 @@ from minisft.errors import UserError
 from minisft.sft.labels import IGNORE_INDEX
 
 from .config import DataConfig, PackingConfig
+from .data_files import FileSelection, local_files, split_of
 from .prepare import PreparedDataset, PreparedSplits, PrepareStats, load_and_prepare
 from .storage import TokenStorage
 
-KEYS = ("path", "name", "split", "proportion")  # TRL's data_dir, data_files and columns are not read yet
+KEYS = ("path", "name", "split", "data_dir", "data_files", "columns", "proportion", "fraction")
+BUILDERS = ("json", "csv", "parquet")  # datasets' generic builders that read the files minisft reads
 
 
 class MixtureError(UserError):
@@ -47,16 +57,91 @@ def _checked(entry, where: str) -> dict:
     unknown = sorted(set(entry) - set(KEYS))
     if unknown:
         raise MixtureError(f"{where}: unknown keys {unknown}; an entry takes {', '.join(KEYS)}.")
-    path, proportion = entry.get("path"), entry.get("proportion", 1.0)
+    path = entry.get("path")
     if not isinstance(path, str) or not path:
         raise MixtureError(f"{where}: path must be a file, folder or hub dataset name, got {path!r}.")
-    number = isinstance(proportion, (int, float)) and not isinstance(proportion, bool)
-    if not number or not math.isfinite(proportion) or proportion <= 0:
-        raise MixtureError(f"{where} ({path}): proportion must be a number > 0, got {proportion!r}.")
-    for key in ("name", "split"):
+    where = f"{where} ({path})"
+    if entry.get("proportion") is not None and entry.get("fraction") is not None:
+        raise MixtureError(f"{where}: give proportion (minisft's) or fraction (TRL's), not both.")
+    for key in ("proportion", "fraction"):
+        value = entry.get(key)
+        if value is None:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or value <= 0:
+            raise MixtureError(f"{where}: {key} must be a number > 0, got {value!r}.")
+    for key in ("name", "split", "data_dir"):
         if entry.get(key) is not None and not isinstance(entry[key], str):
-            raise MixtureError(f"{where} ({path}): {key} must be a string, got {entry[key]!r}.")
-    return {"path": path, "name": entry.get("name"), "split": entry.get("split") or "train", "proportion": proportion}
+            raise MixtureError(f"{where}: {key} must be a string, got {entry[key]!r}.")
+    columns = entry.get("columns")
+    if columns is not None and (not isinstance(columns, list) or not columns
+                                or not all(isinstance(column, str) for column in columns)):  # fmt: skip
+        raise MixtureError(f"{where}: columns must be a list of column names, got {columns!r}.")
+    files = entry.get("data_files")
+    if files is not None and _file_names(files) is None:
+        raise MixtureError(f"{where}: data_files must be a file name, a list of them, or a mapping from split names "
+                           f"to them, got {files!r}.")  # fmt: skip
+    checked = {key: entry.get(key) for key in KEYS} | {"split": entry.get("split") or "train"}
+    checked["proportion"] = entry.get("proportion") or 1.0
+    return checked
+
+
+def _file_names(files) -> dict[str, list[str]] | None:
+    """data_files as {split: names}, as datasets reads it (a name or a list: the train split); None: not that shape."""
+
+    def names(value):
+        value = [value] if isinstance(value, str) else value
+        return value if isinstance(value, list) and value and all(isinstance(name, str) for name in value) else None
+
+    if isinstance(files, dict):
+        by_split = {split: names(value) for split, value in files.items()}
+        return (
+            by_split
+            if by_split and all(isinstance(split, str) and value for split, value in by_split.items())
+            else None
+        )
+    return {"train": names(files)} if names(files) else None
+
+
+def source_of(entry: dict):
+    """What load_and_prepare reads for an entry: its path as given, or a FileSelection of the files it names."""
+    path, folder = entry["path"], Path(entry["path"])
+    if path in BUILDERS and entry["data_files"] is None and entry["data_dir"] is None:
+        raise MixtureError(f"datasets: path {path!r} is a builder: name its files with data_files or data_dir.")
+    if entry["data_files"] is None and entry["data_dir"] is None and entry["columns"] is None:
+        return folder if folder.exists() else path
+    if not folder.is_dir() and path not in BUILDERS:
+        raise MixtureError(f"datasets: {path}: data_files, data_dir and columns need a local folder or one of the "
+                           f"builders {', '.join(BUILDERS)} as the path.")  # fmt: skip
+    base = folder if folder.is_dir() else Path(".")
+    base = base / entry["data_dir"] if entry["data_dir"] else base
+    if entry["data_files"] is None:
+        files = local_files(base)
+        splits: dict[str, list[Path]] = {}
+        for file in files:
+            splits.setdefault(split_of(file.relative_to(base)) if base.is_dir() else "train", []).append(file)
+    else:
+        splits = {split: _matched(base, names, path) for split, names in _file_names(entry["data_files"]).items()}
+    columns = tuple(entry["columns"]) if entry["columns"] else None
+    return FileSelection(f"{path} ({', '.join(str(file) for files in splits.values() for file in files)})",
+                         splits, columns)  # fmt: skip
+
+
+def read_from(entry: dict) -> str | Path:
+    """The folder (or file, or hub name) an entry reads from: what its run's --output_dir must stay out of."""
+    base = Path(".") if entry["path"] in BUILDERS else Path(entry["path"])
+    return base / entry["data_dir"] if entry["data_dir"] else (entry["path"] if base == Path(".") else base)
+
+
+def _matched(base: Path, names: list[str], path: str) -> list[Path]:
+    """The files of data_files' names under `base`, glob patterns expanded as datasets does, each one checked."""
+    files = []
+    for name in names:
+        found = sorted(base.glob(name)) if any(char in name for char in "*?[") else [base / name]
+        if not found or not all(file.is_file() for file in found):
+            raise MixtureError(f"datasets: {path}: data_files {name!r}: no such file under {base}.")
+        files += [file for file in found if file not in files]
+    return files
 
 
 def drawn(count: int, proportion: float, seed: int, index: int) -> np.ndarray:
@@ -67,30 +152,48 @@ def drawn(count: int, proportion: float, seed: int, index: int) -> np.ndarray:
     return np.concatenate([np.tile(np.arange(count), copies), np.sort(subset)]).astype(np.int64)
 
 
+def picks_of(entries: list[dict], counts: list[int], seed: int) -> list[np.ndarray]:
+    """Which examples of each source an epoch holds, by proportion or by TRL's fraction (module docstring)."""
+    fractions = [entry["fraction"] for entry in entries]
+    if all(fraction is None for fraction in fractions):
+        return [drawn(count, entry["proportion"], seed, index)
+                for index, (entry, count) in enumerate(zip(entries, counts))]  # fmt: skip
+    if any(fraction is None for fraction in fractions):
+        raise MixtureError("datasets: fraction must be set on every entry or on none (as TRL's mixtures require).")
+    shares = [fraction / sum(fractions) for fraction in fractions]
+    total = min(count / share for count, share in zip(counts, shares))
+    return [np.arange(round(share * total), dtype=np.int64) for share in shares]
+
+
 def prepare_mixture(
     entries: list[dict], tokenizer, config: DataConfig, packing: PackingConfig | None, seed: int
-) -> tuple[PreparedSplits, str]:
-    """Each source prepared (and cached) alone, then mixed: the splits, and the line of counts per source."""
+) -> tuple[PreparedSplits, str, list[dict]]:
+    """Each source prepared (and cached) alone, then mixed: the splits, the line of counts per source, and the
+    counts themselves (path, examples, drawn an epoch) for the run's state."""
+    entries = check_entries(entries, "datasets")  # the loop has checked them; a Python caller may not have
     sources = [_prepared(entry, tokenizer, config, packing, seed) for entry in entries]
-    picks = [drawn(len(source.train.examples), entry["proportion"], seed, index)
-             for index, (entry, source) in enumerate(zip(entries, sources))]  # fmt: skip
+    picks = picks_of(entries, [len(source.train.examples) for source in sources], seed)
     train = _mixed([source.train for source in sources], picks)
     evals = [source.eval for source in sources if source.eval is not None]
     eval_split = _mixed(evals, [np.arange(len(split.examples)) for split in evals]) if evals else None
-    line = (
-        "data mixture: "
-        + ", ".join(
-            f"{entry['path']} {len(source.train.examples):,} × {entry['proportion']:g} = {len(pick):,}"
-            for entry, source, pick in zip(entries, sources, picks)
-        )
-        + f" ({len(train.examples):,} examples an epoch)"
+    counts = [
+        {"path": entry["path"], "examples": len(source.train.examples), "drawn": len(pick)}
+        for entry, source, pick in zip(entries, sources, picks)
+    ]
+    line = "data mixture: " + ", ".join(
+        f"{count['path']} {count['examples']:,} × {entry['proportion']:g} = {count['drawn']:,}"
+        if entry["fraction"] is None
+        else f"{count['path']} first {count['drawn']:,} of {count['examples']:,} (fraction {entry['fraction']:g})"
+        for entry, count in zip(entries, counts)
     )
+    line += f" ({len(train.examples):,} examples an epoch)"
     first = sources[0]
     notes = "; ".join(dict.fromkeys(source.cache_note for source in sources))
     added = list(dict.fromkeys(token for source in sources for token in source.added_tokens))
     blank = sum(source.skipped_blank_lines for source in sources)
-    return dataclasses.replace(first, train=train, eval=eval_split, added_tokens=added, skipped_blank_lines=blank,
-                               cache_note=notes), line  # fmt: skip
+    splits = dataclasses.replace(first, train=train, eval=eval_split, added_tokens=added, skipped_blank_lines=blank,
+                                 cache_note=notes)  # fmt: skip
+    return splits, line, counts
 
 
 def _prepared(entry: dict, tokenizer, config: DataConfig, packing, seed: int) -> PreparedSplits:
@@ -98,9 +201,8 @@ def _prepared(entry: dict, tokenizer, config: DataConfig, packing, seed: int) ->
         config, datasets=None, dataset_name=entry["path"], dataset_config=entry["name"],
         dataset_train_split=entry["split"],
     )  # fmt: skip
-    path = Path(entry["path"])
     try:
-        return load_and_prepare(path if path.exists() else entry["path"], tokenizer, source, packing, seed)
+        return load_and_prepare(source_of(entry), tokenizer, source, packing, seed)
     except UserError as error:  # a source the flags cannot apply to (text under assistant masks): named
         if entry["path"] in str(error):
             raise
@@ -111,7 +213,7 @@ def _mixed(splits: list[PreparedDataset], picks: list[np.ndarray]) -> PreparedDa
     """The picked examples of each split, one after another, in memory as the cache stores them (ids in their
     narrow dtype, a trained mask unless a source has labels of its own): the preparation's counts summed, the
     kept examples' counted again over the mixture."""
-    ids, masks, lengths, origins = [], [], [], []
+    ids, masks, lengths, origins, weights = [], [], [], [], []
     stats = PrepareStats(drop_reasons=Counter())
     own_labels = any(split.examples.labels is not None for split in splits)
     for split, pick in zip(splits, picks):
@@ -128,6 +230,7 @@ def _mixed(splits: list[PreparedDataset], picks: list[np.ndarray]) -> PreparedDa
             masks.append(storage.trained[positions].astype(bool))
         ids.append(tokens)
         lengths.append(sizes)
+        weights.append(np.ones(len(pick)) if storage.weights is None else storage.weights[pick])  # the rows' `weight`
         origins.extend(split.origins[int(index)] for index in pick)
     sizes = np.concatenate(lengths)
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -135,5 +238,7 @@ def _mixed(splits: list[PreparedDataset], picks: list[np.ndarray]) -> PreparedDa
     stats.examples, stats.tokens = len(sizes), int(offsets[-1])
     stats.trained_tokens = int((mixed != IGNORE_INDEX).sum() if own_labels else mixed.sum())
     kept = {"labels": mixed} if own_labels else {"trained": mixed}
+    mixed_weights = np.concatenate(weights).astype(np.float64)
+    kept["weights"] = None if (mixed_weights == 1).all() else mixed_weights  # all 1: the unweighted loss, bit for bit
     examples = TokenStorage(np.concatenate(ids), offsets, **kept)
     return PreparedDataset(examples, stats, origins)

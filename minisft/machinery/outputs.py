@@ -3,7 +3,8 @@
 What a run reads never shares its folder with what it writes. An --output_dir that is the current
 folder, the home folder, the root, or the folder of the dataset or of the base model (or a parent of
 them) is refused before anything starts: a run writes and, with --overwrite_output_dir, removes files
-there, and a user's files must never be within its reach by accident.
+there, and a user's files must never be within its reach by accident. So is a folder inside a folder
+dataset: the next run would read the outputs' .jsonl files as data.
 
 Overwrite means overwrite minisft's own files. A run keeps a record of what it created in the folder,
 
@@ -50,6 +51,7 @@ BOOKKEEPING = {LOCK_FILE, MANIFEST, MANIFEST + ".tmp"}  # never counted as the f
 OWN_NAMES = re.compile(
     r"""checkpoint-\d+ | \.checkpoint-\d+\.(partial|trash)             # checkpoint.py
     | metrics\.jsonl(\.tmp)? | runs | wandb                              # reporting.py and its trackers
+    | probes\.jsonl(\.tmp)?                                              # probes.py (--probe_prompts)
     | merged                                                             # --merge_lora
     | config\.json | generation_config\.json                             # model.save_pretrained
     | model(-\d+-of-\d+)?\.safetensors | model\.safetensors\.index\.json
@@ -66,9 +68,9 @@ NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # file systems mounte
 # ----------------------------------------------------------------------------- where a run may write
 
 
-def refuse_unsafe_folder(output_dir: Path, dataset, model_folder) -> None:
-    """One line, before anything starts, for an --output_dir the run must not write into. `dataset` and
-    `model_folder`: what the run reads, checked only where they are local paths (not a hub name)."""
+def refuse_unsafe_folder(output_dir: Path, datasets: list, model_folder) -> None:
+    """One line, before anything starts, for an --output_dir the run must not write into. `datasets` (a mixture
+    has several) and `model_folder`: what the run reads, checked only where they are local paths (not hub names)."""
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"--output_dir {output_dir} is a file, not a folder; give the run a folder of its own.")
     folder = output_dir.resolve()  # symlinks followed: the folder a write would really land in
@@ -82,7 +84,10 @@ def refuse_unsafe_folder(output_dir: Path, dataset, model_folder) -> None:
             f"--output_dir {output_dir} is {places[folder]}: a run writes (and with --overwrite_output_dir removes) "
             f"files in it; give it a folder of its own, such as {output_dir / 'out'}."
         )
-    for flag, source in (("--dataset_name", dataset), ("--model_name_or_path", model_folder)):
+    for flag, source in [
+        *(("--dataset_name", dataset) for dataset in datasets),
+        ("--model_name_or_path", model_folder),
+    ]:
         if isinstance(source, (str, os.PathLike)) and Path(source).exists():
             path = Path(source).resolve()
             held = path if path.is_dir() else path.parent
@@ -90,6 +95,11 @@ def refuse_unsafe_folder(output_dir: Path, dataset, model_folder) -> None:
                 raise ConfigError(
                     f"--output_dir {output_dir} holds {flag} {source}: the run would write among its own inputs; "
                     "give it a folder of its own."
+                )
+            if path.is_dir() and path in folder.parents and flag == "--dataset_name":
+                raise ConfigError(
+                    f"--output_dir {output_dir} is inside {flag} {source}: a folder dataset reads every data file "
+                    "under it, so the run's metrics.jsonl would be read as data; give it a folder of its own."
                 )
 
 

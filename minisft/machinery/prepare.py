@@ -11,7 +11,10 @@ which split an overlong example over rows instead, get it whole.
 
 Every decision is counted, never silent: examples truncated to --max_length (and the tokens
 cut), examples dropped because no token is left to train on (and why), examples where a
-response template was never found. `python -m minisft.inspect` prints exactly this output.
+response template was never found. A training example whose row gives it weight 0 is dropped
+too ("of weight 0"): leaving it out is what weight 0 means (sft/loss.py); each kept example's
+weight is stored beside its tokens. The eval split's examples all weigh 1: eval_loss counts
+every token once, as transformers' does. `python -m minisft.inspect` prints exactly this output.
 
 At scale: the raw rows are read as a stream and prepared in batches of BATCH_ROWS (one
 tokenizer call per batch), by --dataset_num_proc worker processes that return their batches
@@ -62,7 +65,7 @@ from minisft.sft.labels import (
 )
 
 from .config import DataConfig, PackingConfig, TrainingConfig
-from .data_files import local_files, rows_of, stream_splits
+from .data_files import FileSelection, local_files, rows_of, stream_splits
 from .storage import (
     DamagedFile,
     StorageWriter,
@@ -139,6 +142,7 @@ class _Encoded:
     labels: np.ndarray
     lengths: np.ndarray
     origins: list[str]
+    weights: np.ndarray
     stats: PrepareStats
 
 
@@ -265,18 +269,19 @@ def _prepare_batch(job: _Job, batch: list[tuple[str, dict, str]]) -> dict[str, _
     if job.drop_reasoning:  # before rendering, so no template sees them; counted, as all that is left out
         examples, traces = map(list, zip(*map(_without_reasoning, examples)))
     formatted = _formatted(job, examples, [origin for origin, _, _ in batch])
-    kept: dict[str, tuple[list, list, list]] = {}
+    kept: dict[str, tuple[list, list, list, list]] = {}
     stats: dict[str, PrepareStats] = {}
     for (origin, _, split), one, example_traces, canonical in zip(batch, formatted, traces, examples):
         split_stats = stats.setdefault(split, PrepareStats())
         split_stats.reasoning_dropped += example_traces
         example = _finish_example(job, one, canonical, origin, split, split_stats)
         if example is not None:
-            ids, labels, origins = kept.setdefault(split, ([], [], []))
+            ids, labels, origins, weights = kept.setdefault(split, ([], [], [], []))
             ids.append(example[0])
             labels.append(example[1])
             origins.append(origin)
-    return {split: _encoded(*kept.get(split, ([], [], [])), stats[split]) for split in stats}
+            weights.append(example[2])
+    return {split: _encoded(*kept.get(split, ([], [], [], [])), stats[split]) for split in stats}
 
 
 def _without_reasoning(example: dict) -> tuple[dict, int]:
@@ -346,7 +351,8 @@ def _formatted(job: _Job, examples: list[dict], origins: list[str]) -> list[Form
 
 def _finish_example(job: _Job, formatted: Formatted, example: dict, origin: str, split: str, stats: PrepareStats):
     """Labels, truncation, and the drop decision for one example (labels.py makes them; they are counted here):
-    (input_ids, labels), or None when dropped. `example` is the canonical one, whose messages may switch turns."""
+    (input_ids, labels, weight), or None when dropped. `example` is the canonical one, whose messages may switch
+    turns and whose "weight" counts in training (evaluation weighs every example 1)."""
     if formatted.labels is not None:
         check_own_labels(formatted.labels, job.vocab_size, origin)
     switches = _message_switches(example, origin, job.plan.locates_turns)
@@ -358,7 +364,8 @@ def _finish_example(job: _Job, formatted: Formatted, example: dict, origin: str,
         stats.truncated += 1
         stats.truncated_tokens += len(formatted.input_ids) - len(input_ids)
     trained = sum(label != IGNORE_INDEX for label in labels)
-    reason = drop_reason(trained, uncut_labels, job.plan, template_missing)
+    weight = example.get("weight", 1.0) if split == "train" else 1.0
+    reason = drop_reason(trained, uncut_labels, job.plan, template_missing) or ("of weight 0" if not weight else None)
     if reason is not None:
         stats.dropped += 1
         stats.drop_reasons[reason] += 1
@@ -366,7 +373,7 @@ def _finish_example(job: _Job, formatted: Formatted, example: dict, origin: str,
     stats.examples += 1
     stats.tokens += len(input_ids)
     stats.trained_tokens += trained
-    return input_ids, labels
+    return input_ids, labels, weight
 
 
 def _message_switches(example: dict, origin: str, located: bool) -> list[bool | None]:
@@ -395,9 +402,12 @@ def _message_switches(example: dict, origin: str, located: bool) -> list[bool | 
     return switches
 
 
-def _encoded(ids: list[list[int]], labels: list[list[int]], origins: list[str], stats: PrepareStats) -> _Encoded:
+def _encoded(
+    ids: list[list[int]], labels: list[list[int]], origins: list[str], weights: list[float], stats: PrepareStats
+) -> _Encoded:
     flat = lambda lists: np.fromiter((t for tokens in lists for t in tokens), np.int64, stats.tokens)  # noqa: E731
-    return _Encoded(flat(ids), flat(labels), np.array([len(i) for i in ids], np.int64), origins, stats)
+    lengths = np.array([len(i) for i in ids], np.int64)
+    return _Encoded(flat(ids), flat(labels), lengths, origins, np.array(weights, np.float64), stats)
 
 
 # ----------------------------------------------------------------------------- a whole dataset, in batches
@@ -487,7 +497,9 @@ def _write_splits(
     with closing(_results(job, batches, num_proc)) as results:
         for result in results:
             for split, encoded in result.items():
-                writers[split].append(encoded.input_ids, encoded.labels, encoded.lengths, encoded.origins)
+                writers[split].append(
+                    encoded.input_ids, encoded.labels, encoded.lengths, encoded.origins, encoded.weights
+                )
                 stats[split].add(encoded.stats)
             progress.add(sum(encoded.stats.examples + encoded.stats.dropped for encoded in result.values()))
     for split, writer in writers.items():
@@ -549,7 +561,9 @@ def load_and_prepare(
         if root is None or not streams.files:
             why = "--cache_dir none" if root is None else "only local files are fingerprinted for the cache"
             return _opened(_in_scratch(prepare), added_tokens, f"data: prepared, not cached ({why})", keep=False)
-        return _cached(prepare, root, cache.fingerprint(streams.files, tokenizer, config, seed, cut_to), added_tokens)
+        columns = source.columns if isinstance(source, FileSelection) else None
+        key = cache.fingerprint(streams.files, tokenizer, config, seed, cut_to, columns)
+        return _cached(prepare, root, key, added_tokens)
 
 
 def _cached(prepare: Callable[[Path], None], root: Path, key: str, added_tokens: list[str]) -> PreparedSplits:
@@ -620,6 +634,8 @@ def _state(file: Path) -> tuple[int, int] | None:
 
 def _file_states(source) -> dict[Path, tuple[int, int] | None]:
     """The size and mtime of every local data file of `source`, as they are before preparation reads them."""
+    if isinstance(source, FileSelection):
+        return {file: _state(file) for file in source.files()}
     if not isinstance(source, (str, Path)) or not Path(source).exists():
         return {}
     return {file: _state(file) for file in local_files(Path(source))}
@@ -687,6 +703,9 @@ def _opened(folder: Path, added_tokens: list[str], note: str, keep: bool) -> Pre
     traces = sum(prepared.stats.reasoning_dropped for prepared in splits.values())
     if traces:  # what the run leaves out of the data is said, in the line that opens its data
         note += f"; --drop_reasoning left out {traces:,} reasoning traces"
+    weights = splits["train"].examples.weights
+    if weights is not None:  # and so is what weighs its loss
+        note += f"; training examples weighted {weights.min():g} to {weights.max():g} (their rows' weight)"
     return PreparedSplits(splits["train"], splits.get("eval"), added_tokens, blank_lines, note)
 
 

@@ -14,8 +14,10 @@ a resume read it) and handed to every tracker, under the names transformers' int
     trackio       trackio.init(project=$TRACKIO_PROJECT or "minisft", name=run_name): a local dashboard
     mlflow        mlflow.start_run(run_name=run_name); MLFLOW_TRACKING_URI says where, ./mlruns by default
 
-Several at once are fine (--report_to tensorboard wandb); "all" means every one that is installed,
-"none" only metrics.jsonl. Only the first process of a torchrun run reports.
+The probes' answers (--probe_prompts, machinery/probes.py) go to tensorboard as a markdown table in its Text
+tab, to wandb as a wandb.Table and to mlflow as a table artifact per occasion, each at the step; trackio gets their
+match rates only (its Table takes another shape). Several trackers at once are fine (--report_to tensorboard wandb);
+"all" means every one that is installed, "none" only metrics.jsonl. Only the first process of a torchrun run reports.
 
 A run killed while it appends a line leaves that line cut short, without its newline. Whoever reads the
 file (the summary, the plot, a resume) drops such a last line with a note; a bad line anywhere else was
@@ -74,6 +76,13 @@ class TensorBoard:
         for name, value in figures.items():
             self.writer.add_scalar(tracker_name(name), value, step)
 
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        """TensorBoard's Text tab renders markdown: the table as one, under eval/<name>."""
+        cells = [["" if value is None else str(value).replace("|", "\\|").replace("\n", " ") for value in row]
+                 for row in [columns, *rows]]  # fmt: skip
+        lines = ["| " + " | ".join(row) + " |" for row in cells]
+        self.writer.add_text(f"eval/{name}", "\n".join([lines[0], "|" + "---|" * len(columns), *lines[1:]]), step)
+
     def close(self) -> None:
         self.writer.close()
 
@@ -82,13 +91,17 @@ class WandbStyle:
     """wandb, and trackio, which copies its API: init(project, name, config), log(figures, step), finish()."""
 
     def __init__(self, package: str, output_dir: Path, run_name: str, config: dict):
-        self.package = import_tracker(package)
+        self.name, self.package = package, import_tracker(package)
         project = os.environ.get(f"{package.upper()}_PROJECT", "minisft")  # WANDB_PROJECT, TRACKIO_PROJECT
         extra = {"dir": str(output_dir)} if package == "wandb" else {}  # wandb's files beside the run's
         self.package.init(project=project, name=run_name, config=config, **extra)
 
     def log(self, figures: dict, step: int) -> None:
         self.package.log({tracker_name(name): value for name, value in figures.items()}, step=step)
+
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        if self.name == "wandb":  # trackio's Table takes rows of another shape: it gets the figures only
+            self.package.log({f"eval/{name}": self.package.Table(columns=columns, data=rows)}, step=step)
 
     def close(self) -> None:
         self.package.finish()
@@ -102,6 +115,10 @@ class MLflow:
 
     def log(self, figures: dict, step: int) -> None:
         self.mlflow.log_metrics({tracker_name(name): value for name, value in figures.items()}, step=step)
+
+    def log_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        data = {column: [row[index] for row in rows] for index, column in enumerate(columns)}
+        self.mlflow.log_table(data, artifact_file=f"{name}/step-{step}.json")  # an artifact per occasion
 
     def close(self) -> None:
         self.mlflow.end_run()
@@ -175,6 +192,12 @@ class MetricsLog:
         for tracker in self.trackers:
             tracker.log(figures, record["step"])
 
+    def write_table(self, name: str, columns: list[str], rows: list[list], step: int) -> None:
+        """A table of text (the probes' answers, machinery/probes.py) to each tracker, as its own kind of table."""
+        for tracker in self.trackers:
+            tracker.log_table(name, columns, rows, step)
+
     def close(self) -> None:
         for tracker in self.trackers:
             tracker.close()
+        self.trackers = []  # finished: what is written later (an evaluation after the run) reaches the files only

@@ -8,11 +8,12 @@ a split is a few flat arrays, and example i is the slice [offsets[i], offsets[i 
     trained.bin         uint8, 1 where the token is trained: labels = input_ids there, -100 elsewhere
       or labels.bin     int32, the labels themselves (pre-tokenized rows that bring their own)
     offsets.bin         int64, one more than there are examples
+    weights.bin         float64, each example's weight (its row's `weight`, else 1: sft/loss.py)
     origins.bin         UTF-8 "train.jsonl line 17" of every example, one after another,
     origin_offsets.bin  int64, where each origin starts
     meta.json           dtypes, counts, and the preparation's figures (prepare.PrepareStats)
 
-That is 3 bytes per token (6 with labels.bin). The arrays are numpy memmaps: the file's pages
+That is 3 bytes per token (6 with labels.bin), and 8 per example. The arrays are numpy memmaps: the file's pages
 are mapped into memory, read from disk the first time an example touches them, and shared with
 the page cache, so opening a prepared split costs nothing and a process holds only the pages
 it reads. numpy is already a dependency, the format is the raw bytes (nanoGPT's train.bin), and
@@ -20,7 +21,9 @@ a slice of a memmap is an array without a copy. Arrow (through `datasets`) would
 with a schema, but adds ~80 MB and a second library to every run that reads a JSONL file.
 
 `TokenStorage` is a Sequence of {"input_ids": [...], "labels": [...]} dicts, built on demand,
-so the loop, the packer, the collators and `inspect` read it as they read a list.
+so the loop, the packer, the collators and `inspect` read it as they read a list. A split whose
+weights are not all 1 gives each example its "weight" too; one whose weights are all 1 (a dataset
+without a weight column) gives none, so its steps take the unweighted loss, bit for bit.
 
 Opening a split checks what costs nothing to check: every file has the size its dtype and the
 offsets imply, and the offsets start at 0, never decrease and end at the arrays' lengths. A
@@ -83,9 +86,10 @@ class Origins(LazySequence):
 class TokenStorage(LazySequence):
     """A split's examples over flat arrays (see the module docstring); `folder` is None when it is not kept."""
 
-    def __init__(self, input_ids, offsets, trained=None, labels=None, folder: Path | None = None):
+    def __init__(self, input_ids, offsets, trained=None, labels=None, folder: Path | None = None, weights=None):
         self.input_ids, self.offsets, self.trained, self.labels = input_ids, offsets, trained, labels
         self.folder = folder
+        self.weights = weights  # float64, one per example; None: every example weighs 1
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -104,11 +108,18 @@ class TokenStorage(LazySequence):
 
     def item(self, index: int) -> dict:
         start, end = int(self.offsets[index]), int(self.offsets[index + 1])
-        return {"input_ids": self.ids_between(start, end).tolist(), "labels": self.labels_between(start, end).tolist()}
+        example = {
+            "input_ids": self.ids_between(start, end).tolist(),
+            "labels": self.labels_between(start, end).tolist(),
+        }
+        return example if self.weights is None else example | {"weight": float(self.weights[index])}
 
     def fingerprint(self) -> str:
-        """sha256 of the lengths, ids and labels: equal for equal examples, however they are stored."""
+        """sha256 of the lengths, ids and labels (and weights, if any): equal for equal examples, however they are
+        stored."""
         digest = hashlib.sha256(self.lengths.astype(np.int64).tobytes())
+        if self.weights is not None:  # without: the fingerprint of before weights, so older checkpoints still resume
+            digest.update(np.asarray(self.weights, np.float64).tobytes())
         for start in range(0, len(self.input_ids), HASH_CHUNK):
             end = min(start + HASH_CHUNK, len(self.input_ids))
             digest.update(self.ids_between(start, end).tobytes())
@@ -168,9 +179,11 @@ def from_examples(examples: Sequence[dict]) -> TokenStorage:
     )
     input_ids, labels = flat("input_ids"), flat("labels")
     trained = labels != IGNORE_INDEX
+    weights = np.array([example.get("weight", 1.0) for example in examples], np.float64)
+    weights = None if (weights == 1).all() else weights
     if np.array_equal(labels[trained], input_ids[trained]):
-        return TokenStorage(input_ids, offsets, trained=trained)
-    return TokenStorage(input_ids, offsets, labels=labels)
+        return TokenStorage(input_ids, offsets, trained=trained, weights=weights)
+    return TokenStorage(input_ids, offsets, labels=labels, weights=weights)
 
 
 class StorageWriter:
@@ -178,15 +191,17 @@ class StorageWriter:
 
     def __init__(self, folder: Path, dtype: np.dtype, own_labels: bool):
         self.folder, self.dtype, self.own_labels = folder, np.dtype(dtype), own_labels
-        names = ("input_ids", "labels" if own_labels else "trained", "origins")
+        names = ("input_ids", "labels" if own_labels else "trained", "origins", "weights")
         with writing(folder):
             folder.mkdir(parents=True, exist_ok=True)
             self.files = {name: open(folder / f"{name}.bin", "wb") for name in names}
         self.lengths: list[np.ndarray] = []
         self.origin_lengths: list[int] = []
 
-    def append(self, input_ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray, origins: list[str]) -> None:
-        """One batch: its examples' ids and labels laid end to end, each example's length, and their origins."""
+    def append(
+        self, input_ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray, origins: list[str], weights: np.ndarray
+    ) -> None:
+        """One batch: its examples' ids and labels laid end to end, each example's length, origin and weight."""
         encoded = [origin.encode("utf-8") for origin in origins]
         with writing(self.folder):
             self.files["input_ids"].write(input_ids.astype(self.dtype).tobytes())
@@ -195,6 +210,7 @@ class StorageWriter:
             else:
                 self.files["trained"].write((labels != IGNORE_INDEX).astype(np.uint8).tobytes())
             self.files["origins"].write(b"".join(encoded))
+            self.files["weights"].write(weights.astype(np.float64).tobytes())
         self.origin_lengths.extend(len(origin) for origin in encoded)
         self.lengths.append(lengths.astype(np.int64))
 
@@ -260,6 +276,7 @@ def open_storage(folder: Path) -> tuple[TokenStorage, Origins, dict]:
             ("offsets", np.int64),
             ("origins", np.uint8),
             ("origin_offsets", np.int64),
+            ("weights", np.float64),
         )
     }
     labels_name = labels_file[0]
@@ -269,12 +286,17 @@ def open_storage(folder: Path) -> tuple[TokenStorage, Origins, dict]:
     _check_offsets(f"{folder.name}/offsets.bin", arrays["offsets"], meta["examples"], len(arrays["input_ids"]))
     _check_offsets(f"{folder.name}/origin_offsets.bin", arrays["origin_offsets"], meta["examples"],
                    len(arrays["origins"]))  # fmt: skip
+    if len(arrays["weights"]) != meta["examples"]:
+        raise DamagedFile(f"{folder.name}/weights.bin: {len(arrays['weights']):,} weights, meta.json says "
+                          f"{meta['examples']:,} examples")  # fmt: skip
+    weights = arrays["weights"]
     storage = TokenStorage(
         arrays["input_ids"],
         arrays["offsets"],
         trained=arrays.get("trained"),
         labels=arrays.get("labels"),
         folder=folder,
+        weights=None if (weights == 1).all() else weights,  # all 1: the unweighted loss, bit for bit
     )
     return storage, Origins(arrays["origins"], arrays["origin_offsets"]), meta
 

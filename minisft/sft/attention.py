@@ -32,6 +32,11 @@ per example 7% (benchmarks/RESULTS.md).
 
 Positions restart at 0 in every example (position_ids), so rotary embeddings match an
 example run alone. With both, each example's logits equal those of the example alone.
+
+Without them (--neat_packing false, to see what they are for) batches.collate makes each row one
+sequence: one causal mask over the row, positions running on, as TRL's wrapped packing and
+LLaMA-Factory's packing without neat_packing. Not restarted positions with crossing attention:
+given those and no mask, transformers infers the boundaries back. The labels stay the same.
 """
 
 from __future__ import annotations

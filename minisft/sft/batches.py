@@ -27,16 +27,20 @@ boundaries in the form each implementation reads (packed_inputs; attention.py bu
     sdpa_by_example,    the rows laid end to end as one row, padding removed (flatten_rows), and
     flash_attention_*   cu_seq_lens = [0, 6, 9, 10, 18]: where each example starts (varlen_inputs)
 
-Labels follow the inputs: -100 on padding, and laid end to end when the rows are. The loop's
-collate does all of it just before a micro-batch's forward, on the run's device.
+Labels follow the inputs: -100 on padding, and laid end to end when the rows are. So do the loss
+weights, where examples have a weight or --loss_normalization is sample: each position's ω
+(loss_weights; loss.py says what it does), 0 on padding. The loop's collate does all of it
+just before a micro-batch's forward, on the run's device.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .attention import FLATTENED, SUPPORTED, block_causal_mask, flex_block_mask
-from .labels import IGNORE_INDEX
+from .labels import IGNORE_INDEX, count_trained_tokens_of
 from .packing import PackingError, make_row
 
 
@@ -51,9 +55,8 @@ def setup_pad_token(tokenizer, pad_token: str | None = None) -> str | None:
     own = tokenizer.pad_token
     chosen = pad_token or own or tokenizer.eos_token
     if chosen is None:
-        raise PackingError(
-            "The tokenizer has neither a pad token nor an EOS token to pad batches with; pass --pad_token."
-        )
+        raise PackingError("The tokenizer has neither a pad token nor an EOS token to pad batches with; "
+                           "pass --pad_token.")  # fmt: skip
     if chosen not in tokenizer.get_vocab():
         raise PackingError(f"--pad_token {chosen!r} is not a token of this tokenizer's vocabulary.")
     tokenizer.pad_token = chosen
@@ -134,9 +137,8 @@ def packed_inputs(batch: dict, model) -> tuple[dict, torch.Tensor]:
     document_ids = batch["document_ids"]
     if implementation == "eager":
         allowed = block_causal_mask(document_ids)
-        inputs["attention_mask"] = torch.zeros(allowed.shape, dtype=model.dtype).masked_fill(
-            ~allowed, torch.finfo(model.dtype).min
-        )
+        blocked = torch.finfo(model.dtype).min  # the most negative number: exp() of it is 0
+        inputs["attention_mask"] = torch.zeros(allowed.shape, dtype=model.dtype).masked_fill(~allowed, blocked)
     elif implementation == "flex_attention":
         inputs["attention_mask"] = flex_block_mask(document_ids)
     else:
@@ -154,39 +156,73 @@ def varlen_inputs(flat: dict, seq_lengths: list[list[int]]) -> dict:
     counts = torch.tensor(lengths, dtype=torch.int32, device=flat["input_ids"].device)
     cumulative = torch.nn.functional.pad(torch.cumsum(counts, 0, dtype=torch.int32), (1, 0))
     longest = max(lengths)  # from the list: reading it off the device tensor would wait for the GPU
-    return {
-        "input_ids": flat["input_ids"],
-        "position_ids": flat["position_ids"],
-        "cu_seq_lens_q": cumulative,
-        "cu_seq_lens_k": cumulative,
-        "max_length_q": longest,
-        "max_length_k": longest,
-    }
+    ends = {"cu_seq_lens_q": cumulative, "cu_seq_lens_k": cumulative, "max_length_q": longest, "max_length_k": longest}
+    return {"input_ids": flat["input_ids"], "position_ids": flat["position_ids"], **ends}
 
 
 def flatten_rows(batch: dict) -> dict:
     """The rows of a packed batch, padding removed, laid end to end as one row."""
-    real = [sum(lengths) for lengths in batch["seq_lengths"]]
-    return {
-        key: torch.cat([batch[key][index, :length] for index, length in enumerate(real)])[None]
-        for key in ("input_ids", "labels", "position_ids")
-    }
+    return {key: laid_flat(batch[key], batch["seq_lengths"]) for key in ("input_ids", "labels", "position_ids")}
+
+
+def laid_flat(rows: torch.Tensor, seq_lengths: list[list[int]]) -> torch.Tensor:
+    return torch.cat([row[: sum(lengths)] for row, lengths in zip(rows, seq_lengths)])[None]
 
 
 def collate(
     units: list[dict], model, pad_token_id: int, padding_free: bool, pad_to_multiple_of: int | None,
-    device: torch.device,
+    device: torch.device, boundaries: bool = True, per_sample: bool = False,
 ) -> dict:  # fmt: skip
-    """A micro-batch as model inputs and labels, boundaries included for packed or padding-free rows."""
+    """A micro-batch as model inputs, labels and loss weights (None: all 1), boundaries included for packed or
+    padding-free rows. per_sample: --loss_normalization sample."""
+    omegas = loss_weights(units, per_sample)  # of the examples as they are, whatever the attention sees of them
     if "seq_lengths" in units[0] or padding_free:
         rows = units if "seq_lengths" in units[0] else [padding_free_row(units)]
-        inputs, labels = packed_inputs(on_device(collate_rows(rows, pad_token_id, pad_to_multiple_of), device), model)
-        return {"inputs": inputs, "labels": labels}
+        if omegas is not None and rows is not units:
+            omegas = [torch.cat(omegas)]
+        if not boundaries:  # each row one sequence: one causal mask over it all, positions running on (attention.py)
+            rows = [{**row, "seq_lengths": [sum(row["seq_lengths"])]} for row in rows]
+        batch = on_device(collate_rows(rows, pad_token_id, pad_to_multiple_of), device)
+        inputs, labels = packed_inputs(batch, model)
+        return {"inputs": inputs, "labels": labels, "weights": omegas and laid_out(omegas, batch, labels)}
     batch = on_device(collate_padded(units, pad_token_id, pad_to_multiple_of), device)
     return {
         "inputs": {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
         "labels": batch["labels"],
+        "weights": omegas and laid_out(omegas, batch, batch["labels"]),
     }
+
+
+def loss_weights(units: list[dict], per_sample: bool) -> list[torch.Tensor] | None:
+    """ω of each label of each unit (an example or a packed row): its sequence's weight (1 if it has none), under
+    per-sample normalisation divided by the sequence's trained tokens; 0 where nothing is trained. None where every
+    ω would be 1 (no weights, token normalisation): the plain loss."""
+    if not per_sample and not any("weight" in unit or "weights" in unit for unit in units):
+        return None
+    omegas = []
+    for unit in units:  # in numpy: from a list of labels, 6× faster than torch.tensor
+        lengths = np.asarray(unit.get("seq_lengths", [len(unit["labels"])]))
+        weights = np.asarray(unit.get("weights") or [unit.get("weight", 1.0)] * len(lengths), np.float64)
+        trained = np.asarray(unit["labels"]) != IGNORE_INDEX
+        trained[0] = False  # not a target (nor is any sequence's first in a row: boundary_labels made it -100)
+        if per_sample:
+            weights = weights / np.maximum(np.add.reduceat(trained, np.cumsum(lengths) - lengths, dtype=np.int64), 1)
+        omegas.append(torch.from_numpy(np.repeat(weights, lengths) * trained))
+    return omegas
+
+
+def laid_out(omegas: list[torch.Tensor], batch: dict, labels: torch.Tensor) -> torch.Tensor:
+    """The units' ω as float32 in the shape of `labels`: padded with 0 like the batch, and laid flat if it is."""
+    width = batch["labels"].shape[-1]
+    weights = torch.stack([F.pad(omega, (0, width - len(omega))) for omega in omegas]).float().to(labels.device)
+    return weights if weights.shape == labels.shape else laid_flat(weights, batch["seq_lengths"])
+
+
+def count_weighted_tokens(units: list[dict], per_sample: bool) -> tuple[int, float]:
+    """The trained tokens of these units and Σ ω over them (the same number where every ω is 1), counted before
+    collating: the step's loss is divided by the second (loss.py)."""
+    tokens, omegas = count_trained_tokens_of(units), loss_weights(units, per_sample)
+    return tokens, tokens if omegas is None else sum(float(omega.sum()) for omega in omegas)
 
 
 def on_device(batch: dict, device: torch.device) -> dict:

@@ -6,7 +6,7 @@ row is translated once, here, into one canonical example; nothing downstream see
     {"messages": [{"role", "content"}]}          (TRL)  -> {"messages": [{"role", "content"}]}
     {"conversation": [{"role", "message"}]}  human=user -> {"messages": ...}
     {"conversations": [{"from", "value"}]}     ShareGPT -> {"messages": ...}   human=user, gpt=assistant
-    {"instruction", "output", "input"?, "system"?}      -> {"messages": ...}   Alpaca: [system,] user, assistant
+    {"instruction", "output", "input"?, "system"?, "history"?} -> {"messages": ...}   Alpaca: [system,] user, assistant
     {"prompt": str, "completion": str}                  -> {"prompt": str, "completion": str}
     {"prompt": [msgs], "completion": [msgs]}            -> {"prompt": [msgs], "completion": [msgs]}
     {"text": str}          (or --dataset_text_field)    -> {"text": str}
@@ -16,6 +16,8 @@ row is translated once, here, into one canonical example; nothing downstream see
 Later stages branch on these five forms only (dataset_format); all rows of a dataset share one. A row holding
 `input_ids` is pre-tokenized, whatever else it holds, as TRL decides. Roles are system, user, assistant, tool. Each
 example carries an "origin" ("train.jsonl line 17") naming its row in later errors; a bad row raises DataError.
+A row's own `weight` (a number ≥ 0, 1 if left out) goes on as the example's "weight": how much its token losses
+count (loss.py). It is not a message's `weight` (0 or 1, inside the messages: is that turn trained? labels.py).
 
 Conversations come as people and tools save them, and each is reduced to what a text chat template reads:
 - tool calling: an assistant message may hold `tool_calls` and no content (null or left out); a row's `tools`
@@ -90,11 +92,10 @@ def detect_format(row: dict, origin: str, text_field: str = "text") -> str:
         return "alpaca"
     if text_field in row:
         return "text"
-    raise DataError(
-        f"{origin}: unknown dataset format; the row has keys {sorted(row)}. Known formats: 'messages', "
-        f"'conversation', 'conversations' (ShareGPT), 'prompt' + 'completion', 'instruction' + 'output' (Alpaca), "
-        f"'input_ids' (pre-tokenized), or plain text in the field {text_field!r} (another: --dataset_text_field)"
-    )
+    raise DataError(f"{origin}: unknown dataset format; the row has keys {sorted(row)}. Known formats: 'messages', "
+                    "'conversation', 'conversations' (ShareGPT), 'prompt' + 'completion', 'instruction' + 'output' "
+                    f"(Alpaca), 'input_ids' (pre-tokenized), or plain text in the field {text_field!r} (another: "
+                    "--dataset_text_field)")  # fmt: skip
 
 
 def normalize_messages(messages, where: str, role_key: str, content_keys: tuple, aliases: dict) -> list[dict]:
@@ -115,11 +116,7 @@ def normalize_messages(messages, where: str, role_key: str, content_keys: tuple,
         role = aliases.get(raw_role, raw_role) if isinstance(raw_role, str) else None
         if role not in ROLES:
             raise DataError(f"{at} has unknown role {raw_role!r}; accepted roles: {accepted}")
-        extras = {
-            key: value
-            for key, value in message.items()
-            if key != role_key and key not in content_keys and value is not None
-        }
+        extras = {k: v for k, v in message.items() if k not in (role_key, *content_keys) and v is not None}
         content = next((message[key] for key in content_keys if present(message, key)), None)
         calls, reasoning = extras.get("tool_calls", []), extras.get("reasoning_content", "")
         if not isinstance(calls, list) or not all(isinstance(call, dict) for call in calls):
@@ -127,12 +124,9 @@ def normalize_messages(messages, where: str, role_key: str, content_keys: tuple,
         if not isinstance(reasoning, str):
             raise DataError(f"{at} reasoning_content must be a string (the reasoning trace), got {kind_of(reasoning)}")
         if content is None and not (role == "assistant" and extras.get("tool_calls")):
-            raise DataError(
-                f"{at} has no {' or '.join(map(repr, content_keys))} (the content); only an assistant turn "
-                "with tool_calls may leave it out"
-            )
-        if content is not None:
-            content = content_text(content, f"{at} content")
+            raise DataError(f"{at} has no {' or '.join(map(repr, content_keys))} (the content); only an assistant "
+                            "turn with tool_calls may leave it out")  # fmt: skip
+        content = None if content is None else content_text(content, f"{at} content")
         normalized.append({"role": role, "content": content, **extras})
     return normalized
 
@@ -148,22 +142,16 @@ def content_text(content, where: str) -> str:
         return content
     if not isinstance(content, list):
         raise DataError(f"{where} must be a string or a list of content parts, got {kind_of(content)}")
-    texts = []
     for index, part in enumerate(content):
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-            raise DataError(
-                f"{where} must be a string, got a list whose item {index} is {kind_of(part)} rather than a content "
-                'part such as {"type": "text", "text": "..."}'
-            )
+            raise DataError(f"{where} must be a string, got a list whose item {index} is {kind_of(part)} rather than "
+                            'a content part such as {"type": "text", "text": "..."}')  # fmt: skip
         if part["type"] != "text":
-            raise DataError(
-                f"{where}[{index}] is of type {part['type']!r}; minisft trains text models and reads only 'text' "
-                "parts: leave the others out of this dataset"
-            )
+            raise DataError(f"{where}[{index}] is of type {part['type']!r}; minisft trains text models and reads only "
+                            "'text' parts: leave the others out of this dataset")  # fmt: skip
         if not isinstance(part.get("text"), str):
             raise DataError(f"{where}[{index}] is a 'text' part whose 'text' is {kind_of(part.get('text'))}")
-        texts.append(part["text"])
-    return "\n".join(texts)
+    return "\n".join(part["text"] for part in content)
 
 
 def template_inputs(row: dict, origin: str) -> dict:
@@ -177,22 +165,19 @@ def template_inputs(row: dict, origin: str) -> dict:
             raise DataError(f"{origin}: 'tools' is a string but not valid JSON ({error.msg} at column {error.colno})")
     if tools is not None:
         if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
-            raise DataError(
-                f"{origin}: 'tools' must be a list of function definitions (JSON-schema objects), got {kind_of(tools)}"
-            )
+            raise DataError(f"{origin}: 'tools' must be a list of function definitions (JSON-schema objects), "
+                            f"got {kind_of(tools)}")  # fmt: skip
         inputs["tools"] = tools
     kwargs = row.get("chat_template_kwargs")
     if kwargs is not None:
         if not isinstance(kwargs, dict):
-            raise DataError(
-                f"{origin}: 'chat_template_kwargs' must be an object of template variables, got {kind_of(kwargs)}"
-            )
+            raise DataError(f"{origin}: 'chat_template_kwargs' must be an object of template variables, "
+                            f"got {kind_of(kwargs)}")  # fmt: skip
         reserved = [key for key in kwargs if key in RESERVED_TEMPLATE_KWARGS]
         if reserved:
-            raise DataError(
-                f"{origin}: 'chat_template_kwargs' sets {', '.join(map(repr, reserved))}, which minisft sets itself"
-                + ("; give the tools in the row's 'tools' column" if "tools" in reserved else "")
-            )
+            tools = "; give the tools in the row's 'tools' column" if "tools" in reserved else ""
+            raise DataError(f"{origin}: 'chat_template_kwargs' sets {', '.join(map(repr, reserved))}, which minisft "
+                            f"sets itself{tools}")  # fmt: skip
         inputs["chat_template_kwargs"] = {key: value for key, value in kwargs.items() if value is not None}
     return inputs
 
@@ -223,10 +208,8 @@ def normalize_tokenized(row: dict, origin: str) -> dict:
             example[key] = token_column(row, key, origin, len(input_ids), bits=key != "labels")
     if present(row, "attention_mask") and 0 in token_column(row, "attention_mask", origin, len(input_ids), bits=True):
         # TRL ignores attention_mask and would train on the padding as if it were text.
-        raise DataError(
-            f"{origin}: 'attention_mask' has zeros: the row holds padding. minisft pads batches itself; "
-            "give the rows without their padding"
-        )
+        raise DataError(f"{origin}: 'attention_mask' has zeros: the row holds padding. minisft pads batches itself; "
+                        "give the rows without their padding")  # fmt: skip
     return example
 
 
@@ -236,10 +219,8 @@ def normalize_prompt_completion(row: dict, origin: str) -> dict:
         if not isinstance(value, (str, list)):
             raise DataError(f"{origin}: {name!r} must be a string or a list of messages, got {kind_of(value)}")
     if type(prompt) is not type(completion):
-        raise DataError(
-            f"{origin}: 'prompt' is {kind_of(prompt)} but 'completion' is {kind_of(completion)}; "
-            "both must be strings or both lists of messages"
-        )
+        raise DataError(f"{origin}: 'prompt' is {kind_of(prompt)} but 'completion' is {kind_of(completion)}; "
+                        "both must be strings or both lists of messages")  # fmt: skip
     if isinstance(prompt, str):
         return {"prompt": prompt, "completion": completion}
     messages = lambda key: normalize_messages(row[key], f"{origin}: {key}", *CONVERSATION_FORMATS["messages"])  # noqa: E731
@@ -247,14 +228,22 @@ def normalize_prompt_completion(row: dict, origin: str) -> dict:
 
 
 def normalize_alpaca(row: dict, origin: str) -> dict:
-    """An Alpaca row as the conversation it stands for: [system,] user (instruction, blank line, input), assistant."""
+    """An Alpaca row as the conversation it stands for: [system,] the earlier turns of LLaMA-Factory's `history`
+    ([instruction, response] pairs), user (instruction, blank line, input), assistant (output)."""
     for key in ("instruction", "output", "input", "system"):  # input and system may be left out (or null)
         if (present(row, key) or key in ("instruction", "output")) and not isinstance(row.get(key), str):
             got = kind_of(row[key]) if present(row, key) else f"none (the row's keys are {sorted(row)})"
             raise DataError(f"{origin}: the Alpaca row's {key!r} must be a string, got {got}")
+    history = row.get("history") or []
+    pairs = isinstance(history, list) and all(isinstance(pair, list) and len(pair) == 2 for pair in history)
+    if not pairs or not all(isinstance(text, str) for pair in history for text in pair):
+        raise DataError(f"{origin}: the Alpaca row's 'history' must be a list of [instruction, response] pairs of "
+                        f"strings, got {history!r:.80}")  # fmt: skip
+    earlier = [{"role": role, "content": text} for pair in history for role, text in zip(("user", "assistant"), pair)]
     user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
     system = [{"role": "system", "content": row["system"]}] if row.get("system") else []
-    return {"messages": [*system, {"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]}
+    return {"messages": [*system, *earlier, {"role": "user", "content": user},
+                         {"role": "assistant", "content": row["output"]}]}  # fmt: skip
 
 
 def normalize_example(row: dict, origin: str, text_field: str = "text") -> dict:
@@ -276,17 +265,28 @@ def normalize_example(row: dict, origin: str, text_field: str = "text") -> dict:
         example = normalize_alpaca(row, origin)
     else:
         example = normalize_prompt_completion(row, origin)
-    return {**example, "origin": origin}
+    return {**example, **row_weight(row, origin), "origin": origin}
+
+
+def row_weight(row: dict, origin: str) -> dict:
+    """{"weight": w} for a row with a weight of its own, a finite number ≥ 0 (or text that reads as one: a CSV cell
+    is text); {} for a row without."""
+    value = row.get("weight")
+    try:
+        weight = float(value) if type(value) in (int, float, str) else -1.0
+    except (ValueError, OverflowError):  # not a number, or an integer past float's range
+        weight = -1.0
+    if value is not None and not 0 <= weight < float("inf"):
+        raise DataError(f"{origin}: 'weight' is {value!r}; an example's weight is a finite number ≥ 0 (1 if left out)")
+    return {} if value is None else {"weight": weight}
 
 
 def check_same_format(row, origin: str, text_field: str, first: tuple[str, str]) -> None:
     """A row must share the format of the dataset's first row; `first` is (that format, its origin)."""
     row_format = detect_format(row, origin, text_field)
     if row_format != first[0]:
-        raise DataError(
-            f"{origin}: this row is in the {row_format!r} format, but the first row ({first[1]}) is in the "
-            f"{first[0]!r} format; all rows of a dataset must share one format"
-        )
+        raise DataError(f"{origin}: this row is in the {row_format!r} format, but the first row ({first[1]}) is in "
+                        f"the {first[0]!r} format; all rows of a dataset must share one format")  # fmt: skip
 
 
 def normalize_rows(rows: Iterable[tuple], text_field: str = "text", first: tuple | None = None) -> list[dict]:

@@ -31,6 +31,14 @@ so each micro-batch contributes `sum of its token losses / step's trained tokens
 gradient is the same however the step's examples are split or padded (transformers'
 num_items_in_batch fix of 2024). Dividing each micro-batch's mean by the number of
 micro-batches would weigh a token of a short micro-batch more than one of a long one.
+
+Weights: in general token t of example e counts ω_t (batches.loss_weights), w_e the example's own
+weight (1 if it has none), and the step's loss is Σ ω_t CE_t / Σ ω_t, Σ ω_t counted as the tokens are:
+
+    --loss_normalization token   ω_t = w_e               Σ_e w_e Σ_{t∈e} CE_t / Σ_e w_e |trained(e)|
+    --loss_normalization sample  ω_t = w_e / |trained(e)|  Σ_e w_e · mean_{t∈e} CE_t / Σ_e w_e
+
+Token: a long answer counts as many times as it has tokens; sample: each example's mean counts once.
 """
 
 from __future__ import annotations
@@ -67,33 +75,35 @@ class TokenLosses:
 
 def token_losses(
     hidden: torch.Tensor, labels: torch.Tensor, head: torch.Tensor, softcap: float | None = None,
-    chunk_tokens: int | None = None,
+    chunk_tokens: int | None = None, weights: torch.Tensor | None = None,
 ) -> TokenLosses:  # fmt: skip
     """The loss of the trained positions, from the backbone's last hidden states and the head's matrix.
 
     hidden (..., tokens, hidden) and labels (..., tokens) as the model and collator give them; head the
     (vocabulary × hidden) output matrix (head_matrix below folds a LoRA update into it); softcap Gemma 2's
-    final_logit_softcapping, if the model has one. With gradients wanted, the fused chunked function
-    below; without (evaluation), the plain formula, which would waste nothing on gradients.
+    final_logit_softcapping, if the model has one; weights each position's ω (None: 1). With gradients
+    wanted, the fused chunked function below; without (evaluation), the plain formula, which would waste
+    nothing on gradients. loss_sum is Σ ω_t CE_t; the metrics count every token once.
     """
     targets = labels[..., 1:]
     keep = targets != IGNORE_INDEX
     hidden, targets = hidden[..., :-1, :][keep], targets[keep]
+    weights = None if weights is None else weights[..., 1:][keep]
     device = hidden.device.type
     # Filled by the forward (correct, entropy sum) on the device, and read once: one host sync per micro-batch.
     metrics = torch.zeros(2, dtype=torch.float64, device=hidden.device)
     if torch.is_grad_enabled():
         chunk_tokens = chunk_tokens or CHUNK_TOKENS.get(device, CHUNK_TOKENS["cuda"])
-        loss_sum = ChunkedLinearCrossEntropy.apply(hidden, head, targets, softcap, chunk_tokens, metrics)
+        loss_sum = ChunkedLinearCrossEntropy.apply(hidden, head, targets, softcap, chunk_tokens, metrics, weights)
     else:
         chunk_tokens = chunk_tokens or PLAIN_CHUNK_TOKENS.get(device, PLAIN_CHUNK_TOKENS["cuda"])
-        loss_sum = plain_losses(hidden, head, targets, softcap, chunk_tokens, metrics)
+        loss_sum = plain_losses(hidden, head, targets, softcap, chunk_tokens, metrics, weights)
     correct, entropy_sum = metrics.tolist()
     return TokenLosses(loss_sum, int(targets.numel()), int(correct), entropy_sum)
 
 
-def plain_losses(hidden, weight, targets, softcap, chunk_tokens: int, metrics: torch.Tensor) -> torch.Tensor:
-    """Σ CE(h Wᵀ, targets) as the formula reads, chunk by chunk; `metrics` gains (correct, Σ entropy).
+def plain_losses(hidden, weight, targets, softcap, chunk_tokens: int, metrics, omegas=None) -> torch.Tensor:
+    """Σ ω·CE(h Wᵀ, targets) as the formula reads (ω: omegas, or 1), by chunks; `metrics` gains (correct, Σ entropy).
 
     CE(z, t) = −log softmax(z)[t]          entropy(z) = −Σ softmax(z) · log softmax(z)
     """
@@ -104,7 +114,8 @@ def plain_losses(hidden, weight, targets, softcap, chunk_tokens: int, metrics: t
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         log_probabilities = torch.log_softmax(logits, dim=-1)
-        loss_sum += F.nll_loss(log_probabilities, chunk_targets, reduction="sum")
+        losses = F.nll_loss(log_probabilities, chunk_targets, reduction="sum" if omegas is None else "none")
+        loss_sum += losses if omegas is None else (losses * omegas[start : start + chunk_tokens]).sum()
         metrics[0] += (logits.argmax(dim=-1) == chunk_targets).sum()
         metrics[1] += -(log_probabilities.exp() * log_probabilities).sum()
     return loss_sum
@@ -125,7 +136,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, softcap, chunk_tokens, metrics):
+    def forward(ctx, hidden, weight, targets, softcap, chunk_tokens, metrics, omegas=None):
         grad_hidden = torch.empty_like(hidden, dtype=torch.float32)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -140,7 +151,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             top, predicted = logits.max(dim=-1)
             probabilities = torch.softmax(logits, dim=-1)
             log_normaliser = top - probabilities.gather(1, predicted[:, None]).squeeze(1).log()
-            loss_sum += (log_normaliser - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
+            losses = log_normaliser - logits.gather(1, chunk_targets[:, None]).squeeze(1)
+            chunk_omegas = None if omegas is None else omegas[start : start + chunk_tokens]
+            loss_sum += (losses if chunk_omegas is None else losses * chunk_omegas).sum()
             with torch.autocast(hidden.device.type, enabled=False):  # an fp32 metric, not a bf16 matmul
                 expected_logit = torch.bmm(probabilities[:, None, :], logits[:, :, None]).view(-1)
             metrics[0] += (predicted == chunk_targets).sum()
@@ -149,6 +162,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_logits[torch.arange(len(chunk_targets), device=hidden.device), chunk_targets] -= 1.0
             if softcap:
                 grad_logits *= 1 - (logits / softcap) ** 2  # d/dz [c · tanh(z / c)] = 1 − tanh²
+            if chunk_omegas is not None:
+                grad_logits *= chunk_omegas[:, None]  # ∂(ω CE)/∂z = ω (softmax(z) − onehot)
             grad_logits = grad_logits.to(hidden.dtype)
             grad_hidden[start : start + chunk_tokens] = (grad_logits @ matrix).float()
             if grad_weight is None:
@@ -167,7 +182,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         hidden_dtype, weight_dtype = ctx.dtypes
         grad_hidden = (grad_hidden * grad_output).to(hidden_dtype)
         grad_weight = None if grad_weight is None else (grad_weight * grad_output).to(weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- the output head, as one matrix

@@ -12,7 +12,7 @@ A packed row is only correct if no token can see another example's tokens; atten
 builds those boundaries from what every packed row carries:
 
     input_ids     a a a a a a b b b c
-    seq_lengths   [6, 3, 1]                  the examples' lengths, in order
+    seq_lengths   [6, 3, 1]                  the examples' lengths, in order (and weights, theirs, if they have any)
     labels        - a a a a a - b b -       the first token of each example is never a target:
                                              it would be predicted from the previous example
 
@@ -110,7 +110,14 @@ class PackedRows(Sequence):
             "input_ids": np.concatenate(input_ids).tolist(),
             "labels": np.concatenate(labels).tolist(),
             "seq_lengths": seq_lengths,
-        }
+        } | self.weights(plan["examples"][pieces.start : pieces.stop])
+
+    def weights(self, examples: np.ndarray) -> dict:
+        """{"weights": [...]} of these examples (1 for one without one), or {} if none has one, for the row's pieces."""
+        if hasattr(self.examples, "weights"):  # a prepared split (machinery/storage.py): one array, None if all 1
+            return {} if self.examples.weights is None else {"weights": self.examples.weights[examples].tolist()}
+        found = [self.examples[int(example)] for example in examples]
+        return {"weights": [one.get("weight", 1.0) for one in found]} if any("weight" in one for one in found) else {}
 
     def piece(self, example: int, start: int, end: int) -> tuple[Sequence[int], Sequence[int]]:
         """Tokens [start, end) of one example: its input_ids and labels. (The machinery reads a prepared split's

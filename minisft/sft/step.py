@@ -10,10 +10,12 @@
 
 step_tokens counts the trained tokens of the whole step, from the label lists before any
 collating (labels.py), so the step's loss is Σ token losses / trained tokens however its
-examples are cut into micro-batches, and so is its gradient. A loss or gradient norm that is not
-finite stops the step before anything is applied (NonFiniteStep).
+examples are cut into micro-batches, and so is its gradient. With weights (or per-sample
+normalisation) it is Σ ω over those tokens instead (batches.count_weighted_tokens; loss.py). A loss or
+gradient norm that is not finite stops the step before anything is applied (NonFiniteStep).
 
-Evaluation is the same forward without gradients, over the whole eval split:
+Evaluation is the same forward without gradients, over the whole eval split, every token counted
+once whatever the weights or normalisation (as transformers evaluates):
 
     eval_loss = Σ token losses / trained tokens          (and token accuracy and entropy, per token)
 
@@ -106,7 +108,7 @@ def model_losses(model, batch: dict, parallel=None) -> TokenLosses:
     backbone = parallel.backbone if parallel else model.base_model
     hidden = backbone(**batch["inputs"], use_cache=False).last_hidden_state
     softcap = getattr(model.config, "final_logit_softcapping", None)
-    return token_losses(hidden, batch["labels"], head_matrix(model), softcap)
+    return token_losses(hidden, batch["labels"], head_matrix(model), softcap, weights=batch.get("weights"))
 
 
 @torch.no_grad()
@@ -128,7 +130,7 @@ def evaluate(
     figures = torch.zeros(4, dtype=torch.float64)  # this process's loss sum, trained tokens, correct, entropy sum
     for indices, weight in shares:
         with autocast():
-            losses = model_losses(model, collate([eval_units[index] for index in indices]), parallel)
+            losses = model_losses(model, {**collate([eval_units[i] for i in indices]), "weights": None}, parallel)
         figures += weight * torch.tensor([float(losses.loss_sum), losses.tokens, losses.correct, losses.entropy_sum])
     loss_sum, tokens, correct, entropy_sum = parallel.sum(figures.tolist()) if parallel else figures.tolist()
     tokens = max(tokens, 1)
