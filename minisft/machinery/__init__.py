@@ -12,6 +12,7 @@ cache.py        prepared splits kept by a hash of everything they depend on, che
 pack_plans.py   packing plans kept beside the prepared split
 audit.py        the pre-flight audit of a prepared split (inspect --audit; its warnings before step 1)
 checkpoint.py   checkpoints: atomic, checksummed, verified on resume
+best_checkpoint.py  --load_best_model_at_end and early stopping: the best evaluation, and when to stop
 distributed.py  torchrun: DDP and FSDP2 behind one small object the step takes
 stopping.py     Ctrl-C and SIGTERM: stop at a step's end, save, exit
 reporting.py    metrics.jsonl and the trackers
