@@ -298,3 +298,19 @@ def test_the_rows_weights_survive_the_mixture(tokenizer, tmp_path):
     assert splits.train.examples.weights.tolist() == [0.5, 1.5, 2.5, 3.5] * 2 + [1.0, 1.0]
     alone, _, _ = prepare_mixture([{"path": str(plain)}], tokenizer, config, None, 42)
     assert alone.train.examples.weights is None  # all 1: the unweighted path
+
+
+def test_fraction_from_a_config_file_is_checked_once_and_again_alike(tokenizer, tmp_path, monkeypatch):
+    """The command line checks the entries as it reads the file, the run checks them again: both must agree."""
+    write(tmp_path / "a.jsonl", ROWS[:6])
+    monkeypatch.chdir(tmp_path)
+    both = write_yaml(tmp_path, [{"path": "json", "data_files": "a.jsonl", "fraction": 0.5}, {"path": "a.jsonl"}])
+    data = parse_flags((DataConfig,), ["--config", str(both)], "minisft.train", "")[0]
+    with pytest.raises(MixtureError, match="fraction must be set on every entry or on none"):
+        prepare_mixture(data.datasets, tokenizer, dataclasses.replace(data, cache_dir="none"), None, 42)
+    shares = write_yaml(
+        tmp_path, [{"path": "a.jsonl", "fraction": 1}, {"path": "json", "data_files": "a.jsonl", "fraction": 1}]
+    )
+    data = parse_flags((DataConfig,), ["--config", str(shares)], "minisft.train", "")[0]
+    splits, line, _ = prepare_mixture(data.datasets, tokenizer, dataclasses.replace(data, cache_dir="none"), None, 42)
+    assert len(splits.train.examples) == 12 and "first 6 of 6 (fraction 1)" in line

@@ -82,7 +82,8 @@ def _checked(entry, where: str) -> dict:
         raise MixtureError(f"{where}: data_files must be a file name, a list of them, or a mapping from split names "
                            f"to them, got {files!r}.")  # fmt: skip
     checked = {key: entry.get(key) for key in KEYS} | {"split": entry.get("split") or "train"}
-    checked["proportion"] = entry.get("proportion") or 1.0
+    # proportion 1 unless TRL's fraction is given: so a checked entry checks again the same (the loop re-checks)
+    checked["proportion"] = entry.get("proportion") or (1.0 if entry.get("fraction") is None else None)
     return checked
 
 
