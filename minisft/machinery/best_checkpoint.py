@@ -25,7 +25,6 @@ best and why the run stopped; python -m minisft.summary and minisft.plot show it
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,11 +150,11 @@ def load_best(run, console: Console) -> None:
     console.print(f"loaded the best checkpoint, {best.folder} ({best.metric} {best.value:.4g}): it is what is saved")
 
 
-def record_end(run, args: TrainingConfig, signal: str | None = None) -> None:
+def record_end(run, args: TrainingConfig, metrics_log, signal: str | None = None) -> None:
     """The run's last line in metrics.jsonl: the best step and its metric, and why the run stopped (rank 0).
     Written to the file only: the trackers take figures, and the reason is a sentence."""
     best = run.best
-    if best is None or not run.parallel.processes.is_main:
+    if best is None or metrics_log is None:  # metrics_log: rank 0's
         return
     if signal:
         reason = f"stopped by {signal}"
@@ -178,6 +177,5 @@ def record_end(run, args: TrainingConfig, signal: str | None = None) -> None:
         "best_model_checkpoint": str(best.folder) if best.folder and (signal or best.step != run.completed) else None,
         "stop_reason": reason,
     }
-    with open(run.output_dir / "metrics.jsonl", "a", encoding="utf-8") as file:
-        file.write(json.dumps(record) + "\n")
+    metrics_log.write(record, trackers=False)
     run.history.append(record)

@@ -208,13 +208,13 @@ def train_into(
         last_metrics, stopped = run_steps(run, args, stop, metrics_log, console)
         if stopped:  # still inside stop_requests: a second SIGTERM cannot cut the checkpoint short
             save_on_stop(run, args, stop.signal, console)
-            record_end(run, args, signal=stop.signal or "a stop request")
+            record_end(run, args, metrics_log, signal=stop.signal or "a stop request")
             return TrainResult(output_dir, run.completed, last_metrics, interrupted=True, history=run.history)
 
         # 5. Outputs: an HF-format model (or a peft adapter), the tokenizer with its chat template.
         load_best(run, console)  # --load_best_model_at_end: the best checkpoint's weights are what is saved
         merged_dir = write_outputs(run, tokenizer, config.model, config.lora, console)
-        record_end(run, args)
+        record_end(run, args, metrics_log)
     tell(run, "train_end")
     evaluation = evaluation_of(run, args) if run.eval_units else None
     model.eval()  # ready to generate: dropout off
@@ -269,15 +269,13 @@ def run_steps(run: Run, args: TrainingConfig, stop, metrics_log, console: Consol
                 record = {**epoch_record(run), **evaluation()}
                 if run.best is not None:  # --metric_for_best_model's name checked now; no checkpoint to load here
                     run.best.value_of(record, run.parallel)
-                log(metrics_log, record, last_metrics)
-                logged(run, record)
+                log(run, metrics_log, record, last_metrics)
                 progress.show(record)
             elif run.probes is not None and run.completed == 0:  # the probes' answers before any training
                 figures = probe_figures(run)
                 if figures:  # match rates, where probes have expected answers
                     record = {**epoch_record(run), **figures}
-                    log(metrics_log, record, last_metrics)
-                    logged(run, record)
+                    log(run, metrics_log, record, last_metrics)
             for step in range(run.completed, run.total_steps):
                 if run.stop_asked:  # by the event hook (a callback's should_training_stop): the run ends as done
                     break
@@ -310,8 +308,7 @@ def run_steps(run: Run, args: TrainingConfig, stop, metrics_log, console: Consol
                 elif run.completed == run.total_steps and run.probes is not None:  # the end, where no evaluation was
                     record.update(probe_figures(run))  # (the last step is always logged: record holds its step)
                 if record:
-                    log(metrics_log, record, last_metrics)
-                    logged(run, record)
+                    log(run, metrics_log, record, last_metrics)
                     progress.show(record)
                 if stops_early(run, record, console):  # --early_stopping_patience: the run ends as a finished one
                     run.stop_asked, run.total_steps = True, run.completed
@@ -389,14 +386,12 @@ def epoch_record(run: Run) -> dict:
     return {"step": run.completed, "epoch": round(run.completed / run.steps_per_epoch, 4)}
 
 
-def log(metrics_log: MetricsLog | None, record: dict, last_metrics: dict) -> None:
+def log(run: Run, metrics_log: MetricsLog | None, record: dict, last_metrics: dict) -> None:
+    """A record: to metrics.jsonl and the trackers (rank 0), kept in the run's history (TrainResult.history) and
+    told to the event hook."""
     if metrics_log is not None:  # rank 0
         metrics_log.write(record)
         last_metrics.update(record)
-
-
-def logged(run: Run, record: dict) -> None:
-    """A record just logged: kept in the run's history (TrainResult.history) and told to the event hook."""
     run.history.append(record)
     tell(run, "log", record=record)
 
@@ -499,9 +494,7 @@ def prepare_data(
     if not processes.is_main:
         barrier(processes)
     if mixes:
-        entries = check_entries(data.datasets, "datasets")
-        splits, line, counts = prepare_mixture(entries, tokenizer, data, config.packing, args.seed)
-        mixture = [entry | count for entry, count in zip(entries, counts)]  # the checkpoint's record of the mixture
+        splits, line, mixture = prepare_mixture(data.datasets, tokenizer, data, config.packing, args.seed)
         console.print(line, markup=False, highlight=False, soft_wrap=True)
     else:
         splits, mixture = load_and_prepare(source, tokenizer, config.data, config.packing, args.seed), None

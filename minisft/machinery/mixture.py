@@ -169,23 +169,23 @@ def picks_of(entries: list[dict], counts: list[int], seed: int) -> list[np.ndarr
 def prepare_mixture(
     entries: list[dict], tokenizer, config: DataConfig, packing: PackingConfig | None, seed: int
 ) -> tuple[PreparedSplits, str, list[dict]]:
-    """Each source prepared (and cached) alone, then mixed: the splits, the line of counts per source, and the
-    counts themselves (path, examples, drawn an epoch) for the run's state."""
+    """Each source prepared (and cached) alone, then mixed: the splits, the line of counts per source, and each
+    checked entry with its counts (examples, drawn an epoch): the checkpoint's record of the mixture."""
     entries = check_entries(entries, "datasets")  # the loop has checked them; a Python caller may not have
     sources = [_prepared(entry, tokenizer, config, packing, seed) for entry in entries]
     picks = picks_of(entries, [len(source.train.examples) for source in sources], seed)
     train = _mixed([source.train for source in sources], picks)
     evals = [source.eval for source in sources if source.eval is not None]
     eval_split = _mixed(evals, [np.arange(len(split.examples)) for split in evals]) if evals else None
-    counts = [
-        {"path": entry["path"], "examples": len(source.train.examples), "drawn": len(pick)}
+    counted = [
+        entry | {"examples": len(source.train.examples), "drawn": len(pick)}
         for entry, source, pick in zip(entries, sources, picks)
     ]
     line = "data mixture: " + ", ".join(
-        f"{count['path']} {count['examples']:,} × {entry['proportion']:g} = {count['drawn']:,}"
+        f"{entry['path']} {entry['examples']:,} × {entry['proportion']:g} = {entry['drawn']:,}"
         if entry["fraction"] is None
-        else f"{count['path']} first {count['drawn']:,} of {count['examples']:,} (fraction {entry['fraction']:g})"
-        for entry, count in zip(entries, counts)
+        else f"{entry['path']} first {entry['drawn']:,} of {entry['examples']:,} (fraction {entry['fraction']:g})"
+        for entry in counted
     )
     line += f" ({len(train.examples):,} examples an epoch)"
     first = sources[0]
@@ -194,7 +194,7 @@ def prepare_mixture(
     blank = sum(source.skipped_blank_lines for source in sources)
     splits = dataclasses.replace(first, train=train, eval=eval_split, added_tokens=added, skipped_blank_lines=blank,
                                  cache_note=notes)  # fmt: skip
-    return splits, line, counts
+    return splits, line, counted
 
 
 def _prepared(entry: dict, tokenizer, config: DataConfig, packing, seed: int) -> PreparedSplits:

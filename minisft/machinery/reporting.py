@@ -185,9 +185,12 @@ class MetricsLog:
         fresh.replace(self.path)
         self.trackers = [TRACKER_CLASSES[name](output_dir, run_name, config) for name in chosen_trackers(report_to)]
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict, trackers: bool = True) -> None:
+        """A record to metrics.jsonl and, unless trackers is False (text, not figures), to each tracker."""
         with open(self.path, "a", encoding="utf-8") as file:
             file.write(json.dumps(record) + "\n")
+        if not trackers:
+            return
         figures = {name: value for name, value in record.items() if name not in ("step", "epoch")}
         for tracker in self.trackers:
             tracker.log(figures, record["step"])
