@@ -44,7 +44,7 @@ from minisft.errors import UserError
 
 from .distributed import Processes
 from .generate import generate
-from .reporting import MetricsLog, read_records
+from .reporting import MetricsLog, begin_records
 
 PROBES_FILE = "probes.jsonl"
 KINDS = ("trained", "held_out", "general")
@@ -225,15 +225,8 @@ def open_probes(args, output_dir: Path, resumed_at: int, tokenizer, processes, m
                 f"{args.probe_prompts} line {probe.line}: the chat template cannot render this probe: {error}"
             ) from None
     path = output_dir / PROBES_FILE
-    if processes.is_main:
-        kept = []
-        if resumed_at and path.is_file():
-            records, note = read_records(path)
-            if note:
-                console.print(f"note: {note}", markup=False, highlight=False)
-            kept = [record for record in records if record["step"] <= resumed_at]  # later ones are asked again
-        fresh = path.with_name(path.name + ".tmp")  # written aside and renamed over, as metrics.jsonl is
-        fresh.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in kept), encoding="utf-8")
-        fresh.replace(path)
+    note = begin_records(path, resumed_at) if processes.is_main else None  # answers past the checkpoint: asked again
+    if note:
+        console.print(f"note: {note}", markup=False, highlight=False)
     batch_size = args.per_device_eval_batch_size
     return Probes(probes, tokenizer, path, args.probe_max_new_tokens, batch_size, processes, metrics_log, console)

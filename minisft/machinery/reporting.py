@@ -153,6 +153,21 @@ def read_records(path: Path) -> tuple[list[dict], str | None]:
         return records, note
 
 
+def begin_records(path: Path, resumed_at: int) -> str | None:
+    """Begin a file of step records (metrics.jsonl, probes.jsonl) afresh or, on a resume, keep its records up to the
+    checkpoint's step: later ones belong to steps that will now be run again. Returns the note of a torn last line
+    dropped, or None."""
+    kept, note = [], None
+    if resumed_at and path.is_file():
+        records, note = read_records(path)
+        kept = [record for record in records if record["step"] <= resumed_at]
+    # Written aside and renamed over: a kill at this moment must not leave the run's history empty.
+    fresh = path.with_name(path.name + ".tmp")
+    fresh.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in kept), encoding="utf-8")
+    fresh.replace(path)
+    return note
+
+
 def _record(path: Path, number: int, line: bytes) -> dict:
     try:
         record = json.loads(line)
@@ -174,15 +189,7 @@ class MetricsLog:
 
     def __init__(self, output_dir: Path, resumed_at: int, report_to: list[str], run_name: str, config: dict):
         self.path = output_dir / "metrics.jsonl"
-        kept, self.note = [], None
-        if resumed_at and self.path.is_file():
-            records, self.note = read_records(self.path)
-            # Records past the checkpoint belong to steps that will now be run again.
-            kept = [record for record in records if record["step"] <= resumed_at]
-        # Written aside and renamed over: a kill at this moment must not leave the run's history empty.
-        fresh = self.path.with_name(self.path.name + ".tmp")
-        fresh.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
-        fresh.replace(self.path)
+        self.note = begin_records(self.path, resumed_at)
         self.trackers = [TRACKER_CLASSES[name](output_dir, run_name, config) for name in chosen_trackers(report_to)]
 
     def write(self, record: dict, trackers: bool = True) -> None:
