@@ -34,6 +34,7 @@ saying why. After PROGRESS_AFTER seconds, a line every PROGRESS_EVERY seconds sh
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import os
@@ -363,7 +364,7 @@ def _finish_example(job: _Job, formatted: Formatted, example: dict, origin: str,
     if len(input_ids) < len(formatted.input_ids):
         stats.truncated += 1
         stats.truncated_tokens += len(formatted.input_ids) - len(input_ids)
-    trained = sum(label != IGNORE_INDEX for label in labels)
+    trained = len(labels) - labels.count(IGNORE_INDEX)
     weight = example.get("weight", 1.0) if split == "train" else 1.0
     reason = drop_reason(trained, uncut_labels, job.plan, template_missing) or ("of weight 0" if not weight else None)
     if reason is not None:
@@ -405,7 +406,7 @@ def _message_switches(example: dict, origin: str, located: bool) -> list[bool | 
 def _encoded(
     ids: list[list[int]], labels: list[list[int]], origins: list[str], weights: list[float], stats: PrepareStats
 ) -> _Encoded:
-    flat = lambda lists: np.fromiter((t for tokens in lists for t in tokens), np.int64, stats.tokens)  # noqa: E731
+    flat = lambda lists: np.fromiter(itertools.chain.from_iterable(lists), np.int64, stats.tokens)  # noqa: E731
     lengths = np.array([len(i) for i in ids], np.int64)
     return _Encoded(flat(ids), flat(labels), lengths, origins, np.array(weights, np.float64), stats)
 

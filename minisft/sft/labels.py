@@ -133,9 +133,9 @@ def family_templates(chat_template: str | None) -> tuple[str, str] | None:
 
 def labels_from_masks(input_ids: list[int], masks: list[list[bool]]) -> list[int]:
     """The token id where every mask trains it, -100 elsewhere. No mask: train everything."""
-    return [
-        token if all(mask[position] for mask in masks) else IGNORE_INDEX for position, token in enumerate(input_ids)
-    ]
+    if not masks:  # the common case (whole-sequence loss), without a loop in Python over every token
+        return list(input_ids)
+    return [token if all(trains) else IGNORE_INDEX for token, *trains in zip(input_ids, *masks, strict=True)]
 
 
 # ----------------------------------------------------------------------------- the rules, planned once per dataset
