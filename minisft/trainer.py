@@ -77,6 +77,7 @@ NO_OP_FIELDS = {
     "group_by_length": (False,),
     "gradient_checkpointing_kwargs": None,  # always use_reentrant=False
     "ddp_find_unused_parameters": None,
+    "torch_compile_backend": ("inductor",),  # --torch_compile compiles with inductor, torch's default backend
 }
 
 

@@ -637,6 +637,22 @@ class TrainingConfig:
             "where activations bound the batch, turn it on."
         },
     )
+    torch_compile: bool = field(
+        default=False,
+        metadata={
+            "help": "Compile each decoder layer with torch.compile (inductor): norms, projections and MLP fused; "
+            "attention per example, the chunked loss and generation stay eager. Costs a compilation at the start "
+            "(and at the first evaluation); see benchmarks/RESULTS.md for what it gains."
+        },
+    )
+    torch_compile_mode: str | None = field(
+        default=None,
+        metadata={
+            "help": "torch.compile's mode; giving one turns --torch_compile on, as in transformers. Default: "
+            "torch's (default).",
+            "choices": ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        },
+    )
     neftune_noise_alpha: float | None = field(
         default=None,
         metadata={
@@ -782,6 +798,8 @@ class TrainingConfig:
         if "none" in self.report_to and len(self.report_to) > 1:
             raise ConfigError(f"--report_to {' '.join(self.report_to)}: none means no tracker; give it alone.")
         schedule_options(self.lr_scheduler_type, self.lr_scheduler_kwargs, self.learning_rate)  # refused now, if at all
+        if self.torch_compile_mode is not None:
+            self.torch_compile = True  # as transformers' TrainingArguments reads a mode without the switch
         check_best_model_flags(self)
 
 
@@ -853,6 +871,8 @@ def check_run(config: RunConfig) -> None:
         )
     if args.fsdp and not under_torchrun:
         raise ConfigError("--fsdp shards the model across processes: start it with torchrun --nproc_per_node N")
+    if args.fsdp and args.torch_compile:
+        raise ConfigError("--torch_compile with --fsdp is not written yet: use DDP (no --fsdp) or one process.")
     if args.fsdp and args.probe_prompts:
         raise ConfigError("--probe_prompts cannot run with --fsdp yet: no process holds the whole weights to generate.")
     if (lora.lora_adapter or lora.merge_lora) and not lora.use_peft:

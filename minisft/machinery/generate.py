@@ -92,16 +92,18 @@ def generate(
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     )
-    output = model.generate(
-        **batch,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        eos_token_id=end_of_turn_ids(tokenizer),
-        streamer=streamer,
-        # greedy unless asked: the model's generation_config may carry sampling defaults of its own
-        top_k=None,
-        **sampling,
-    )
+    # Eager even under --torch_compile: a key-value cache that grows every token would be a new graph each time.
+    with torch.compiler.set_stance("force_eager"):
+        output = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            eos_token_id=end_of_turn_ids(tokenizer),
+            streamer=streamer,
+            # greedy unless asked: the model's generation_config may carry sampling defaults of its own
+            top_k=None,
+            **sampling,
+        )
     answers = output[:, batch["input_ids"].shape[1] :]
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in answers]
 

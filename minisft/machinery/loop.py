@@ -71,6 +71,7 @@ from .mixture import check_entries, prepare_mixture, read_from
 from .models import (
     EMBEDDED_MODEL_NAME,
     cache_root,
+    compile_decoder_layers,
     fit_embeddings_to_tokenizer,
     four_bit_quantization,
     load_model,
@@ -582,6 +583,8 @@ def prepare_model(config: RunConfig, tokenizer, device: torch.device, console: C
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.training.neftune_noise_alpha is not None:
         add_neftune_noise(model, config.training.neftune_noise_alpha)
+    if config.training.torch_compile:
+        compile_decoder_layers(model, config.training.torch_compile_mode)
     return model, lora_settings, base_model
 
 
@@ -615,6 +618,7 @@ def run_line(config: RunConfig, output_dir, processes, total_steps, warmup, mode
         f"{device}{', fp16 autocast, gradient scaler' if args.fp16 else ''}"
         f"{', bf16 autocast' if bf16_autocast else ''}, gradient checkpointing "
         f"{'on' if args.gradient_checkpointing else 'off'}"
+        + (f", torch.compile ({args.torch_compile_mode or 'default'} mode)" if args.torch_compile else "")
         + (f", NEFTune noise alpha {args.neftune_noise_alpha:g}" if args.neftune_noise_alpha is not None else "")
         + (", the loss averaged per example (loss_normalization sample)" if args.loss_normalization == "sample" else "")
         + ("" if config.packing.neat_packing else ", packing without attention boundaries (examples see each other)")

@@ -23,6 +23,13 @@ named, and nothing is ever unpickled.
 QLoRA (--load_in_4bit) quantizes the base's Linear layers to 4 bits as they are read
 (four_bit_quantization): the full-precision model never exists as a whole.
 
+--torch_compile compiles each decoder layer in place (compile_decoder_layers): nn.Module.compile
+keeps the weights' names, so checkpoints and saved models are the same files. The layers run one
+code, so torch compiles it once for all of them; the sequence length is dynamic from the start
+(packed rows and padded batches change it every step). Attention per example is kept out of the
+graph (its count of examples changes every row), and so are the loss (its chunks run outside the
+backbone) and generation (a cache that grows every token would be a new graph each time).
+
 `tiny_model` builds a small, randomly initialised Llama with the real SmolLM2 vocabulary,
 so that tests exercise real tokenization without paying for 135M parameters.
 """
@@ -284,6 +291,17 @@ def _not_loadable(name_or_path: str, what: str, error: Exception | str) -> str:
 
 def model_config(name_or_path: str, trust_remote_code: bool = False):
     return AutoConfig.from_pretrained(resolve_model_source(name_or_path), trust_remote_code=trust_remote_code)
+
+
+def compile_decoder_layers(model, mode: str | None) -> None:
+    """--torch_compile: every decoder layer compiled in place by torch.compile (module docstring)."""
+    layers = getattr(model.base_model, "layers", None)  # LlamaModel, Qwen2Model, GemmaModel, ... all name them so
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ModelSourceError(
+            f"--torch_compile compiles the decoder layers, and {type(model.base_model).__name__} has no `layers` list."
+        )
+    for layer in layers:
+        layer.compile(mode=mode, dynamic=True)
 
 
 def tiny_model(

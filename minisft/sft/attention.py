@@ -53,6 +53,8 @@ SDPA_BY_EXAMPLE = "sdpa_by_example"
 FLATTENED = (SDPA_BY_EXAMPLE, *FLASH_IMPLEMENTATIONS)
 
 
+# Kept out of torch.compile (--torch_compile): a new count of examples in a row would be a new graph.
+@torch.compiler.disable
 def sdpa_by_example(module, query, key, value, attention_mask, **kwargs):
     """transformers' sdpa, run once per example of a flattened packed row, each a plain causal attention.
 
