@@ -70,7 +70,7 @@ def warning_signs(records: list[dict]) -> list[str]:
         if last > best * (1 + OVERFIT_RISE) and train[-1][1] < train_at_best:
             signs.append(
                 f"Overfitting: eval loss rose from {best:.4g} (step {best_step}) to {last:.4g} (step {last_step}) "
-                f"while train loss kept falling. Train for fewer steps, or use more (and more varied) data."
+                f"while train loss kept falling. {overfitting_advice(run_end(records))}"
             )
     if barely_fell(train) and (len(evals) < 2 or barely_fell(evals)):
         on_eval = f", eval loss from {evals[0][1]:.4g} to {evals[-1][1]:.4g}" if len(evals) >= 2 else ""
@@ -98,10 +98,27 @@ def best_rows(end: dict | None) -> list[tuple[str, str]]:
         return []
     if end["best_global_step"] is None:
         return [("best checkpoint", "none: no evaluation to compare"), ("stopped", end["stop_reason"])]
-    # A run stopped by a signal wrote no model: its best is a checkpoint; otherwise the saved model is the best.
-    where = end["best_model_checkpoint"] if end["stop_reason"].startswith("stopped by") else "the saved model"
-    best = f"step {end['best_global_step']}, {end['metric_for_best_model']} {end['best_metric']:.4g} ({where})"
-    return [("best checkpoint", best), ("stopped", end["stop_reason"])]
+    best = f"step {end['best_global_step']}, {end['metric_for_best_model']} {end['best_metric']:.4g}"
+    return [("best checkpoint", f"{best} ({best_place(end)})"), ("stopped", end["stop_reason"])]
+
+
+def best_place(end: dict) -> str:
+    """Where the best checkpoint's weights are: a run stopped by a signal wrote no model, so its best is a checkpoint;
+    otherwise the saved model is the best."""
+    return end["best_model_checkpoint"] if end["stop_reason"].startswith("stopped by") else "the saved model"
+
+
+def overfitting_advice(end: dict | None) -> str:
+    """What to do about over-fitting: where the best weights are already, when the run kept them."""
+    if end is not None and end["best_global_step"] is not None:
+        return (
+            f"The best evaluation's weights were kept: step {end['best_global_step']}'s, by "
+            f"{end['metric_for_best_model']}, are {best_place(end)}."
+        )
+    return (
+        "Train for fewer steps, or use more (and more varied) data; --load_best_model_at_end saves the best "
+        "evaluation's weights, and --early_stopping_patience stops the run after it."
+    )
 
 
 def barely_fell(points: list[tuple[int, float]]) -> bool:

@@ -21,6 +21,17 @@ def test_eval_rising_while_train_falls_is_overfitting():
     assert len(signs) == 1 and signs[0].startswith("Overfitting: eval loss rose from 2 (step 3) to 2.6 (step 5)")
 
 
+def test_overfitting_advice_points_to_the_best_checkpoint_or_the_flags_that_keep_it():
+    overfit = records([3.0, 2.0, 1.0, 0.6, 0.3], {1: 2.9, 3: 2.0, 5: 2.6})
+    assert "--load_best_model_at_end saves the best evaluation's weights" in warning_signs(overfit)[0]
+    end = {"best_global_step": 3, "metric_for_best_model": "eval_loss", "best_metric": 2.0, "stop_reason": "max_steps"}
+    kept = warning_signs([*overfit, {"step": 5, **end, "best_model_checkpoint": "out/checkpoint-3"}])[0]
+    assert kept.endswith("The best evaluation's weights were kept: step 3's, by eval_loss, are the saved model.")
+    end["stop_reason"] = "stopped by SIGTERM"
+    cut = warning_signs([*overfit, {"step": 5, **end, "best_model_checkpoint": "out/checkpoint-3"}])[0]
+    assert cut.endswith("are out/checkpoint-3.")
+
+
 def test_eval_rising_with_train_rising_is_not_overfitting():
     # Both curves going up is a diverging run, not a model that fits the train examples too well.
     signs = warning_signs(records([3.0, 2.0, 1.5, 1.8, 2.5], {1: 2.9, 3: 2.0, 5: 2.6}))
