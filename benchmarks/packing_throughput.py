@@ -733,7 +733,7 @@ def print_table(summary: dict, title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table()  # the title is printed as one line above it: a table's title wraps at the table's width
     table.add_column("mode")
     for heading, _ in FIGURES.values():
         table.add_column(heading, justify="right")
@@ -743,7 +743,9 @@ def print_table(summary: dict, title: str) -> None:
             ratio = entry["ratio_to_" + REFERENCE].get(name)
             cells.append(form.format(entry["median"][name]) + (f" [dim]{ratio:.2f}×[/dim]" if ratio else ""))
         table.add_row(mode, *cells)
-    Console(width=200).print(table)
+    console = Console(width=200)
+    console.print(title, highlight=False)
+    console.print(table)
 
 
 def targets(summary: dict, device: str, model: str, peft: str = "none") -> list[dict]:

@@ -156,6 +156,18 @@ def test_two_processes_take_the_steps_of_one(workspace, reference, mode):
         assert mine["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-3 if mode == "fsdp" else 1e-6)
 
 
+def test_compiled_layers_under_ddp_take_the_steps_of_one(workspace, reference):
+    """--torch_compile under torchrun: DDP's gradient hooks sit on the parameters, outside the compiled layers, so two
+    processes of compiled layers train what one eager process trains, within the eager comparison's bounds."""
+    output_dir = workspace / "ddp_compiled"
+    printed = torchrun(workspace, output_dir, "--save_steps=0", "--torch_compile")
+    assert "× 2 processes (DDP)" in printed and "torch.compile (default mode)" in printed
+    difference = largest_difference(output_dir, reference)
+    assert difference <= WEIGHT_ATOL, difference
+    for mine, theirs in zip(metrics(output_dir), metrics(reference), strict=True):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=LOSS_RTOL)
+
+
 def test_other_examples_per_step_would_be_visible(workspace, reference):
     """The negative control: the same run over another order of the examples (what processes taking the wrong
     shares of a step would do) ends far beyond WEIGHT_ATOL, so the comparison above can fail."""
