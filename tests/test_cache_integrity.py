@@ -31,11 +31,11 @@ from minisft.machinery.prepare import load_and_prepare
 from minisft.sft import packing
 from minisft.sft.examples import DataError
 
-# The chat template of tests: ChatML, spinning ~0.1 s on a row whose message says SLOW (the signal tests) and
+# The chat template of tests: ChatML, spinning ~0.17 s on a row whose message says SLOW (the signal tests) and
 # for days on one that says LOOP (Jinja's sandbox caps a range at 100,000: nested, they multiply).
 TEMPLATE = (
     "{% for message in messages %}"
-    "{% if 'SLOW' in message['content'] %}{% for j in range(10) %}{% for i in range(100000) %}{% endfor %}"
+    "{% if 'SLOW' in message['content'] %}{% for j in range(50) %}{% for i in range(100000) %}{% endfor %}"
     "{% endfor %}{% endif %}"
     "{% if 'LOOP' in message['content'] %}{% for j in range(100000) %}{% for i in range(100000) %}{% endfor %}"
     "{% endfor %}{% endif %}"
@@ -345,7 +345,9 @@ def group_is_gone(group: int) -> bool:
 def test_a_signal_during_preparation_unwinds_cleanly(tmp_path, signal_number):
     """Ctrl-C as a terminal sends it, to the whole process group; SIGTERM as a scheduler does, to the run."""
     data, cache_dir, script = tmp_path / "train.jsonl", tmp_path / "cache", tmp_path / "stopped.py"
-    write_rows(data, 600, word="SLOW")  # ~0.1 s a row: a minute's preparation on two workers
+    # ~0.17 s a row: about 50 s on two workers (measured: 100 rows in 8.5 s), which the signal stops after ~5 s. At a
+    # fifth of the spin, 600 rows took 10.5 s, and a loaded CI machine once let them finish before the signal came.
+    write_rows(data, 600, word="SLOW")
     script.write_text(textwrap.dedent(STOPPED.format(template=TEMPLATE)), encoding="utf-8")
     command = [sys.executable, str(script), str(data), str(cache_dir)]
     run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
