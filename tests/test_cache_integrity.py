@@ -346,11 +346,17 @@ def test_a_signal_during_preparation_unwinds_cleanly(tmp_path, signal_number):
     """Ctrl-C as a terminal sends it, to the whole process group; SIGTERM as a scheduler does, to the run."""
     data, cache_dir, script = tmp_path / "train.jsonl", tmp_path / "cache", tmp_path / "stopped.py"
     # ~0.17 s a row: about 50 s on two workers (measured: 100 rows in 8.5 s), which the signal stops after ~5 s. At a
-    # fifth of the spin, 600 rows took 10.5 s, and a loaded CI machine once let them finish before the signal came.
+    # fifth of the spin, 600 rows took 10.5 s: too little margin.
     write_rows(data, 600, word="SLOW")
     script.write_text(textwrap.dedent(STOPPED.format(template=TEMPLATE)), encoding="utf-8")
     command = [sys.executable, str(script), str(data), str(cache_dir)]
-    run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # A suite started as a background job without job control (`pytest &` in a script) runs with SIGINT ignored, and
+    # a child inherits that (Python then installs no KeyboardInterrupt handler): the run would ignore the Ctrl-C this
+    # test sends. A terminal's foreground process has the default disposition; the child is given it.
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    run = subprocess.Popen(
+        command, stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=default_sigint
+    )
     try:
         for _ in range(600):  # the partial folder appears once the tokenizer is loaded
             if list(cache_dir.glob(".partial-*")) or run.poll() is not None:
